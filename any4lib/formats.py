@@ -1,0 +1,244 @@
+"""The format registry: every numeric format the suite compares, looked up by name.
+
+Each quantizer takes a float32 weight viewed as groups, [N, G, g] (G groups of g along K), and returns a
+QuantizedTensor. Formats fall in four families, all sharing QuantizedTensor's one dequantization formula:
+  - asymmetric integer and anyN: per-group min/max scaling to the continuous range [0, 2^b - 1];
+  - symmetric integer: per-group absmax scaling, codes centred on zero;
+  - fixed float grids (fp4, nf4, FP6/FP5): per-group absmax scaling onto the grid's largest magnitude;
+  - block formats with a prescribed scale encoding (MX-FP4, NVFP4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import grids
+from .kmeans import assign_nearest, kmeans_1d
+from .qtensor import QuantizedTensor
+
+Quantizer = Callable[..., QuantizedTensor]
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    bits: int
+    quantizer: Quantizer
+    definition: str
+    fixed_group_size: int | None = None  # block formats prescribe theirs
+    learned: bool = False  # anyN: uses sample weights and k-means options
+
+    def __call__(self, groups: torch.Tensor, **options) -> QuantizedTensor:
+        return self.quantizer(groups, self, **options)
+
+
+_REGISTRY: dict[str, Format] = {}
+_ALIASES = {"fp4": "fp4_e2m1", "mx4": "mxfp4", "int4_asym": "int4"}
+
+
+def register(fmt: Format) -> Format:
+    _REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> Format:
+    key = _ALIASES.get(name, name)
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown format {name!r}; known formats: {', '.join(list_formats())}")
+    return _REGISTRY[key]
+
+
+def list_formats() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _finish(groups, fmt, codes, lut, scale, zero=None, tensor_scale=1.0, group_size=None) -> QuantizedTensor:
+    n, g_count, g = groups.shape
+    return QuantizedTensor(
+        format=fmt.name,
+        bits=fmt.bits,
+        group_size=group_size or g,
+        codes=codes.reshape(n, g_count * g).to(torch.uint8),
+        lut=lut.float().contiguous(),
+        scale=scale.reshape(n, g_count).float().contiguous(),
+        zero=None if zero is None else zero.reshape(n, g_count).float().contiguous(),
+        tensor_scale=float(tensor_scale),
+    )
+
+
+def _nearest_code(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Code (position in `lut`, [R or 1, L]) of the nearest entry for each element of x [R, M]; ties go up."""
+    order = torch.argsort(lut, dim=1, stable=True)
+    ranks = assign_nearest(x, torch.gather(lut, 1, order))
+    return torch.gather(order.expand(x.shape[0], -1), 1, ranks)
+
+
+def _safe_divide(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale, with 0 where the scale is 0 (a constant group: its codes do not matter)."""
+    return torch.where(scale > 0, x / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(x))
+
+
+# ---- asymmetric integer and anyN -------------------------------------------------------------------------------
+
+
+def _min_max_normalise(groups: torch.Tensor, bits: int):
+    """Per-group min/max scaling to the continuous range [0, 2^b - 1] (not rounded)."""
+    lo = groups.amin(-1, keepdim=True)
+    hi = groups.amax(-1, keepdim=True)
+    scale = (hi - lo) / (2**bits - 1)
+    zero = lo + 2 ** (bits - 1) * scale
+    return _safe_divide(groups - lo, scale).clamp(0, 2**bits - 1), scale, zero
+
+
+def _quantize_int_asymmetric(groups, fmt):
+    x, scale, zero = _min_max_normalise(groups, fmt.bits)
+    codes = torch.round(x)
+    lut = (torch.arange(2**fmt.bits, dtype=torch.float32) - 2 ** (fmt.bits - 1))[None]
+    return _finish(groups, fmt, codes, lut, scale, zero)
+
+
+def _quantize_int_symmetric(groups, fmt):
+    half = 2 ** (fmt.bits - 1)
+    scale = groups.abs().amax(-1, keepdim=True) / (half - 1)
+    codes = torch.round(_safe_divide(groups, scale)).clamp(-half, half - 1) + half
+    lut = (torch.arange(2**fmt.bits, dtype=torch.float32) - half)[None]
+    return _finish(groups, fmt, codes, lut, scale)
+
+
+def _quantize_any(
+    groups,
+    fmt,
+    *,
+    sample_weight: torch.Tensor | None = None,
+    scale_weighted: bool = True,
+    per_row: bool = True,
+    init: str = "k-means++",
+    seed: int = 0,
+    max_iter: int = 300,
+    row_chunk: int = 2048,
+):
+    n, g_count, g = groups.shape
+    x, scale, zero = _min_max_normalise(groups, fmt.bits)
+    weight = torch.ones_like(groups) if sample_weight is None else sample_weight.reshape(n, g_count, g)
+    if scale_weighted:
+        weight = weight * scale  # error in the original units, as the method weighs it
+    x, weight = x.reshape(n, -1), weight.reshape(n, -1)
+    k = 2**fmt.bits
+    start = torch.arange(k, dtype=torch.float32, device=groups.device)[None] if init == "int" else init
+
+    if per_row:
+        parts = [
+            kmeans_1d(x[i : i + row_chunk], k, weight[i : i + row_chunk], init=start, seed=seed + i, max_iter=max_iter)
+            for i in range(0, n, row_chunk)
+        ]
+        centers = torch.cat([p.centers for p in parts])
+        codes = torch.cat([p.labels for p in parts])
+    else:
+        centers = kmeans_1d(x.reshape(1, -1), k, weight.reshape(1, -1), init=start, seed=seed, max_iter=max_iter).centers
+        codes = assign_nearest(x, centers)
+    return _finish(groups, fmt, codes, centers - 2 ** (fmt.bits - 1), scale, zero)
+
+
+# ---- fixed grids with absmax scaling ---------------------------------------------------------------------------
+
+
+def _grid_quantizer(grid: torch.Tensor) -> Quantizer:
+    def quantize(groups, fmt):
+        n, g_count, g = groups.shape
+        scale = groups.abs().amax(-1, keepdim=True) / grid.abs().max()
+        x = _safe_divide(groups, scale).reshape(n, -1)
+        return _finish(groups, fmt, _nearest_code(x, grid[None]), grid[None], scale)
+
+    return quantize
+
+
+# ---- block formats ----------------------------------------------------------------------------------------------
+
+
+def _quantize_mxfp4(groups, fmt):
+    """OCP MX: shared scale 2^(floor(log2(amax)) - emax_elem), elements rounded to E2M1 with saturation."""
+    n, g_count, g = groups.shape
+    amax = groups.abs().amax(-1, keepdim=True)
+    exponent = torch.floor(torch.log2(amax.clamp_min(torch.finfo(torch.float32).tiny))) - grids.E2M1_EMAX
+    exponent = exponent.clamp(-grids.E8M0_BIAS, grids.E8M0_BIAS)
+    scale = torch.exp2(exponent)
+    x = (groups / scale).reshape(n, -1)
+    return _finish(groups, fmt, _nearest_code(x, grids.E2M1[None]), grids.E2M1[None], scale)
+
+
+def _quantize_nvfp4(groups, fmt):
+    """NVFP4: fp32 tensor scale amax / (6 * 448), FP8-E4M3 block scale per 16, E2M1 elements."""
+    n, g_count, g = groups.shape
+    amax = groups.abs().amax()
+    tensor_scale = (amax / (6.0 * grids.FP8_E4M3_MAX)).item() or 1.0
+    block = grids.round_to_fp8_e4m3(groups.abs().amax(-1, keepdim=True) / (6.0 * tensor_scale))
+    x = _safe_divide(groups, block * tensor_scale).reshape(n, -1)
+    return _finish(groups, fmt, _nearest_code(x, grids.E2M1[None]), grids.E2M1[None], block, tensor_scale=tensor_scale)
+
+
+# ---- the registry -----------------------------------------------------------------------------------------------
+
+for _b in range(2, 9):
+    register(Format(
+        f"int{_b}", _b, _quantize_int_asymmetric,
+        f"{_b}-bit asymmetric integer, per group: scale = (max - min) / {2**_b - 1}, code = round((w - min) / scale), "
+        f"w' = (code - {2**(_b-1)}) * scale + zero with zero = min + {2**(_b-1)} * scale.",
+    ))
+    register(Format(
+        f"int{_b}_sym", _b, _quantize_int_symmetric,
+        f"{_b}-bit symmetric integer, per group: scale = absmax / {2**(_b-1) - 1}, code = clamp(round(w / scale), "
+        f"-{2**(_b-1)}, {2**(_b-1) - 1}), w' = code * scale.",
+    ))
+
+for _b in (2, 3, 4, 8):
+    register(Format(
+        f"any{_b}", _b, _quantize_any,
+        f"any{_b}: asymmetric {_b}-bit grouping as int{_b}, but each row's {2**_b} dequantization values are learned "
+        f"by weighted 1-D k-means (k-means++ init) on the group-normalised row in [0, {2**_b - 1}], weights = "
+        f"|mean activation| x group scale; LUT = centroids - {2**(_b-1)}.",
+        learned=True,
+    ))
+register(Format(
+    "any4_global", 4, lambda groups, fmt, **opts: _quantize_any(groups, fmt, per_row=False, **opts),
+    "any4 with one 16-entry LUT for the whole tensor (k-means over all rows' normalised values).",
+    learned=True,
+))
+
+register(Format(
+    "fp4_e2m1", 4, _grid_quantizer(grids.E2M1),
+    "FP4 E2M1 (OCP MX element type): sign, 2 exponent bits (bias 1), 1 mantissa bit, no inf/NaN; magnitudes "
+    "0, 0.5, 1, 1.5, 2, 3, 4, 6. Per group: scale = absmax / 6, code = nearest grid value to w / scale.",
+))
+register(Format(
+    "fp4_e3m0", 4, _grid_quantizer(grids.minifloat_grid(3, 0)),
+    "FP4 E3M0: sign and 3 exponent bits (bias 3), no mantissa; magnitudes 0 and 2^-2 .. 2^4. Per-group absmax "
+    "scaling onto 16.",
+))
+register(Format(
+    "nf4", 4, _grid_quantizer(grids.NF4_LEVELS),
+    "NormalFloat4 (QLoRA): the 16 published levels in [-1, 1] (normal quantiles, exact zero). Per-group absmax "
+    "scaling onto 1.",
+))
+for _name, _e, _m in (("fp6_e3m2", 3, 2), ("fp6_e2m3", 2, 3), ("fp5_e2m2", 2, 2), ("fp5_e3m1", 3, 1)):
+    _grid = grids.minifloat_grid(_e, _m)
+    register(Format(
+        _name, 1 + _e + _m, _grid_quantizer(_grid),
+        f"FP{1 + _e + _m} E{_e}M{_m}: sign, {_e} exponent bits (bias {2**(_e-1) - 1}), {_m} mantissa bits, "
+        f"subnormals, no inf/NaN; largest magnitude {_grid.max().item():g}. Per-group absmax scaling onto it.",
+    ))
+
+register(Format(
+    "mxfp4", 4, _quantize_mxfp4,
+    "MX-FP4 (OCP Microscaling v1.0): blocks of 32 E2M1 elements sharing an E8M0 scale 2^(floor(log2 amax) - 2); "
+    "elements round to nearest E2M1 and saturate at +-6.",
+    fixed_group_size=32,
+))
+register(Format(
+    "nvfp4", 4, _quantize_nvfp4,
+    "NVFP4: blocks of 16 E2M1 elements with an FP8-E4M3 block scale amax_block / (6 * s), under one fp32 tensor "
+    "scale s = amax / (6 * 448).",
+    fixed_group_size=16,
+))

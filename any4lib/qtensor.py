@@ -1,0 +1,89 @@
+"""The quantized weight: codes plus what turns them back into numbers (see docs/DESIGN.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized [N, K] weight. Every format dequantizes by one formula:
+
+        w[n, k] = lut[n or 0, codes[n, k]] * scale[n, k // group_size] * tensor_scale + zero[n, k // group_size]
+
+    codes: uint8 [N, K], one code per element in [0, 2**bits).
+    lut:   float32 [N, 2**bits] (anyN: a table per row) or [1, 2**bits] (a grid shared by the tensor).
+    scale: float32 [N, K // group_size].
+    zero:  float32 [N, K // group_size], or None where the format has no offset (symmetric and float formats).
+    tensor_scale: NVFP4's second-level fp32 scale; 1.0 for every other format.
+    """
+
+    format: str
+    bits: int
+    group_size: int
+    codes: torch.Tensor
+    lut: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+    tensor_scale: float = 1.0
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The [N, K] weight these codes stand for, computed in float32 and cast to `dtype`."""
+        n, k = self.codes.shape
+        values = torch.gather(self.lut.expand(n, -1), 1, self.codes.long())
+        groups = values.view(n, k // self.group_size, self.group_size) * (self.scale * self.tensor_scale).unsqueeze(-1)
+        if self.zero is not None:
+            groups = groups + self.zero.unsqueeze(-1)
+        return groups.view(n, k).to(dtype)
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved = {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in moved.items()}
+        return replace(self, **moved)
+
+    def bits_per_weight(self) -> float:
+        """Storage cost per weight: the code plus its share of scales, zeros and LUT entries (16-bit each)."""
+        n, k = self.codes.shape
+        side = self.scale.numel() + (0 if self.zero is None else self.zero.numel())
+        side += self.lut.numel() if self.lut.shape[0] > 1 else 0
+        return self.bits + 16 * side / (n * k)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only (safetensors-ready); the format name travels as its UTF-8 bytes."""
+        state = {
+            "format": torch.tensor(list(self.format.encode()), dtype=torch.uint8),
+            "codes": self.codes,
+            "lut": self.lut,
+            "scale": self.scale,
+            "tensor_scale": torch.tensor(self.tensor_scale, dtype=torch.float32),
+        }
+        if self.zero is not None:
+            state["zero"] = self.zero
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> QuantizedTensor:
+        missing = {"format", "codes", "lut", "scale", "tensor_scale"} - state.keys()
+        if missing:
+            raise KeyError(f"not a QuantizedTensor state dict: missing {sorted(missing)}")
+        codes, scale = state["codes"], state["scale"]
+        return cls(
+            format=bytes(state["format"].tolist()).decode(),
+            bits=int(state["lut"].shape[1]).bit_length() - 1,
+            group_size=codes.shape[1] // scale.shape[1],
+            codes=codes,
+            lut=state["lut"],
+            scale=scale,
+            zero=state.get("zero"),
+            tensor_scale=float(state["tensor_scale"]),
+        )
