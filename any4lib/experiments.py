@@ -1,0 +1,190 @@
+"""The accuracy experiments: perplexity per (format, group size, calibration, dataset), stored one JSON each.
+
+Notebooks and the CLI call `accuracy_records`; it computes only what the store lacks, so every table can be
+stopped, resumed and re-run for free. `python -m any4lib.experiments accuracy --profile main` rebuilds the README's
+tables on the reference model (see PROFILES).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from .calibrate import ActivationStats, calibrate
+from .evaluate import evaluate_perplexity, max_positions
+from .model import bits_per_weight, load_model, quantize_model
+from .results import ResultStore
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+UNQUANTIZED = "bf16"
+# Models whose reference numbers were measured at a shorter window than min(2048, max positions).
+DEFAULT_SEQ_LEN = {"ref-en-16m": 512}
+# First tokens of each set the ref-en-16m tables use (64 windows of 512), so all tables fit two hours of a shared
+# 2-core CPU. Formats are compared on the same tokens, so their differences are much surer than the absolute ppl.
+REF_TOKENS = 32768
+
+FORMATS_MAIN = ["bf16", "int4", "fp4", "nf4", "any4", "int3", "any3", "int2", "any2", "mxfp4", "nvfp4"]
+PROFILES = {
+    "main": dict(formats=FORMATS_MAIN, group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"]),
+    "groups": dict(formats=["int4", "nf4", "fp4", "any4"], group_sizes=[32, 64, 128, 256, 512, 1024], datasets=["heldout"]),
+    "calibration": dict(
+        formats=["any4"], group_sizes=[128], datasets=["heldout"],
+        calibration=["prompt", "heldout:64", "wikitext2_valid:64"],
+    ),
+    # The whole held-out set, to check the pipeline against the model's published baseline (ppl 56.1).
+    "bf16_full": dict(formats=["bf16"], group_sizes=[128], datasets=["heldout"], max_tokens=None),
+}
+
+
+def tiny_model(seed: int = 0, hidden: int = 128, layers: int = 2):
+    """(LlamaForCausalLM, tokenizer): a random tiny Llama (GQA, every K a multiple of 128) and a byte-level
+    tokenizer, both built in-process with no download. For tests and notebooks' smoke profile."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(sorted(byte_chars))}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", model_max_length=256)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def _load(model: str, dtype: torch.dtype, device: str):
+    if model == "tiny":
+        net, tokenizer = tiny_model()
+        return net.to(device=device, dtype=dtype), tokenizer
+    net, tokenizer = load_model(model, dtype=torch.bfloat16, device=device)  # the weights as released
+    return net.to(dtype), tokenizer
+
+
+def calibration_stats(net, tokenizer, calibration: str, seq_len: int) -> ActivationStats | None:
+    """"prompt" (the paper's one prompt), "<set>:<N>" (N windows of seq_len from a text set), "none";
+    a "@online" suffix asks for online calibration."""
+    spec, _, mode = calibration.partition("@")
+    mode = mode or "offline"
+    if spec == "none":
+        return None
+    if spec == "prompt":
+        return calibrate(net, tokenizer, mode=mode, progress=False)
+    dataset, _, n = spec.rpartition(":")
+    if not dataset or not n.isdigit():
+        raise ValueError(f"calibration {calibration!r}: use 'prompt', 'none' or '<set>:<N>' (e.g. 'heldout:128')")
+    return calibrate(net, tokenizer, dataset, n_samples=int(n), seq_len=seq_len, mode=mode, progress=False)
+
+
+def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, device, dtype) -> dict:
+    if fmt == UNQUANTIZED:
+        group_size, calibration = None, "none"
+    return {
+        "task": "perplexity", "model": model, "format": fmt, "group_size": group_size, "calibration": calibration,
+        "dataset": dataset, "seq_len": seq_len, "max_tokens": max_tokens, "device": torch.device(device).type,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def accuracy_records(
+    model: str,
+    formats: list[str],
+    group_sizes: list[int | None] = [128],
+    datasets: list[str] = ["heldout", "wikitext2", "ptb"],
+    calibration: str | list[str] = "prompt",
+    seq_len: int | None = None,
+    max_tokens: int | None = None,
+    device: str = "cpu",
+    store: str | Path = "results/accuracy",
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+):
+    """One row per (format, group_size, calibration, dataset): ppl, bits_per_weight, seconds (of that evaluation).
+
+    model: a name under data_root()/models ("ref-en-16m"), a path, a hub id, or "tiny" (tiny_model()).
+    format "bf16" is the unquantized model (its group_size and calibration read None / "none").
+    seq_len: None -> DEFAULT_SEQ_LEN for the model, else min(2048, its max positions). max_tokens caps the tokens
+    read from each set (quick profiles). dtype: compute dtype, float32 on CPU (bf16 matmuls are slow there) and
+    bfloat16 on CUDA by default. store: the results folder; a relative path is taken from the checkout root.
+    Computes what the store lacks, reads the rest.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
+    store = ResultStore(store if Path(store).is_absolute() else REPO_ROOT / store)
+    calibrations = [calibration] if isinstance(calibration, str) else list(calibration)
+    base = tokenizer = None
+    runs = [(f, g, c) for f in formats for g in group_sizes for c in calibrations]
+    rows, stats_cache = [], {}
+    for fmt, group_size, calib in tqdm(runs, desc="accuracy", disable=not progress):
+        if base is None:
+            base, tokenizer = _load(model, dtype, device)
+            seq_len = seq_len or DEFAULT_SEQ_LEN.get(model) or min(2048, max_positions(base) or 2048)
+        configs = {d: _config(model, fmt, group_size, calib, d, seq_len, max_tokens, device, dtype) for d in datasets}
+        missing = [d for d, c in configs.items() if not store.has(c)]
+        if missing:
+            net, quantize_seconds = base, 0.0
+            if fmt != UNQUANTIZED:
+                if calib not in stats_cache:
+                    stats_cache[calib] = calibration_stats(base, tokenizer, calib, seq_len)
+                start = time.perf_counter()
+                net = quantize_model(copy.deepcopy(base), fmt, group_size, stats_cache[calib], progress=False)
+                quantize_seconds = time.perf_counter() - start
+            for dataset in missing:
+                start = time.perf_counter()
+                result = evaluate_perplexity(net, tokenizer, dataset, seq_len, max_tokens, progress=progress)
+                metrics = {
+                    "ppl": result.ppl, "nll": result.nll, "tokens": result.tokens, "windows": result.windows,
+                    "bits_per_weight": bits_per_weight(net), "seconds": time.perf_counter() - start,
+                    "quantize_seconds": quantize_seconds,
+                }
+                store.put(configs[dataset], metrics, device)
+        for dataset, config in configs.items():
+            record = store.get(config)
+            row = {k: record["config"][k] for k in ("format", "group_size", "calibration", "dataset")}
+            rows.append(row | {k: record["metrics"][k] for k in ("ppl", "bits_per_weight", "seconds")})
+    return pd.DataFrame(rows, columns=["format", "group_size", "calibration", "dataset", "ppl", "bits_per_weight", "seconds"])
+
+
+def run_profile(name: str, model: str = "ref-en-16m", **overrides):
+    """The records of one PROFILES entry on `model` (max_tokens REF_TOKENS unless the profile or caller says)."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    settings = {"max_tokens": REF_TOKENS} | PROFILES[name] | overrides
+    return accuracy_records(model, **settings)
+
+
+def pivot(frame, columns: str = "dataset"):
+    """A table of perplexities: rows (format, group size, calibration), one column per `columns` value."""
+    index = [c for c in ("format", "group_size", "calibration", "dataset") if c != columns]
+    table = frame.pivot_table(index=index, columns=columns, values="ppl", sort=False, dropna=False)
+    return table.dropna(how="all")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m any4lib.experiments", description=__doc__)
+    parser.add_argument("what", choices=["accuracy"])
+    parser.add_argument("--profile", choices=sorted(PROFILES), action="append", help="default: main, groups, calibration")
+    parser.add_argument("--model", default="ref-en-16m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-tokens", type=int, default=REF_TOKENS, help="tokens per set (0: whole set)")
+    args = parser.parse_args(argv)
+    for name in args.profile or ["main", "groups", "calibration"]:
+        frame = run_profile(name, args.model, device=args.device, **(
+            {} if "max_tokens" in PROFILES[name] else {"max_tokens": args.max_tokens or None}
+        ))
+        print(f"\n## {name}\n")
+        print(pivot(frame).to_markdown(floatfmt=".2f"))
+
+
+if __name__ == "__main__":
+    main()

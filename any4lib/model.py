@@ -1,0 +1,220 @@
+"""Quantize a model's linear layers in place, and save / reload the quantized model without re-quantizing.
+
+A saved model is a folder: `model.safetensors` (every tensor, QuantLinear codes and tables included), `quant.json`
+(format, bits, group size and shape of each quantized layer) and the Hugging Face `config.json`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import load_file, save_model
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibrate import ActivationStats, record_inputs
+from .nn import QuantLinear
+from .qtensor import QuantizedTensor
+from .quant import quantize
+
+QUANT_CONFIG = "quant.json"
+WEIGHTS = "model.safetensors"
+DEFAULT_EXCLUDE = ("lm_head",)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """fnmatch glob ("*.mlp.*") or, failing that, a regular expression matched against the whole name."""
+    if fnmatch.fnmatchcase(name, pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def _as_patterns(patterns: str | Iterable[str] | None) -> list[str]:
+    if patterns is None:
+        return []
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def select_linear_layers(
+    model: nn.Module, include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = DEFAULT_EXCLUDE
+) -> list[str]:
+    """Names of the nn.Linear layers to quantize, in module order: matching any `include` (all when None)
+    and no `exclude` pattern."""
+    include, exclude = _as_patterns(include), _as_patterns(exclude)
+    names = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    chosen = [
+        name for name in names
+        if (not include or any(_matches(name, p) for p in include)) and not any(_matches(name, p) for p in exclude)
+    ]
+    if include and not chosen:
+        raise ValueError(f"no linear layer matches include={include} (minus exclude={exclude}); e.g. {names[:3]}")
+    return chosen
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _order_by_forward(names: list[str], stats: ActivationStats | None) -> list[str]:
+    """Calibrated layers in the order the forward pass reached them (online calibration needs it), then the rest."""
+    if stats is None:
+        return names
+    rank = {name: i for i, name in enumerate(stats.names)}
+    return sorted(names, key=lambda n: rank.get(n, len(rank)))
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    fmt: str,
+    group_size: int | None = 128,
+    calibration: ActivationStats | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = DEFAULT_EXCLUDE,
+    statistic: str = "abs_mean",
+    progress: bool = True,
+    **options,
+) -> nn.Module:
+    """Replace the chosen nn.Linear layers of `model` by QuantLinear in format `fmt` (in place; returns model).
+
+    include / exclude: glob or regex patterns on qualified layer names; lm_head is excluded by default.
+    calibration: statistics from any4lib.calibrate; anyN formats weigh their k-means by them (|mean input| per
+    feature); without them every weight counts the same. With an "online" calibration each layer's statistics are
+    re-measured on the partly quantized model just before the layer is quantized.
+    options: passed to any4lib.quantize (anyN k-means settings).
+    """
+    names = _order_by_forward(select_linear_layers(model, include, exclude), calibration)
+    online = calibration is not None and calibration.mode == "online"
+    if online and not calibration.inputs:
+        raise ValueError("online calibration needs the calibration token windows; calibrate(..., mode='online')")
+    for name in tqdm(names, desc=f"quantizing {fmt}", disable=not progress, leave=False):
+        linear = model.get_submodule(name)
+        sample_weight = None
+        if online:
+            fresh = record_inputs(model, calibration.inputs, ActivationStats(), layers=[name], stop_after=name)
+            sample_weight = fresh.sample_weight(name, statistic)
+        elif calibration is not None:
+            sample_weight = calibration.sample_weight(name, statistic)
+        try:
+            q = quantize(linear.weight, fmt, group_size, sample_weight=sample_weight, **options)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r} ({tuple(linear.weight.shape)}): {err}") from err
+        set_submodule(model, name, QuantLinear(q, linear.bias).to(linear.weight.device))
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Mean storage bits per weight over the quantized layers (16 for a model with none)."""
+    layers = quantized_layers(model).values()
+    count = sum(m.out_features * m.in_features for m in layers)
+    if count == 0:
+        return 16.0
+    return sum(m.quantized.bits_per_weight() * m.out_features * m.in_features for m in layers) / count
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
+    """Write the quantized model to folder `path` (see the module doc); the tokenizer too when given."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    layers = {
+        name: {
+            "format": m.format, "bits": m.bits, "group_size": m.group_size,
+            "out_features": m.out_features, "in_features": m.in_features,
+        }
+        for name, m in quantized_layers(model).items()
+    }
+    (path / QUANT_CONFIG).write_text(json.dumps({"version": 1, "layers": layers}, indent=2) + "\n")
+    model.config.save_pretrained(path)
+    save_model(model, os.fspath(path / WEIGHTS))  # drops the duplicate of tied weights
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """A model saved by save_quantized, rebuilt from its config and codes (nothing is re-quantized)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    for needed in (QUANT_CONFIG, WEIGHTS, "config.json"):
+        if not (path / needed).is_file():
+            raise FileNotFoundError(f"{path} is not a quantized model folder: {needed} is missing (see save_quantized)")
+    layers = json.loads((path / QUANT_CONFIG).read_text())["layers"]
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    tensors = load_file(os.fspath(path / WEIGHTS))
+    for name, spec in layers.items():
+        q = QuantizedTensor(
+            format=spec["format"], bits=spec["bits"], group_size=spec["group_size"],
+            codes=tensors.pop(f"{name}.codes"), lut=tensors.pop(f"{name}.lut"), scale=tensors.pop(f"{name}.scale"),
+            zero=tensors.pop(f"{name}.zero", None), tensor_scale=float(tensors.pop(f"{name}.tensor_scale")),
+        )
+        set_submodule(model, name, QuantLinear(q, tensors.pop(f"{name}.bias", None)))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [m for m in missing if not _is_tied(model, m)]  # loaded through the parameter it shares
+    if missing or unexpected:
+        raise ValueError(f"{path / WEIGHTS} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device).eval()
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    """Whether parameter `name` shares its storage with another parameter of the model (tied embeddings)."""
+    target = model.get_parameter(name)
+    return any(
+        other is target for other_name, other in model.named_parameters(remove_duplicate=False) if other_name != name
+    )
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path | str:
+    """A local model folder / llama2.c file, a model name under data_root()/models, or else a hub id (returned as is)."""
+    from .paths import data_root
+
+    for candidate in (Path(name_or_path).expanduser(), data_root() / "models" / str(name_or_path)):
+        if candidate.exists():
+            return candidate
+    text = str(name_or_path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:  # a path, not a hub id "org/name"
+        raise FileNotFoundError(f"model path {text!r} does not exist (also looked under {data_root() / 'models'})")
+    return text
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
+    """(model, tokenizer) from a Hugging Face folder or hub id, a llama2.c checkpoint, or a name under
+    data_root()/models ("ref-en-16m", "stories260K"). Raises FileNotFoundError naming what was tried."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .paths import data_root
+
+    source = resolve_model(name_or_path)
+    if isinstance(source, Path):
+        checkpoints = [source] if source.is_file() else sorted(source.glob("*.bin"))
+        if checkpoints and not (source.is_dir() and (source / "config.json").is_file()):
+            from .llama2c import load_llama2c
+
+            model, tokenizer = load_llama2c(checkpoints[0], dtype=dtype)
+            return model.to(device).eval(), tokenizer
+        if not (source / "config.json").is_file():
+            raise FileNotFoundError(f"{source} holds neither a config.json (Hugging Face) nor a llama2.c *.bin")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"cannot load model {str(name_or_path)!r}: not a local path, not under {data_root() / 'models'}, "
+            f"and the hub failed ({err})"
+        ) from err
+    return model.to(device).eval(), tokenizer

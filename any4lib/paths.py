@@ -1,0 +1,91 @@
+"""Where data lives, and the named text sets the evaluations and calibration read.
+
+The data folder is never part of the repository: it is `$ANY4_DATA`, else `../shared/data` beside the checkout.
+A named set is read from its local file under that folder when present, else from the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+DATA_ENV = "ANY4_DATA"
+
+
+def data_root() -> Path:
+    """`$ANY4_DATA` if set, else `shared/data` next to the checkout (`<checkout>/../shared/data`)."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class TextSet:
+    """A named text: its file under data_root(), and where it lives on the hub (None: local only)."""
+
+    local: str
+    hub: tuple[str, str | None, str, str] | None = None  # (dataset id, config, split, text field)
+    hub_files: str | None = None  # data_files, for hub sets read from one shard
+    joiner: str = "\n\n"
+
+
+TEXT_SETS: dict[str, TextSet] = {
+    "wikitext2": TextSet("wikitext-2-v1/test.txt", ("wikitext", "wikitext-2-v1", "test", "text")),
+    "wikitext2_valid": TextSet("wikitext-2-v1/valid.txt", ("wikitext", "wikitext-2-v1", "validation", "text")),
+    "ptb": TextSet("ptb/test.txt", ("ptb_text_only", "penn_treebank", "test", "sentence"), joiner="\n"),
+    "ptb_valid": TextSet("ptb/valid.txt", ("ptb_text_only", "penn_treebank", "validation", "sentence"), joiner="\n"),
+    "c4": TextSet(
+        "c4/validation.txt", ("allenai/c4", None, "validation", "text"),
+        hub_files="en/c4-validation.00000-of-00008.json.gz", joiner=" ",
+    ),
+    "heldout": TextSet("corpora/ref-en/heldout.txt"),
+}
+
+
+def calibration_prompt() -> str:
+    """The paper's one diverse calibration prompt, shipped with the package."""
+    return resources.files("any4lib").joinpath("data/calibration_prompt.txt").read_text()
+
+
+def text_file(name_or_path: str | os.PathLike) -> Path | None:
+    """The local file behind a set name or a path, or None when there is none."""
+    if str(name_or_path) in TEXT_SETS:
+        path = data_root() / TEXT_SETS[str(name_or_path)].local
+    else:
+        path = Path(name_or_path).expanduser()
+    return path if path.is_file() else None
+
+
+def load_text(name_or_path: str | os.PathLike) -> str:
+    """The full text of a named set (see TEXT_SETS) or of a local text file.
+
+    Raises FileNotFoundError naming every place tried when the text is neither local nor on the hub.
+    """
+    local = text_file(name_or_path)
+    if local is not None:
+        return local.read_text(encoding="utf-8")
+    name = str(name_or_path)
+    if name not in TEXT_SETS:
+        raise FileNotFoundError(
+            f"text {name!r} is neither a file nor a known set name; known sets: {', '.join(TEXT_SETS)} "
+            f"(looked under {DATA_ENV}={data_root()})"
+        )
+    spec = TEXT_SETS[name]
+    tried = [str(data_root() / spec.local)]
+    if spec.hub is None:
+        raise FileNotFoundError(f"text set {name!r} is local only and was not found at {tried[0]}; set {DATA_ENV}")
+    hub_id, config, split, field = spec.hub
+    tried.append(f"hub {hub_id}" + (f"/{config}" if config else "") + f" [{split}]")
+    try:
+        import datasets  # lazily: only the hub fallback needs it
+
+        kwargs = {"data_files": {split: spec.hub_files}} if spec.hub_files else {}
+        rows = datasets.load_dataset(hub_id, config, split=split, **kwargs)
+    except Exception as err:  # the hub's errors vary (offline, missing config, auth): report them all the same way
+        raise FileNotFoundError(
+            f"text set {name!r} not found; tried: {'; '.join(tried)} ({type(err).__name__}: {err}). "
+            f"Put the file at {tried[0]} or point {DATA_ENV} at a folder holding it."
+        ) from err
+    return spec.joiner.join(rows[field])
