@@ -1,0 +1,165 @@
+"""Local zero-shot tasks: the shipped configs against lm-eval's own built-in configs on the same 3-example files,
+metrics against loglikelihoods computed by hand, and the missing-file errors."""
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from any4lib.llama2c import Llama2cTokenizer
+from any4lib.zeroshot import evaluate_tasks, list_tasks, task_config
+
+lm_eval = pytest.importorskip("lm_eval")
+
+# Three records per task in the hub datasets' schemas, including hellaswag's WikiHow artifacts, ARC's numeric
+# answer labels and winogrande's answer "2".
+FIXTURES = {
+    "piqa": [
+        {"goal": "How do I dry wet shoes?", "sol1": "Stuff them with paper.", "sol2": "Put them in water.", "label": 0},
+        {"goal": "To cut bread,", "sol1": "use a spoon.", "sol2": "use a knife.", "label": 1},
+        {"goal": "Keep a cat cool", "sol1": "Give it shade and water.", "sol2": "Give it a heater.", "label": 0},
+    ],
+    "hellaswag": [
+        {"ind": 4, "activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over the snow.",
+         "ctx_b": "then", "ctx": "", "endings": [" , the man adds wax to the window.", "a woman smiles.",
+         "the man continues [step] removing snow.", "the man sits down."], "source_id": "a", "split": "val",
+         "split_type": "indomain", "label": "3"},
+        {"ind": 9, "activity_label": "Home and Garden", "ctx_a": "[header] How to plant tulips [title] Dig a hole.",
+         "ctx_b": "Place the bulb", "ctx": "", "endings": ["pointy end up. [title] Cover it.", "upside  down.",
+         "in the fridge.", "on the roof [substeps] twice."], "source_id": "b", "split": "val",
+         "split_type": "zeroshot", "label": "0"},
+        {"ind": 12, "activity_label": "Baking cookies", "ctx_a": "A girl mixes flour and sugar.", "ctx_b": "",
+         "ctx": "", "endings": ["She bakes them.", "She eats the bowl.", "She sings.", "She sleeps."],
+         "source_id": "c", "split": "val", "split_type": "indomain", "label": "0"},
+    ],  # fmt: skip
+    "arc_easy": [
+        {"id": "e1", "question": "Which is a liquid?", "choices": {"text": ["ice", "water", "steam"],
+         "label": ["A", "B", "C"]}, "answerKey": "B"},
+        {"id": "e2", "question": "What do plants need?", "choices": {"text": ["light", "noise", "plastic", "salt"],
+         "label": ["1", "2", "3", "4"]}, "answerKey": "1"},
+        {"id": "e3", "question": "The sun is a", "choices": {"text": ["planet", "star", "moon", "comet"],
+         "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
+    ],  # fmt: skip
+    "winogrande": [
+        {"sentence": "Sarah was a better surgeon than Maria so _ got the hard cases.", "option1": "Sarah",
+         "option2": "Maria", "answer": "1"},
+        {"sentence": "The trophy did not fit in the case because _ was too small.", "option1": "the trophy",
+         "option2": "the case", "answer": "2"},
+        {"sentence": "Tom lent Bill money because _ was broke.", "option1": "Tom", "option2": "Bill", "answer": "2"},
+    ],  # fmt: skip
+    "lambada_openai": [
+        {"text": "The cat sat on the mat and the dog sat on the mat"},
+        {"text": "She opened the door and saw her friend standing by the door"},
+        {"text": "He read a book"},
+    ],
+}
+FIXTURES["arc_challenge"] = FIXTURES["arc_easy"]
+SPLIT = {"piqa": "validation", "hellaswag": "validation", "arc_easy": "test", "arc_challenge": "test",
+         "winogrande": "validation", "lambada_openai": "test"}  # fmt: skip
+
+
+@pytest.fixture
+def tasks_dir(tmp_path):
+    for task, records in FIXTURES.items():
+        (tmp_path / task).mkdir()
+        lines = "".join(json.dumps(r) + "\n" for r in records)
+        (tmp_path / task / f"{SPLIT[task]}.jsonl").write_text(lines)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A random 2-layer Llama and a byte-level llama2.c tokenizer with a few merges, built without any download."""
+    path = tmp_path_factory.mktemp("tok") / "tok.bin"
+    pieces = ["<unk>", "\n<s>\n", "\n</s>\n"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += [" ", "e", "t", "a", "h", "th", " th", "the", " the", "he"]
+    with open(path, "wb") as f:
+        f.write(struct.pack("<i", max(len(p.encode()) for p in pieces)))
+        for i, p in enumerate(pieces):
+            raw = p.encode()
+            f.write(struct.pack("<fi", len(p) - i / 1000, len(raw)) + raw)  # longer merges win
+    tok = Llama2cTokenizer.from_file(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(pieces), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2)  # fmt: skip
+    return LlamaForCausalLM(config).eval(), tok
+
+
+def requests(config):
+    from lm_eval.tasks import TaskManager
+
+    task = TaskManager(include_defaults=False).load([config])["tasks"][config["task"]]
+    task.build_all_requests(rank=0, world_size=1)
+    return [inst.args for inst in task.instances]
+
+
+@pytest.mark.parametrize("task", sorted(FIXTURES))
+def test_prompts_equal_lm_eval_builtin(tasks_dir, task):
+    """Our config and lm-eval's own YAML for the task, both pointed at the same file, make the same requests."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    ours = task_config(task, tasks_dir)
+    builtin_yaml = next(Path(lm_eval.__file__).parent.joinpath("tasks").rglob(f"{task}.yaml"), None)
+    if task == "winogrande":
+        builtin_yaml = Path(lm_eval.__file__).parent / "tasks" / "winogrande" / "default.yaml"
+    reference = load_yaml(builtin_yaml)
+    for key in ("training_split", "validation_split", "test_split", "dataset_name", "fewshot_split"):
+        reference.pop(key, None)
+    reference.update(dataset_path="json", dataset_kwargs=ours["dataset_kwargs"], tag=[])
+    reference[f"{SPLIT[task]}_split"] = SPLIT[task]
+    assert [m["metric"] for m in ours["metric_list"]] == [m["metric"] for m in reference["metric_list"]]
+    assert requests(ours) == requests(reference)
+
+
+def loglikelihood(model, tok, context, continuation):
+    """log p(continuation | context) and whether it is the greedy continuation, tokenized as lm-eval 0.4 does:
+    BOS (the tokenizer's default) + context + continuation encoded together, the continuation being the tokens
+    after the context's own encoding."""
+    whole = tok.encode(context + continuation)
+    n_ctx = len(tok.encode(context))
+    assert whole[0] == tok.bos_token_id
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+    target = torch.tensor(whole[n_ctx:])
+    rows = logp[n_ctx - 1 : len(whole) - 1]
+    return rows.gather(1, target[:, None]).sum().item(), bool((rows.argmax(-1) == target).all())
+
+
+def test_metrics_equal_hand_computed_loglikelihoods(tasks_dir, tiny_lm):
+    model, tok = tiny_lm
+    got = evaluate_tasks(model, tok, list(FIXTURES), data_dir=tasks_dir, batch_size=8)
+    assert set(got) == set(FIXTURES)
+    for task in got:
+        assert 0.0 <= got[task]["acc"] <= 1.0
+
+    acc, acc_norm = [], []
+    for doc in FIXTURES["piqa"]:
+        choices = [doc["sol1"], doc["sol2"]]
+        ll = [loglikelihood(model, tok, f"Question: {doc['goal']}\nAnswer:", " " + c)[0] for c in choices]
+        acc.append(max(range(2), key=lambda i: ll[i]) == doc["label"])
+        acc_norm.append(max(range(2), key=lambda i: ll[i] / len(choices[i])) == doc["label"])
+    assert got["piqa"]["acc"] == pytest.approx(sum(acc) / 3)
+    assert got["piqa"]["acc_norm"] == pytest.approx(sum(acc_norm) / 3)
+
+    scored = []
+    for doc in FIXTURES["lambada_openai"]:
+        context, last_word = doc["text"].rsplit(" ", 1)
+        scored.append(loglikelihood(model, tok, context, " " + last_word))
+    assert got["lambada_openai"]["perplexity"] == pytest.approx(math.exp(-sum(ll for ll, _ in scored) / 3))
+    assert got["lambada_openai"]["acc"] == pytest.approx(sum(greedy for _, greedy in scored) / 3)
+
+
+def test_missing_task_files_name_the_task_and_path(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=f"'piqa'.*{tmp_path / 'piqa' / 'validation.jsonl'}"):
+        task_config("piqa", tmp_path)
+    monkeypatch.setenv("ANY4_TASKS", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "elsewhere" / "lambada_openai" / "test.jsonl")):
+        task_config("lambada", None)  # the alias resolves to lambada_openai, the folder to $ANY4_TASKS
+    with pytest.raises(ValueError, match="shipped tasks: arc_challenge"):
+        task_config("mmlu")
+    assert list_tasks() == sorted(FIXTURES)
