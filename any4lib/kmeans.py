@@ -4,6 +4,9 @@ In one dimension a cluster of a sorted row is a contiguous run, so after one sor
 needs (cluster weight, weighted sum, weighted sum of squares, hence centroid and cost) is a difference of three
 prefix sums. Lloyd iterations and the k-means++ seeding then cost O(k log M) per row instead of O(k M): the sort
 dominates. Prefix sums are float64 so that differences over long rows do not cancel.
+
+Lloyd stops per row on scikit-learn's rule (labels unchanged, or the squared centre shift at most `tol` times the
+row's variance); a finished row is frozen while the others go on.
 """
 
 from __future__ import annotations
@@ -23,27 +26,29 @@ class KMeansResult:
 
 
 class _SortedRows:
-    """Rows sorted once, with prefix sums of w, w*x, w*x^2 (float64, a leading zero column)."""
+    """Rows sorted once, with prefix sums of (w, w*x, w*x^2) stacked: [R, 3, M + 1] float64, leading zero."""
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor):
         self.values, order = torch.sort(x, dim=1, stable=True)
         w = torch.gather(weight, 1, order).double()
-        xd = self.values.double()
-        zero = torch.zeros(x.shape[0], 1, dtype=torch.float64, device=x.device)
-        self.p0 = torch.cat([zero, w.cumsum(1)], 1)
-        self.p1 = torch.cat([zero, (w * xd).cumsum(1)], 1)
-        self.p2 = torch.cat([zero, (w * xd * xd).cumsum(1)], 1)
+        wx = w * self.values.double()
+        moments = torch.stack([w, wx, wx * self.values.double()], 1)
+        self.prefix = torch.nn.functional.pad(moments.cumsum(2), (1, 0))
 
     @property
     def length(self) -> int:
         return self.values.shape[1]
 
-    def segment_cost(self, lo: torch.Tensor, hi: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-        """sum w (x - center)^2 over sorted positions [lo, hi) of each row; lo/hi/center share one shape [R, ...]."""
-        flat = lambda t: t.reshape(t.shape[0], -1)  # noqa: E731
-        s0, s1, s2 = (flat(p.gather(1, flat(hi))) - flat(p.gather(1, flat(lo))) for p in (self.p0, self.p1, self.p2))
-        c = flat(center).double()
-        return (s2 - 2 * c * s1 + c * c * s0).clamp_min(0).reshape(center.shape)
+    def sums(self, position: torch.Tensor) -> torch.Tensor:
+        """Prefix sums (w, w*x, w*x^2) before sorted `position` ([R, ...] int64) -> [R, ..., 3]."""
+        flat = position.reshape(position.shape[0], 1, -1).expand(-1, 3, -1)
+        return self.prefix.gather(2, flat).movedim(1, -1).reshape(*position.shape, 3)
+
+    @staticmethod
+    def cost(sums: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        """sum w (x - center)^2 of a run, from its (w, w*x, w*x^2) sums [..., 3] and its center [...]."""
+        c = center.double()
+        return (sums[..., 2] - 2 * c * sums[..., 1] + c * c * sums[..., 0]).clamp_min(0)
 
     def boundaries(self, centers: torch.Tensor) -> torch.Tensor:
         """[R, ..., k+1] sorted positions where each center's run starts (centers ascending along the last dim)."""
@@ -53,10 +58,14 @@ class _SortedRows:
         first = torch.zeros(*lead, 1, dtype=torch.long, device=centers.device)
         return torch.cat([first, inner, torch.full_like(first, self.length)], -1)
 
+    def run_sums(self, bounds: torch.Tensor) -> torch.Tensor:
+        """(w, w*x, w*x^2) of each run between consecutive boundaries: [R, ..., k+1] -> [R, ..., k, 3]."""
+        at = self.sums(bounds)
+        return at[..., 1:, :] - at[..., :-1, :]
+
     def potential(self, centers: torch.Tensor) -> torch.Tensor:
         """Cost of each row's clustering by nearest ascending center; centers [R, ..., k] -> [R, ...]."""
-        b = self.boundaries(centers)
-        return self.segment_cost(b[..., :-1], b[..., 1:], centers).sum(-1)
+        return self.cost(self.run_sums(self.boundaries(centers)), centers).sum(-1)
 
     def sample_by_cost(self, centers: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Draw sorted positions with probability proportional to w * d(x, nearest center)^2.
@@ -64,22 +73,20 @@ class _SortedRows:
         centers [R, i] ascending, u [R, L] uniform in (0, 1]. Picks the cluster by its cost, then bisects the
         monotone partial cost inside it: no pass over the row.
         """
-        b = self.boundaries(centers)
-        lo_all, hi_all = b[:, :-1], b[:, 1:]
-        cost = self.segment_cost(lo_all, hi_all, centers)
-        cum = cost.cumsum(1)
+        bounds = self.boundaries(centers)
+        cum = self.cost(self.run_sums(bounds), centers).cumsum(1)
         target = u.double() * cum[:, -1:]
         cluster = torch.searchsorted(cum, target).clamp_max(centers.shape[1] - 1)
         before = torch.where(cluster > 0, cum.gather(1, (cluster - 1).clamp_min(0)), torch.zeros_like(target))
         need = target - before
-        lo, hi = lo_all.gather(1, cluster), hi_all.gather(1, cluster)
+        lo, hi = bounds.gather(1, cluster), bounds.gather(1, cluster + 1)
         c = centers.gather(1, cluster)
-        start = lo.clone()
+        at_start = self.sums(lo)
         # Smallest end in (lo, hi] whose partial cost from lo reaches `need`.
         lo = lo + 1
         for _ in range(max(1, math.ceil(math.log2(self.length + 1)))):
             mid = (lo + hi) // 2
-            reached = self.segment_cost(start, mid, c) >= need
+            reached = self.cost(self.sums(mid) - at_start, c) >= need
             hi = torch.where(reached, mid, hi)
             lo = torch.where(reached, lo, mid + 1)
         return (hi - 1).clamp(0, self.length - 1)
@@ -90,7 +97,8 @@ def _kmeans_plus_plus(rows: _SortedRows, k: int, n_local_trials: int, generator:
     n_rows, device = rows.values.shape[0], rows.values.device
     uniform = lambda *shape: 1 - torch.rand(*shape, generator=generator, device=device, dtype=torch.float64)  # noqa: E731
     # First center: a point drawn with probability proportional to its weight.
-    first = torch.searchsorted(rows.p0[:, 1:].contiguous(), uniform(n_rows, 1) * rows.p0[:, -1:]).clamp_max(rows.length - 1)
+    mass = rows.prefix[:, 0, 1:].contiguous()
+    first = torch.searchsorted(mass, uniform(n_rows, 1) * mass[:, -1:]).clamp_max(rows.length - 1)
     centers = rows.values.gather(1, first)
     for _ in range(1, k):
         picks = rows.sample_by_cost(centers, uniform(n_rows, n_local_trials))
@@ -110,13 +118,15 @@ def kmeans_1d(
     init: str | torch.Tensor = "k-means++",
     n_local_trials: int | None = None,
     max_iter: int = 300,
+    tol: float = 1e-4,
     seed: int = 0,
 ) -> KMeansResult:
     """Weighted k-means of each row of `x` ([R, M] float) into `k` clusters, Lloyd's algorithm run to convergence.
 
     weight: [R, M] non-negative sample weights (None: all ones); a row whose weights sum to zero is clustered
     unweighted. init: "k-means++" (greedy, 2 + ln k local trials unless `n_local_trials`), or an [R or 1, k] tensor
-    of starting centers (e.g. the integer grid). Deterministic for a given seed and device.
+    of starting centers (e.g. the integer grid). tol: relative tolerance on the centre shift, as scikit-learn's
+    (0: run until no label changes). Deterministic for a given seed and device.
     """
     if x.dim() != 2:
         raise ValueError(f"kmeans_1d expects [rows, points], got shape {tuple(x.shape)}")
@@ -136,20 +146,23 @@ def kmeans_1d(
         raise ValueError(f"unknown k-means init {init!r}: use 'k-means++' or a tensor of starting centers")
 
     bounds = rows.boundaries(centers)
+    tolerance = tol * x.double().var(1, unbiased=False)
+    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        lo, hi = bounds[:, :-1], bounds[:, 1:]
-        mass = rows.p0.gather(1, hi) - rows.p0.gather(1, lo)
-        moment = rows.p1.gather(1, hi) - rows.p1.gather(1, lo)
+        runs = rows.run_sums(bounds)
+        mass, moment = runs[..., 0], runs[..., 1]
         # An empty cluster keeps its center (it may win points back next round).
         updated = torch.where(mass > 0, moment / mass.clamp_min(1e-300), centers.double()).float()
-        centers = torch.sort(updated, 1).values
-        new_bounds = rows.boundaries(centers)
-        if torch.equal(new_bounds, bounds):
+        updated = torch.where(done[:, None], centers, torch.sort(updated, 1).values)
+        shift = ((updated.double() - centers.double()) ** 2).sum(1)
+        new_bounds = rows.boundaries(updated)
+        done |= (new_bounds == bounds).all(1) | (shift <= tolerance)
+        centers, bounds = updated, new_bounds
+        if done.all():
             break
-        bounds = new_bounds
 
-    inertia = rows.segment_cost(bounds[:, :-1], bounds[:, 1:], centers).sum(1)
+    inertia = rows.cost(rows.run_sums(bounds), centers).sum(1)
     return KMeansResult(centers, assign_nearest(x, centers), inertia, n_iter)
 
 
