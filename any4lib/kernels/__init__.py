@@ -1,0 +1,156 @@
+"""tinygemm: the low-batch 4-bit GEMM y = x @ W^T (int4, any4, nf4/fp4, MX-FP4), with its packed weight.
+
+    w = PackedWeight.from_quantized(quantize(weight, "any4", 128), dtype=torch.bfloat16).to("cuda")
+    y = linear(x, w)   # CUDA op for m <= 16 rows of x, dequantize + matmul above; the PyTorch reference on CPU
+
+Importing this module builds nothing and never touches CUDA: the kernels build on first GPU use (build.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from ..qtensor import QuantizedTensor
+from . import ops, packing
+from .build import load_kernels
+from .reference import linear_reference
+
+MAX_KERNEL_ROWS = 16  # m above this: dequantize + cuBLAS
+_DTYPES = (torch.bfloat16, torch.float16)
+
+__all__ = ["PackedWeight", "check_supported", "is_supported", "linear", "load_kernels", "MAX_KERNEL_ROWS"]
+
+
+def _is_int4_table(q: QuantizedTensor) -> bool:
+    int_table = torch.arange(16, dtype=torch.float32, device=q.lut.device) - 8
+    return q.zero is not None and q.lut.shape[0] == 1 and bool(torch.equal(q.lut[0].float(), int_table))
+
+
+def unsupported_reason(q: QuantizedTensor) -> str | None:
+    """Why tinygemm cannot run q, or None when it can."""
+    n, k = q.shape
+    if q.bits != 4 or q.lut.shape[-1] != 16:
+        return f"format {q.format!r} has {q.bits}-bit codes; tinygemm runs 4-bit formats (int4, any4, nf4, fp4, mxfp4)"
+    if q.group_size not in packing.GROUP_SIZES:
+        return (f"group size {q.group_size} of format {q.format!r} is not supported; tinygemm takes "
+                f"{', '.join(map(str, packing.GROUP_SIZES))} (quantize with one of those)")
+    if k % 32:
+        return f"K = {k} must be a multiple of 32"
+    if q.lut.shape[0] not in (1, n):
+        return f"lut must have 1 or N = {n} rows, got {q.lut.shape[0]}"
+    return None
+
+
+def is_supported(q: QuantizedTensor) -> bool:
+    return unsupported_reason(q) is None
+
+
+def check_supported(q: QuantizedTensor) -> None:
+    reason = unsupported_reason(q)
+    if reason is not None:
+        raise ValueError(f"tinygemm cannot run this weight: {reason}")
+
+
+@dataclass
+class PackedWeight:
+    """A 4-bit [n, k] weight in tinygemm's layout (docs/KERNELS.md). Tensors: codes, scales, lut (None for int4).
+
+    int_codes: the int4 table (code - 8), computed in the kernel instead of looked up. dtype: the activation dtype
+    the scales and LUT are stored in; x must match it.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    lut: torch.Tensor | None
+    n: int
+    k: int
+    group_size: int
+    int_codes: bool
+    format: str
+    dtype: torch.dtype
+
+    TENSORS = ("codes", "scales", "lut")
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> PackedWeight:
+        check_supported(q)
+        if dtype not in _DTYPES:
+            raise ValueError(f"tinygemm activations are bfloat16 or float16, got dtype={dtype}")
+        n, k = q.shape
+        int_codes = _is_int4_table(q)
+        scale = q.scale.float() * q.tensor_scale
+        for name, values in (("scale", scale), ("zero", q.zero), ("lut", q.lut)):
+            if values is not None and not torch.isfinite(values.float().to(dtype)).all():
+                raise ValueError(f"{q.format} {name} values overflow {dtype}; pack for torch.bfloat16 instead")
+        return cls(
+            codes=packing.pack_codes(q.codes, int_codes),
+            scales=packing.pack_scales(scale, q.zero, k, dtype),
+            lut=None if int_codes else packing.pack_lut(q.lut, n, dtype),
+            n=n,
+            k=k,
+            group_size=q.group_size,
+            int_codes=int_codes,
+            format=q.format,
+            dtype=dtype,
+        )
+
+    def unpack(self) -> QuantizedTensor:
+        """The QuantizedTensor this holds: codes exact, LUT / scale / zero as the dtype values the kernel uses."""
+        scale, zero = packing.unpack_scales(self.scales, self.n, self.k)
+        if self.int_codes:
+            lut = (torch.arange(16, dtype=torch.float32, device=self.codes.device) - 8)[None]
+        else:
+            lut = packing.unpack_lut(self.lut, 1 if self.lut.shape[0] == 1 else self.n, self.dtype)
+        return QuantizedTensor(
+            format=self.format,
+            bits=4,
+            group_size=self.group_size,
+            codes=packing.unpack_codes(self.codes, self.n, self.k, self.int_codes),
+            lut=lut,
+            scale=scale,
+            zero=zero,
+        )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.unpack().dequantize(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors to register as buffers (lut absent for int4)."""
+        return {name: getattr(self, name) for name in self.TENSORS if getattr(self, name) is not None}
+
+    def to(self, device: torch.device | str) -> PackedWeight:
+        return replace(self, **{name: t.to(device) for name, t in self.tensors().items()})
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.n, self.k))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """y = x @ W^T for x [..., k] in w.dtype. CUDA: the tinygemm op for up to 16 rows, else dequantize + matmul.
+    CPU: the PyTorch reference (fp32 accumulation)."""
+    if x.shape[-1] != w.k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects k = {w.k} (weight shape [{w.n}, {w.k}])")
+    if x.dtype != w.dtype:
+        raise ValueError(f"x is {x.dtype} but the weight was packed for {w.dtype}; pack with dtype={x.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {w.device}; move one with .to()")
+    rows = x.reshape(-1, w.k)
+    if not x.is_cuda:
+        out = linear_reference(rows, w.dequantize())
+    elif rows.shape[0] <= MAX_KERNEL_ROWS:
+        if not torch.compiler.is_compiling():
+            load_kernels()
+        out = ops.tinygemm_4bit(rows.contiguous(), w.codes, w.scales, w.lut, w.n, w.group_size, w.int_codes)
+    else:
+        out = torch.nn.functional.linear(rows, w.dequantize(x.dtype))
+    return out.reshape(*x.shape[:-1], w.n)

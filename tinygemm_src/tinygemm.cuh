@@ -1,0 +1,209 @@
+// tinygemm: y = x @ W^T for 1 <= m <= 16 rows of x and a 4-bit weight W [n, k] (int4, any4, nf4/fp4, MX-FP4).
+//
+// The weight is the A operand of mma.sync m16n8k16 (16 rows of W by 16 of k) and x is B (k16 by n8), so m <= 8
+// fills the n = 8 side of one mma; 9..16 take a second. A CTA owns one 16-row tile of W; its warps split k.
+// Every lane reads its codes with one 16-byte load per 64 k, straight from global memory into registers: the
+// packing (any4lib/kernels/packing.py, docs/KERNELS.md) stores the codes in mma fragment order.
+//
+// Dequantization is w = lut[code] * scale + zero. The mma runs on the raw LUT values; scale and zero are applied
+// to the fp32 partial sums once per group: acc += scale * sum(x * lut[c]) + zero * sum(x). sum(x) comes from a
+// second mma against a matrix of ones. This keeps the per-weight work to the table lookup alone.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+#include "tinygemm.h"
+
+namespace tinygemm {
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
+  return r;
+}
+
+template <typename T>
+struct Dtype;
+
+template <>
+struct Dtype<__nv_bfloat16> {
+  static constexpr uint32_t kIntMagic = 0x43004300u;  // bf16 128.0 in both halves: (magic | c) == 128 + c
+  static constexpr float kIntOffset = 136.f;          // (128 + c) - 136 == c - 8, the int4 table
+  static constexpr uint32_t kOnes = 0x3F803F80u;
+  __device__ static float to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
+  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Dtype<__half> {
+  static constexpr uint32_t kIntMagic = 0x64006400u;  // fp16 1024.0: (magic | c) == 1024 + c
+  static constexpr float kIntOffset = 1032.f;
+  static constexpr uint32_t kOnes = 0x3C003C00u;
+  __device__ static float to_float(uint32_t bits16) { return __half2float(__ushort_as_half(uint16_t(bits16))); }
+  __device__ static __half from_float(float v) { return __float2half_rn(v); }
+  __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// The A fragment (4 registers of 2 values: rows g, g+8, g, g+8; k pairs 0-1, 0-1, 2-3, 2-3) from one word of codes.
+template <typename T, bool kIntCodes>
+__device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint4 (&lo)[2], const uint4 (&hi)[2],
+                                                    uint32_t (&a)[4]) {
+  if constexpr (kIntCodes) {
+    // Int layout: register p takes nibbles p and p + 4; OR-ing them under a float's exponent gives 128 + c exactly.
+#pragma unroll
+    for (int p = 0; p < 4; ++p) a[p] = ((word >> (4 * p)) & 0x000F000Fu) | Dtype<T>::kIntMagic;
+  } else {
+    // LUT layout: nibbles 0-3 are row g's four codes, 4-7 row g+8's. prmt looks up 4 bytes at once from an 8-byte
+    // table, so the 16 entries' low bytes take two lookups (entries 0-7, 8-15) and a select on bit 3 of each code;
+    // the select mask comes from prmt's sign-replicate mode (selector nibble 8 -> byte 0x00, 9 -> byte 0x80).
+    const uint32_t index = word & 0x77777777u;
+    const uint32_t upper = ((word >> 3) & 0x11111111u) | 0x88888888u;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t sel = index >> (16 * h);
+      const uint32_t mask = prmt(0x00008000u, 0u, upper >> (16 * h));
+      const uint32_t low = (prmt(lo[h].x, lo[h].y, sel) & ~mask) | (prmt(lo[h].z, lo[h].w, sel) & mask);
+      const uint32_t high = (prmt(hi[h].x, hi[h].y, sel) & ~mask) | (prmt(hi[h].z, hi[h].w, sel) & mask);
+      a[h] = prmt(low, high, 0x5140u);      // values 0, 1 of the row
+      a[h + 2] = prmt(low, high, 0x7362u);  // values 2, 3
+    }
+  }
+}
+
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles>
+__global__ void __launch_bounds__(kThreads) tinygemm_kernel(const Problem p) {
+  using D = Dtype<T>;
+  constexpr int kUnroll = 4 / kMTiles;  // chunks whose loads are in flight together, per warp
+  constexpr int kZ = kHasZero ? 2 : 1;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int tile = blockIdx.x;
+  const T* x = static_cast<const T*>(p.x);
+  const uint16_t* scales = static_cast<const uint16_t*>(p.scales);
+  const bool two_groups = p.group_shift == 5;  // group size 32: a chunk of 64 spans two groups
+
+  uint4 lut_lo[2] = {}, lut_hi[2] = {};
+  if constexpr (!kIntCodes) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = p.lut_per_row ? 2 * (tile * 16 + h * 8 + g) : 0;
+      lut_lo[h] = __ldg(p.lut + row);
+      lut_hi[h] = __ldg(p.lut + row + 1);
+    }
+  }
+
+  float acc[kMTiles][4] = {};
+  const uint4* codes = p.codes + static_cast<size_t>(tile) * p.k_chunks * 32 + lane;
+
+  for (int c0 = warp; c0 < p.k_chunks; c0 += kWarps * kUnroll) {
+    uint4 w[kUnroll];
+    uint2 xv[kUnroll][kMTiles][4];
+    uint2 sz[kUnroll][2];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + u * kWarps;
+      w[u] = c < p.k_chunks ? __ldcs(codes + static_cast<size_t>(c) * 32) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + u * kWarps;
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        const int row = mt * 8 + g;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int k0 = c * kChunkK + 16 * j + 4 * t;
+          const bool ok = c < p.k_chunks && row < p.m && k0 < p.k;
+          xv[u][mt][j] = ok ? __ldg(reinterpret_cast<const uint2*>(x + static_cast<size_t>(row) * p.k + k0))
+                            : make_uint2(0, 0);
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const int group = ((c * kChunkK) >> p.group_shift) + s;
+        const bool ok = c < p.k_chunks && (s == 0 || two_groups);
+        const uint16_t* at = scales + ((static_cast<size_t>(tile) * p.groups + group) * 8 + g) * 2 * kZ;
+        if constexpr (kHasZero) {
+          sz[u][s] = ok ? __ldg(reinterpret_cast<const uint2*>(at)) : make_uint2(0, 0);
+        } else {
+          sz[u][s] = make_uint2(ok ? __ldg(reinterpret_cast<const uint32_t*>(at)) : 0u, 0u);
+        }
+      }
+    }
+
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (c0 + u * kWarps >= p.k_chunks) break;
+      float part[kMTiles][4] = {}, xsum[kMTiles][4] = {};
+      const uint32_t words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t a[4];
+        dequantize_fragment<T, kIntCodes>(words[j], lut_lo, lut_hi, a);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          D::mma(part[mt], a, xv[u][mt][j].x, xv[u][mt][j].y);
+          if constexpr (kHasZero) {
+            const uint32_t ones[4] = {D::kOnes, D::kOnes, D::kOnes, D::kOnes};
+            D::mma(xsum[mt], ones, xv[u][mt][j].x, xv[u][mt][j].y);
+          }
+        }
+        if (j == 3 || (j == 1 && two_groups)) {
+          // Rows g and g+8 of this group: (scale, zero) pairs, or scales alone.
+          const uint2 v = (j == 3 && two_groups) ? sz[u][1] : sz[u][0];  // select, not index: stays in registers
+          float scale[2], zero[2] = {0.f, 0.f};
+          if constexpr (kHasZero) {
+            scale[0] = D::to_float(v.x & 0xFFFFu), zero[0] = D::to_float(v.x >> 16);
+            scale[1] = D::to_float(v.y & 0xFFFFu), zero[1] = D::to_float(v.y >> 16);
+            if constexpr (kIntCodes) {
+              zero[0] -= D::kIntOffset * scale[0];
+              zero[1] -= D::kIntOffset * scale[1];
+            }
+          } else {
+            scale[0] = D::to_float(v.x & 0xFFFFu), scale[1] = D::to_float(v.x >> 16);
+          }
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              acc[mt][e] += scale[e >> 1] * part[mt][e];
+              if constexpr (kHasZero) acc[mt][e] += zero[e >> 1] * xsum[mt][e];
+              part[mt][e] = 0.f;
+              xsum[mt][e] = 0.f;
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // Sum the warps' k-slices. Accumulator e of lane l holds row (l / 4) + 8 * (e / 2), column 2 * (l % 4) + e % 2.
+  __shared__ float partial[kWarps][kMTiles * 4][32];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) partial[warp][mt * 4 + e][lane] = acc[mt][e];
+  __syncthreads();
+  T* y = static_cast<T*>(p.y);
+  for (int i = threadIdx.x; i < kMTiles * 4 * 32; i += kThreads) {
+    const int l = i & 31, e = (i >> 5) & 3, mt = i >> 7;
+    float sum = 0.f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) sum += partial[v][i >> 5][l];
+    const int row = tile * 16 + (l >> 2) + 8 * (e >> 1);
+    const int col = mt * 8 + 2 * (l & 3) + (e & 1);
+    if (row < p.n && col < p.m) y[static_cast<size_t>(col) * p.n + row] = D::from_float(sum);
+  }
+}
+
+}  // namespace tinygemm

@@ -1,0 +1,28 @@
+// The host-side interface of tinygemm: the problem description and the launcher (plain C++, no device code),
+// shared by the kernels (tinygemm.cuh) and the torch binding (tinygemm_op.cpp).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace tinygemm {
+
+constexpr int kChunkK = 64;  // k covered by one 16-byte code load (4 mma k-tiles of 16)
+constexpr int kWarps = 8;    // warps per CTA, splitting k of one 16-row tile
+constexpr int kThreads = kWarps * 32;
+
+struct Problem {
+  const void* x;       // [m, k] activations, row-major
+  void* y;             // [m, n] output
+  const uint4* codes;  // [n_tiles, k_chunks, 32 lanes] x 16 bytes
+  const void* scales;  // [n_tiles, groups, 8, 2, 1 + has_zero] in the activation dtype
+  const uint4* lut;    // [rows, 2]: 16 low bytes then 16 high bytes of the 16 table entries; null for int codes
+  int lut_per_row;     // 1: a table per weight row; 0: one table for the whole matrix
+  int m, n, k, n_tiles, k_chunks, groups, group_shift;  // group_size == 1 << group_shift
+};
+
+// Launches the variant the problem needs; returns the launch's error. Defined in tinygemm_kernels.cu.
+cudaError_t launch(const Problem& p, bool bf16, bool int_codes, bool has_zero, cudaStream_t stream);
+
+}  // namespace tinygemm

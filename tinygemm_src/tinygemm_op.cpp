@@ -1,0 +1,73 @@
+// Torch binding of any4lib::tinygemm_4bit. The schema and the fake (meta) kernel are defined in Python
+// (any4lib/kernels/ops.py); this file checks the arguments and launches the CUDA kernel.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "tinygemm.h"
+
+namespace {
+
+at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& lut, int64_t n, int64_t group_size, bool int_codes) {
+  TORCH_CHECK(x.is_cuda() && codes.is_cuda() && scales.is_cuda(), "tinygemm_4bit: x, codes and scales must be on a "
+              "CUDA device; got x on ", x.device(), ", codes on ", codes.device(), ", scales on ", scales.device());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "tinygemm_4bit: x must be bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "tinygemm_4bit: x must be a contiguous [m, k] matrix, got shape ",
+              x.sizes(), x.is_contiguous() ? "" : " (not contiguous)");
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(m >= 1 && m <= 16, "tinygemm_4bit: x must have 1..16 rows, got ", m, " (larger m: dequantize + matmul)");
+  TORCH_CHECK(k % 32 == 0, "tinygemm_4bit: k must be a multiple of 32, got ", k);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "tinygemm_4bit: x must be 16-byte aligned");
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256,
+              "tinygemm_4bit: group_size must be 32, 64, 128 or 256, got ", group_size);
+  TORCH_CHECK(k % group_size == 0, "tinygemm_4bit: group_size ", group_size, " does not divide k = ", k);
+  const int64_t n_tiles = (n + 15) / 16, k_chunks = (k + 63) / 64, groups = k_chunks * 64 / group_size;
+  TORCH_CHECK(n >= 1, "tinygemm_4bit: n must be positive, got ", n);
+  TORCH_CHECK(codes.scalar_type() == at::kInt && codes.is_contiguous() &&
+                  codes.sizes() == at::IntArrayRef({n_tiles, k_chunks, 32, 4}),
+              "tinygemm_4bit: codes must be contiguous int32 [", n_tiles, ", ", k_chunks, ", 32, 4] for n = ", n,
+              ", k = ", k, "; got ", codes.scalar_type(), " ", codes.sizes());
+  TORCH_CHECK(scales.scalar_type() == x.scalar_type() && scales.is_contiguous() && scales.dim() == 5 &&
+                  scales.size(0) == n_tiles && scales.size(1) == groups && scales.size(2) == 8 &&
+                  scales.size(3) == 2 && (scales.size(4) == 1 || scales.size(4) == 2),
+              "tinygemm_4bit: scales must be contiguous ", x.scalar_type(), " [", n_tiles, ", ", groups,
+              ", 8, 2, 1 or 2]; got ", scales.scalar_type(), " ", scales.sizes());
+  const bool has_zero = scales.size(4) == 2;
+  TORCH_CHECK(!int_codes || has_zero, "tinygemm_4bit: int codes need (scale, zero) pairs: scales.size(4) == 2");
+  TORCH_CHECK(int_codes == !lut.has_value(), "tinygemm_4bit: pass a lut exactly when the codes are not int codes");
+  int lut_per_row = 0;
+  if (lut.has_value()) {
+    TORCH_CHECK(lut->is_cuda() && lut->scalar_type() == at::kInt && lut->is_contiguous() && lut->dim() == 2 &&
+                    lut->size(1) == 8 && (lut->size(0) == 1 || lut->size(0) == n_tiles * 16),
+                "tinygemm_4bit: lut must be contiguous CUDA int32 [1 or ", n_tiles * 16, ", 8]; got ",
+                lut->scalar_type(), " ", lut->sizes(), " on ", lut->device());
+    lut_per_row = lut->size(0) != 1;
+  }
+  TORCH_CHECK(codes.device() == x.device() && scales.device() == x.device() &&
+                  (!lut.has_value() || lut->device() == x.device()),
+              "tinygemm_4bit: all tensors must be on one device (x is on ", x.device(), ")");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty({m, n}, x.options());
+  tinygemm::Problem p{};
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  p.codes = reinterpret_cast<const uint4*>(codes.data_ptr());
+  p.scales = scales.data_ptr();
+  p.lut = lut.has_value() ? reinterpret_cast<const uint4*>(lut->data_ptr()) : nullptr;
+  p.lut_per_row = lut_per_row;
+  p.m = static_cast<int>(m), p.n = static_cast<int>(n), p.k = static_cast<int>(k);
+  p.n_tiles = static_cast<int>(n_tiles), p.k_chunks = static_cast<int>(k_chunks), p.groups = static_cast<int>(groups);
+  p.group_shift = __builtin_ctzll(group_size);
+  const cudaError_t err = tinygemm::launch(p, x.scalar_type() == at::kBFloat16, int_codes, has_zero,
+                                           c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "tinygemm_4bit: kernel launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(any4lib, CUDA, m) { m.impl("tinygemm_4bit", &tinygemm_4bit); }
