@@ -1,0 +1,194 @@
+"""tinygemm speed: `python -m any4lib.bench.kernels` (needs a CUDA device).
+
+Per Llama shape and m, the median microseconds of cuBLAS bf16 (F.linear), PyTorch's int4 tinygemm
+(torch._weight_int4pack_mm) and ours (int4, any4, nf4 at g128; MX-FP4 at its g32), the effective bandwidth
+(weight + activation + output bytes over time) and its fraction of a measured device-to-device copy.
+Each method runs back to back inside a CUDA graph over enough weight copies that L2 (50 MB) cannot hold them.
+Writes results/kernels/kernels_<device>.csv with provenance columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import grids
+from ..provenance import git_state
+from ..qtensor import QuantizedTensor
+from ..kernels import PackedWeight, linear, load_kernels
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672)]
+ROWS = [1, 2, 4, 8, 16]
+OURS = [("int4", 128), ("any4", 128), ("nf4", 128), ("mxfp4", 32)]
+ROTATE_BYTES = 400e6  # weight bytes cycled through per timing: 8x the L2
+CALLS_PER_GRAPH = 40
+
+
+def time_us(fn, calls: int, replays: int = 15) -> float:
+    """Median microseconds per call of fn(i) for i in range(calls), captured in one CUDA graph and replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(calls):  # warm-up: builds, cuBLAS handles, workspaces
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second, on 1 GiB."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    us = time_us(lambda i: dst.copy_(src), calls=5)
+    return 2 * src.numel() / (us * 1e-6)
+
+
+def _clones(weight, nbytes: int) -> list:
+    """weight plus enough fresh copies of its tensors that cycling through them reads ROTATE_BYTES."""
+    def clone(w):
+        if isinstance(w, PackedWeight):
+            return replace(w, **{name: t.clone() for name, t in w.tensors().items()})
+        return w.clone() if isinstance(w, torch.Tensor) else tuple(t.clone() for t in w)
+
+    return [weight] + [clone(weight) for _ in range(max(2, math.ceil(ROTATE_BYTES / nbytes)) - 1)]
+
+
+def random_quantized(fmt: str, n: int, k: int, group_size: int, device="cuda") -> QuantizedTensor:
+    """A valid weight of the format with random codes, tables and scales (k-means on 28672 x 8192 would take
+    minutes per draw; the kernel's speed and correctness do not depend on how the values were learned)."""
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device)
+    scale = torch.rand(n, k // group_size, device=device) * 0.02 + 1e-3
+    zero = torch.randn(n, k // group_size, device=device) * 0.01
+    if fmt == "int4":
+        lut = (torch.arange(16, device=device) - 8.0)[None]
+    elif fmt == "any4":
+        lut = torch.sort(torch.randn(n, 16, device=device) * 3, dim=1).values
+    elif fmt == "nf4":
+        lut, zero = grids.NF4_LEVELS[None].to(device), None
+    else:  # fp4, mxfp4: the E2M1 grid; MX scales are powers of two
+        lut, zero = grids.E2M1[None].to(device), None
+    if fmt == "mxfp4":
+        scale = torch.exp2(torch.randint(-12, -4, scale.shape, device=device).float())
+    return QuantizedTensor(fmt, 4, group_size, codes, lut.float(), scale, zero)
+
+
+def torch_int4_weight(q: QuantizedTensor, inner_k_tiles: int = 8):
+    """q (int4) in PyTorch's tinygemm layout: w = (code - 8) * scale + zero, the same formula as ours."""
+    n, k = q.shape
+    codes = q.codes.int()
+    as_uint8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+    packed = torch._convert_weight_to_int4pack(as_uint8, inner_k_tiles)
+    scale_zero = torch.stack([q.scale, q.zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return packed, scale_zero
+
+
+def bench_shape(n: int, k: int, copy_bps: float, rows=ROWS) -> list[dict]:
+    results = []
+    dense = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+    methods = {"cublas_bf16": (_clones(dense, n * k * 2), lambda x, w: F.linear(x, w), n * k * 2)}
+    del dense
+    # Ours, and PyTorch's int4 on the very same int4 codes.
+    for fmt, group_size in OURS:
+        q = random_quantized(fmt, n, k, group_size)
+        packed = PackedWeight.from_quantized(q, torch.bfloat16)
+        methods[f"ours_{fmt}"] = (_clones(packed, packed.nbytes()), linear, packed.nbytes())
+        if fmt == "int4":
+            tw = torch_int4_weight(q)
+            nbytes = sum(t.numel() * t.element_size() for t in tw)
+            methods["torch_int4"] = (
+                _clones(tw, nbytes),
+                lambda x, w, g=group_size: torch._weight_int4pack_mm(x, w[0], g, w[1]),
+                nbytes,
+            )
+            x = torch.randn(3, k, device=device, dtype=torch.bfloat16)
+            exact = x.double() @ packed.dequantize(torch.float64).T
+            for name, y in (("torch_int4", methods["torch_int4"][1](x, tw)), ("ours_int4", linear(x, packed))):
+                err = ((y.double() - exact).norm() / exact.norm()).item()
+                assert err < 1e-2, f"{name} disagrees with the float64 reference at {n}x{k}: {err:.2e}"
+        del q
+
+    for m in rows:
+        xs = [torch.randn(m, k, device=device, dtype=torch.bfloat16) for _ in range(4)]
+        for name, (weights, fn, nbytes) in methods.items():
+            us = time_us(lambda i: fn(xs[i % len(xs)], weights[i % len(weights)]), CALLS_PER_GRAPH)
+            moved = nbytes + 2 * m * (k + n)
+            results.append({
+                "n": n, "k": k, "m": m, "method": name, "median_us": round(us, 2), "bytes": moved,
+                "gbps": round(moved / us / 1e3, 1), "fraction_of_copy": round(moved / (us * 1e-6) / copy_bps, 3),
+            })
+    for weights, _, _ in methods.values():
+        weights.clear()
+    torch.cuda.empty_cache()
+    return results
+
+
+def print_table(rows: list[dict]) -> None:
+    names = ["cublas_bf16", "torch_int4", "ours_int4", "ours_any4", "ours_nf4", "ours_mxfp4"]
+    by_key = {(r["n"], r["k"], r["m"], r["method"]): r for r in rows}
+    print(f"{'n x k':>12} {'m':>3} " + " ".join(f"{n:>11}" for n in names)
+          + "   any4/int4  cublas/any4  torch/any4  any4 %copy  int4 %copy")
+    for n, k, m in sorted({(r["n"], r["k"], r["m"]) for r in rows}):
+        get = lambda name: by_key[(n, k, m, name)]  # noqa: E731
+        us = [get(name)["median_us"] for name in names]
+        any4, int4 = get("ours_any4"), get("ours_int4")
+        print(f"{f'{n}x{k}':>12} {m:>3} " + " ".join(f"{u:>11.2f}" for u in us)
+              + f"   {any4['median_us'] / int4['median_us']:>9.2f}  {us[0] / any4['median_us']:>11.2f}"
+              + f"  {us[1] / any4['median_us']:>10.2f}  {100 * any4['fraction_of_copy']:>9.1f}%"
+              + f"  {100 * int4['fraction_of_copy']:>9.1f}%")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("results/kernels"))
+    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="e.g. 4096x4096,28672x8192")
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="m values, e.g. 1,2,4,8,16")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the kernel benchmark needs a CUDA device")
+    load_kernels()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    rows_m = [int(v) for v in args.rows.split(",")]
+    copy_bps = copy_bandwidth()
+    print(f"device-to-device copy: {copy_bps / 1e12:.2f} TB/s (read + write)")
+    provenance = {
+        "commit": git_state()["commit"], "torch": torch.__version__, "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "copy_tbps": round(copy_bps / 1e12, 3),
+    }
+    rows = []
+    for n, k in shapes:
+        rows += bench_shape(n, k, copy_bps, rows_m)
+        print(f"done {n}x{k}", flush=True)
+    print_table(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = provenance["device"].replace(" ", "_")
+    path = args.out / f"kernels_{device}.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], *provenance])
+        writer.writeheader()
+        writer.writerows({**r, **provenance} for r in rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

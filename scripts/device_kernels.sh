@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything tinygemm needs a GPU for, in one device call (docs/KERNELS.md):
+#   scripts/device_kernels.sh [build] [tests] [sanitizer] [bench] [ncu]    (no argument: all of them)
+# Logs and the benchmark CSV go to $OUT (default /tmp/any4_kernels). Run from the repository root.
+set -uo pipefail
+OUT=${OUT:-/tmp/any4_kernels}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 ANY4_CACHE=${ANY4_CACHE:-/tmp/any4_cache}
+steps=${*:-build tests sanitizer bench ncu}
+status=0
+run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep going on failure, remember it
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - start)) s"
+  [ "$rc" = 0 ] || status=1
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/device.txt"
+for step in $steps; do
+  case $step in
+    build) run build 300 python3 -c "from any4lib.kernels import load_kernels; load_kernels(); print('loaded')"
+           find "$ANY4_CACHE" -name '*.so' -exec cuobjdump --dump-resource-usage {} \; > "$OUT/resource_usage.txt" 2>&1 ;;
+    tests) run tests 400 python3 -m pytest -q -ra -p no:cacheprovider tests/test_kernels_gpu.py ;;
+    sanitizer) run sanitizer 300 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+        --error-exitcode 3 python3 -c "
+import torch
+from any4lib.bench.kernels import random_quantized
+from any4lib.kernels import PackedWeight, linear
+for fmt, g in [('int4', 64), ('any4', 32), ('nf4', 128), ('mxfp4', 32)]:
+    for dtype in (torch.bfloat16, torch.float16):
+        w = PackedWeight.from_quantized(random_quantized(fmt, 200, 352 if g == 32 else 384, g), dtype)
+        for m in (1, 7, 9, 16):
+            y = linear(torch.randn(m, w.k, device='cuda').to(dtype), w)
+torch.cuda.synchronize()
+print('memcheck run done')" ;;
+    bench) run bench 400 python3 -m any4lib.bench.kernels --out "$OUT" ;;
+    ncu) run ncu 200 ncu --clock-control none --kernel-name regex:tinygemm --launch-skip 2 --launch-count 6 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+        python3 -c "
+import torch
+from any4lib.bench.kernels import random_quantized
+from any4lib.kernels import PackedWeight, linear
+for fmt in ('int4', 'any4'):
+    w = PackedWeight.from_quantized(random_quantized(fmt, 28672, 8192, 128), torch.bfloat16)
+    x = torch.randn(1, 8192, device='cuda', dtype=torch.bfloat16)
+    for _ in range(4): linear(x, w)
+torch.cuda.synchronize()" ;;
+    *) echo "unknown step $step"; status=1 ;;
+  esac
+done
+exit $status

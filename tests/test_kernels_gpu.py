@@ -1,0 +1,120 @@
+"""tinygemm on the GPU: every format x group size x m in 1..16 on Llama shapes and odd ones, against float64;
+opcheck, torch.compile (with CUDA graphs), the m > 16 fallback and bad inputs. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from any4lib import quantize
+from any4lib.bench.kernels import random_quantized
+from any4lib.kernels import PackedWeight, linear, load_kernels
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="tinygemm GPU tests need a CUDA device"),
+]
+
+LLAMA_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672)]
+FORMATS = ["int4", "any4", "nf4", "fp4", "mxfp4"]
+GROUP_SIZES = [32, 64, 128, 256]
+TOLERANCE = 1e-2
+
+
+def run_poisoned(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """linear(x, w) after filling the block the caching allocator will hand out for its output with NaN."""
+    shape = (*x.shape[:-1], w.n)
+    poison = torch.full(shape, float("nan"), dtype=x.dtype, device=x.device)
+    del poison
+    return linear(x, w)
+
+
+def relative_error(y: torch.Tensor, x: torch.Tensor, weight64: torch.Tensor) -> float:
+    exact = x.double() @ weight64.T
+    return ((y.double() - exact).norm() / exact.norm()).item()
+
+
+def check_all_m(w: PackedWeight, dtype, ms=range(1, 17)):
+    weight64 = w.dequantize(torch.float64)
+    for m in ms:
+        x = torch.randn(m, w.k, device="cuda").to(dtype)
+        y = run_poisoned(x, w)
+        assert torch.isfinite(y).all(), f"m={m}: unwritten (NaN) outputs"
+        err = relative_error(y, x, weight64)
+        assert err <= TOLERANCE, f"{w.format} g{w.group_size} {w.n}x{w.k} m={m}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("shape", LLAMA_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_llama_shapes_every_group_size_and_m(fmt, shape):
+    for group_size in [32] if fmt == "mxfp4" else GROUP_SIZES:
+        w = PackedWeight.from_quantized(random_quantized(fmt, *shape, group_size), torch.bfloat16)
+        check_all_m(w, torch.bfloat16)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_float16_activations(fmt, group_size):
+    if fmt == "mxfp4" and group_size != 32:
+        pytest.skip("MX-FP4 blocks are 32 wide")
+    w = PackedWeight.from_quantized(random_quantized(fmt, 4096, 4096, group_size), torch.float16)
+    check_all_m(w, torch.float16)
+
+
+ODD_SHAPES = [(200, 96, 32), (33, 160, 32), (1000, 320, 64), (8, 256, 128), (4100, 512, 256), (1, 2048, 64)]
+
+
+@pytest.mark.parametrize("n,k,group_size", ODD_SHAPES)
+@pytest.mark.parametrize("fmt", ["int4", "any4", "nf4", "mxfp4", "int4_sym"])
+def test_odd_shapes_from_quantize(fmt, n, k, group_size):
+    q = quantize(torch.randn(n, k, device="cuda"), fmt, group_size, **({"max_iter": 30} if fmt == "any4" else {}))
+    check_all_m(PackedWeight.from_quantized(q, torch.bfloat16), torch.bfloat16, ms=[1, 3, 8, 9, 16])
+
+
+def test_batched_leading_dims_and_fallback_above_16_rows():
+    w = PackedWeight.from_quantized(random_quantized("any4", 512, 1024, 128), torch.bfloat16)
+    weight64 = w.dequantize(torch.float64)
+    for shape in [(2, 3, 1024), (40, 1024)]:
+        x = torch.randn(shape, device="cuda").to(torch.bfloat16)
+        y = linear(x, w)
+        assert y.shape == (*shape[:-1], 512)
+        assert relative_error(y.reshape(-1, 512), x.reshape(-1, 1024), weight64) <= TOLERANCE
+
+
+def _op_args(fmt, dtype, m=5, n=48, k=256, group_size=64):
+    w = PackedWeight.from_quantized(random_quantized(fmt, n, k, group_size), dtype)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    return (x, w.codes, w.scales, w.lut, w.n, w.group_size, w.int_codes)
+
+
+@pytest.mark.parametrize("fmt,dtype", [("int4", torch.bfloat16), ("any4", torch.bfloat16), ("nf4", torch.float16)])
+def test_opcheck(fmt, dtype):
+    load_kernels()
+    torch.library.opcheck(torch.ops.any4lib.tinygemm_4bit.default, _op_args(fmt, dtype))
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_torch_compile_fullgraph(mode):
+    w = PackedWeight.from_quantized(random_quantized("any4", 1024, 2048, 128), torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: linear(x, w), fullgraph=True, mode=mode)
+    for _ in range(3):  # reduce-overhead records a CUDA graph after warm-up runs, then replays it
+        x = torch.randn(4, 2048, device="cuda").to(torch.bfloat16)
+        torch.testing.assert_close(compiled(x), linear(x, w), rtol=0, atol=0)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, codes, scales, lut, n, group_size, int_codes = _op_args("any4", torch.bfloat16)
+    op = torch.ops.any4lib.tinygemm_4bit
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        op(x.float(), codes, scales, lut, n, group_size, int_codes)
+    with pytest.raises(RuntimeError, match="1..16 rows"):
+        op(torch.randn(17, x.shape[1], device="cuda", dtype=x.dtype), codes, scales, lut, n, group_size, int_codes)
+    with pytest.raises(RuntimeError, match="codes must be contiguous int32"):
+        op(x, codes[:, :1].contiguous(), scales, lut, n, group_size, int_codes)
+    with pytest.raises(RuntimeError, match="group_size must be"):
+        op(x, codes, scales, lut, n, 48, int_codes)
+    with pytest.raises(RuntimeError, match="pass a lut exactly"):
+        op(x, codes, scales, None, n, group_size, int_codes)
+    with pytest.raises(RuntimeError, match="must be on a CUDA device"):
+        op(x.cpu(), codes, scales, lut, n, group_size, int_codes)
