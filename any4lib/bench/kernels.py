@@ -175,18 +175,17 @@ def main(argv=None) -> None:
         "device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "copy_tbps": round(copy_bps / 1e12, 3),
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"kernels_{provenance['device'].replace(' ', '_')}.csv"
     rows = []
     for n, k in shapes:
         rows += bench_shape(n, k, copy_bps, rows_m)
+        with path.open("w", newline="") as f:  # rewritten after each shape: a cut-off run keeps what it measured
+            writer = csv.DictWriter(f, fieldnames=[*rows[0], *provenance])
+            writer.writeheader()
+            writer.writerows({**r, **provenance} for r in rows)
         print(f"done {n}x{k}", flush=True)
     print_table(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    device = provenance["device"].replace(" ", "_")
-    path = args.out / f"kernels_{device}.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*rows[0], *provenance])
-        writer.writeheader()
-        writer.writerows({**r, **provenance} for r in rows)
     print(f"wrote {path}")
 
 
