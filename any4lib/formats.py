@@ -118,9 +118,12 @@ def _quantize_any(
     init: str = "k-means++",
     seed: int = 0,
     max_iter: int = 300,
-    row_chunk: int = 2048,
+    tol: float = 0.0,
+    row_chunk: int | None = None,
 ):
     n, g_count, g = groups.shape
+    # Rows per k-means batch: bounds the float64 prefix sums (24 bytes per weight) on the CPU; a GPU takes more.
+    row_chunk = row_chunk or (16384 if groups.is_cuda else 2048)
     x, scale, zero = _min_max_normalise(groups, fmt.bits)
     weight = torch.ones_like(groups) if sample_weight is None else sample_weight.reshape(n, g_count, g)
     if scale_weighted:
@@ -128,16 +131,17 @@ def _quantize_any(
     x, weight = x.reshape(n, -1), weight.reshape(n, -1)
     k = 2**fmt.bits
     start = torch.arange(k, dtype=torch.float32, device=groups.device)[None] if init == "int" else init
+    settings = {"init": start, "max_iter": max_iter, "tol": tol}
 
     if per_row:
         parts = [
-            kmeans_1d(x[i : i + row_chunk], k, weight[i : i + row_chunk], init=start, seed=seed + i, max_iter=max_iter)
+            kmeans_1d(x[i : i + row_chunk], k, weight[i : i + row_chunk], seed=seed + i, **settings)
             for i in range(0, n, row_chunk)
         ]
         centers = torch.cat([p.centers for p in parts])
         codes = torch.cat([p.labels for p in parts])
     else:
-        centers = kmeans_1d(x.reshape(1, -1), k, weight.reshape(1, -1), init=start, seed=seed, max_iter=max_iter).centers
+        centers = kmeans_1d(x.reshape(1, -1), k, weight.reshape(1, -1), seed=seed, **settings).centers
         codes = assign_nearest(x, centers)
     return _finish(groups, fmt, codes, centers - 2 ** (fmt.bits - 1), scale, zero)
 
