@@ -1,12 +1,36 @@
 """any4lib: learned 4/3/2-bit weight quantization (any4) and the tinygemm low-batch GEMM.
 
-Importing the package is cheap and never touches CUDA: kernels build on first GPU use.
+    model, tokenizer = any4lib.load_model("meta-llama/Llama-3.2-1B")   # or a local folder
+    any4lib.quantize_model(model, "any4", calibration=any4lib.calibrate(model, tokenizer))
+    any4lib.perplexity(model, tokenizer, "wikitext2")
+
+Importing the package is cheap and never touches CUDA: the model-level API (which needs transformers) is loaded on
+first use, and the kernels build on first GPU use.
 """
+
+from importlib import import_module
 
 from .formats import Format, get_format, list_formats
 from .kmeans import kmeans_1d
 from .qtensor import QuantizedTensor
 from .quant import dequantize, quantize, valid_group_sizes
+
+# Public name -> the module that defines it, imported when the name is first used.
+_LAZY = {
+    "calibrate": "calibrate",
+    "ActivationStats": "calibrate",
+    "QuantLinear": "nn",
+    "use_kernels": "nn",
+    "quantize_model": "model",
+    "save_quantized": "model",
+    "load_quantized": "model",
+    "load_model": "model",
+    "bits_per_weight": "model",
+    "perplexity": "evaluate",
+    "layer_report": "analyze",
+    "evaluate_tasks": "zeroshot",
+    "load_llama2c": "llama2c",
+}
 
 __all__ = [
     "Format",
@@ -17,4 +41,17 @@ __all__ = [
     "list_formats",
     "quantize",
     "valid_group_sizes",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'any4lib' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)
