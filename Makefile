@@ -17,5 +17,31 @@ test:
 test-gpu:
 	$(PYTHON) -m pytest -q -ra -m gpu
 
+# ---- notebooks -------------------------------------------------------------------------------------------------
+# `make reproduce` runs every notebook under papermill (PROFILE=smoke|quick|paper); the executed copies go to
+# results/notebooks/, figures to figures/, tables to results/tables/. Each notebook's target is its main figure,
+# figures/<notebook>.png, rebuilt when the notebook or the library changes; heavy results come from the results
+# store, so a rerun takes seconds. After switching PROFILE, force a rebuild: make -B reproduce PROFILE=paper.
+PROFILE ?= quick
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+NOTEBOOK_FIGURES := $(patsubst notebooks/%.ipynb,figures/%.png,$(NOTEBOOKS))
+LIBRARY := $(wildcard any4lib/*.py any4lib/*/*.py)
+NOTEBOOK_ENV := PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}
+
+.PHONY: figures strip-notebooks
+
+reproduce: $(NOTEBOOK_FIGURES)
+
+figures: reproduce
+
+figures/%.png: notebooks/%.ipynb $(LIBRARY)
+	@mkdir -p results/notebooks
+	$(NOTEBOOK_ENV) $(PYTHON) -m papermill $< results/notebooks/$*.ipynb --cwd notebooks -p profile $(PROFILE) \
+		--log-level WARNING --no-progress-bar
+	@test -s $@ || { echo "$< ran but did not write $@" >&2; exit 1; }
+
+strip-notebooks:
+	$(PYTHON) scripts/strip_notebooks.py
+
 lab:
-	$(PYTHON) -m jupyter lab notebooks/
+	$(NOTEBOOK_ENV) $(PYTHON) -m jupyter lab notebooks/

@@ -1,0 +1,94 @@
+"""The notebook suite: committed without outputs, and every notebook runs top to bottom under papermill with its
+smoke profile (random tiny model, CPU), writing each figure (PNG + PDF) and table (CSV + Markdown) it promises."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+
+# Per notebook: the figures (figures/<name>.png/.pdf) and tables (results/tables/<name>.csv/.md) it must write.
+# The first figure is named after the notebook: it is the Makefile's target for that notebook.
+EXPECTED = {
+    "01_lut_learning": (["01_lut_learning", "01_lut_levels"], ["01_lut_error"]),
+    "02_weight_distributions": (
+        ["02_weight_distributions", "02_normalised_levels", "02_layer_errors"], ["02_layer_errors"]),
+    "03_accuracy": (
+        ["03_accuracy", "03_accuracy_bits"], ["03_accuracy", "03_accuracy_relative", "03_paper_reference"]),
+    "04_ablations": (["04_ablations"], ["04_group_size", "04_calibration", "04_paper_group_size"]),
+    "05_kernel_speedups": (
+        ["05_kernel_speedups", "05_kernel_bandwidth", "05_e2e_decode"],
+        ["05_kernel_us", "05_reference_h100", "05_e2e_decode"]),
+    "06_lut_explorer": (["06_lut_explorer"], ["06_lut_explorer"]),
+}
+NEEDS_TEXT = {"03_accuracy", "04_ablations"}  # evaluate perplexity on the held-out text under data_root()
+
+
+def test_one_notebook_per_artifact():
+    assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_committed_without_outputs_and_parameterised(name):
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code), f"{name}: strip outputs"
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and "profile = " in tagged[0].source, f"{name}: needs one `parameters` cell with a profile"
+    assert nb.cells[0].cell_type == "markdown", f"{name}: should open with a markdown cell saying what it shows"
+
+
+def _fake_benchmark_csvs(folder: Path) -> None:
+    """Small kernel and e2e CSVs in the benchmarks' column layout, so notebook 05 draws its full figures."""
+    (folder / "kernels").mkdir(parents=True)
+    (folder / "e2e").mkdir(parents=True)
+    lines = ["n,k,m,method,median_us,copy_fraction"]
+    for m in (1, 4, 16):
+        for method, us in (("cublas_bf16", 50.0), ("torch_int4pack", 25.0), ("ours_int4", 15.0), ("ours_any4", 16.0)):
+            lines.append(f"4096,14336,{m},{method},{us * (1 + m / 32)},{50 / us / 4}")
+    (folder / "kernels" / "fake.csv").write_text("\n".join(lines) + "\n")
+    (folder / "e2e" / "fake.csv").write_text(
+        "method,batch,decode_tok_s,status\nbf16,1,100,ok\nany4,1,290,ok\nint4,1,300,ok\nbf16,4,380,ok\nany4,4,900,ok\n"
+    )
+
+
+RUNS = [(name, None) for name in sorted(EXPECTED)] + [("05_kernel_speedups", "with benchmark CSVs")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,variant", RUNS, ids=[f"{n}-{v}" if v else n for n, v in RUNS])
+def test_notebook_runs_under_smoke_profile(name, variant, tmp_path, monkeypatch):
+    papermill = pytest.importorskip("papermill")
+    if name in NEEDS_TEXT:
+        from any4lib.paths import text_file
+
+        if text_file("heldout") is None:
+            pytest.skip("needs corpora/ref-en/heldout.txt under ANY4_DATA / ../shared/data")
+    # The kernel is a subprocess: make sure it imports this checkout's any4lib.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    results = tmp_path / "results"
+    if variant:
+        _fake_benchmark_csvs(results)
+    wanted = {
+        "profile": "smoke", "figures_dir": str(tmp_path / "figures"), "tables_dir": str(tmp_path / "tables"),
+        "store": str(tmp_path / "store"), "results_dir": str(results), "interactive": False,
+    }
+    declared = papermill.inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb"))
+    papermill.execute_notebook(
+        str(NOTEBOOKS / f"{name}.ipynb"), str(tmp_path / f"{name}.out.ipynb"),
+        parameters={k: v for k, v in wanted.items() if k in declared},
+        cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False,
+    )
+    figures, tables = EXPECTED[name]
+    written = [tmp_path / "figures" / f"{f}.{ext}" for f in figures for ext in ("png", "pdf")]
+    written += [tmp_path / "tables" / f"{t}.{ext}" for t in tables for ext in ("csv", "md")]
+    missing = [str(p.relative_to(tmp_path)) for p in written if not p.is_file() or p.stat().st_size == 0]
+    assert not missing, f"{name} did not write: {missing}"
+    if variant:
+        assert "ours_any4" in (tmp_path / "tables" / "05_kernel_us.md").read_text()
+        assert "no benchmark results" not in (tmp_path / "tables" / "05_kernel_us.md").read_text()
