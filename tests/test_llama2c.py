@@ -1,6 +1,7 @@
 """llama2.c loader: checkpoints against a float64 numpy forward written from the file format, tokenizer
 against llama2.c's merge rule, and the real stories260K against llama2.c's own C program."""
 
+import copy
 import struct
 
 import numpy as np
@@ -247,3 +248,20 @@ def test_stories260k_greedy_matches_llama2c(stories):
     assert out[0].tolist() == C_GREEDY_ZOO
     text = tok.decode(out[0], skip_special_tokens=True)
     assert text.startswith("Zoo was a little girl named Lily. She loved to play outside in the park.")
+
+
+def test_stories260k_quantizes_with_group_sizes_that_divide_its_layers(stories):
+    """K is 64 (attention, gate/up) or 172 (down): g128 fails naming the valid sizes; per-row groups and g4 work and
+    keep most greedy predictions of the unquantized model on the C reference text."""
+    from any4lib.model import quantize_model
+
+    _, model, _ = stories
+    with pytest.raises(ValueError, match=r"(?i)valid group sizes"):
+        quantize_model(copy.deepcopy(model), "any4", group_size=128, progress=False)
+    tokens = torch.tensor([C_GREEDY_ZOO])
+    with torch.no_grad():
+        reference = model(tokens).logits.argmax(-1)
+        for fmt, group_size in (("any4", None), ("int4", 4)):
+            quantized = quantize_model(copy.deepcopy(model), fmt, group_size=group_size, progress=False)
+            agreement = (quantized(tokens).logits.argmax(-1) == reference).float().mean().item()
+            assert agreement > 0.8, (fmt, group_size, agreement)
