@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -126,6 +126,15 @@ def bits_per_weight(model: nn.Module) -> float:
     return sum(m.quantized.bits_per_weight() * m.out_features * m.in_features for m in layers) / count
 
 
+def _unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tied parameter once and buffers copied, since layers may share a format's grid
+    tensor and safetensors stores no aliases."""
+    keys = model.state_dict().keys()
+    state = {name: p.detach().contiguous() for name, p in model.named_parameters()}  # tied weights once
+    state |= {name: b.detach().contiguous().clone() for name, b in model.named_buffers() if name in keys}
+    return state
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
     """Write the quantized model to folder `path` (see the module doc); the tokenizer too when given."""
     path = Path(path)
@@ -139,7 +148,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) ->
     }
     (path / QUANT_CONFIG).write_text(json.dumps({"version": 1, "layers": layers}, indent=2) + "\n")
     model.config.save_pretrained(path)
-    save_model(model, os.fspath(path / WEIGHTS))  # drops the duplicate of tied weights
+    save_file(_unshared_state(model), os.fspath(path / WEIGHTS), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
@@ -160,10 +169,10 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     for name, spec in layers.items():
         q = QuantizedTensor(
             format=spec["format"], bits=spec["bits"], group_size=spec["group_size"],
-            codes=tensors.pop(f"{name}.codes"), lut=tensors.pop(f"{name}.lut"), scale=tensors.pop(f"{name}.scale"),
-            zero=tensors.pop(f"{name}.zero", None), tensor_scale=float(tensors.pop(f"{name}.tensor_scale")),
+            codes=tensors[f"{name}.codes"], lut=tensors[f"{name}.lut"], scale=tensors[f"{name}.scale"],
+            zero=tensors.get(f"{name}.zero"), tensor_scale=float(tensors[f"{name}.tensor_scale"]),
         )
-        set_submodule(model, name, QuantLinear(q, tensors.pop(f"{name}.bias", None)))
+        set_submodule(model, name, QuantLinear(q, tensors.get(f"{name}.bias")))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [m for m in missing if not _is_tied(model, m)]  # loaded through the parameter it shares
     if missing or unexpected:

@@ -1,0 +1,70 @@
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from any4lib import paths
+from any4lib.evaluate import evaluate_perplexity, perplexity, token_windows
+
+
+def test_perplexity_matches_float64_reference(tiny, text_file):
+    model, tokenizer = tiny
+    result = evaluate_perplexity(model, tokenizer, text_file, seq_len=64, batch_size=3, progress=False)
+    ids = tokenizer(text_file.read_text()).input_ids
+    n = len(ids) // 64
+    total = 0.0
+    with torch.no_grad():
+        for i in range(n):
+            window = torch.tensor(ids[i * 64 : (i + 1) * 64])
+            logp = torch.log_softmax(model(window[None]).logits[0].double(), -1)
+            total -= logp[torch.arange(63), window[1:]].sum().item()
+    assert result.windows == n and result.tokens == n * 63 and result.seq_len == 64
+    assert result.ppl == pytest.approx(math.exp(total / (n * 63)), rel=1e-5)
+
+
+def test_uniform_prediction_gives_vocabulary_size(tiny, text_file):
+    model, tokenizer = tiny
+    torch.nn.init.zeros_(model.lm_head.weight)  # tied: every logit is 0, so ppl = vocab size exactly
+    assert perplexity(model, tokenizer, text_file, seq_len=32, progress=False) == pytest.approx(258, rel=1e-5)
+
+
+def test_windows_are_capped_at_model_positions_and_max_tokens(tiny, text_file):
+    model, tokenizer = tiny
+    result = evaluate_perplexity(model, tokenizer, text_file, seq_len=2048, progress=False)
+    assert result.seq_len == 256  # the tiny model's max_position_embeddings
+    assert token_windows(tokenizer, text_file, 100, max_tokens=350).shape == (3, 100)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        token_windows(tokenizer, text_file, 100, max_tokens=50)
+
+
+def test_named_sets_read_local_files_under_the_data_root(tiny, data_root):
+    model, tokenizer = tiny
+    assert paths.data_root() == data_root
+    a = perplexity(model, tokenizer, "wikitext2", seq_len=64, progress=False)
+    b = perplexity(model, tokenizer, data_root / "wikitext-2-v1" / "test.txt", seq_len=64, progress=False)
+    assert a == b
+
+
+def test_missing_dataset_names_every_place_tried(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANY4_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="local only and was not found at .*ref-en/heldout.txt"):
+        paths.load_text("heldout")
+    with pytest.raises(FileNotFoundError, match="neither a file nor a known set name"):
+        paths.load_text("no_such_set")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(FileNotFoundError, match=r"ptb/test.txt; hub ptb_text_only/penn_treebank \[test\].*unreachable"):
+        paths.load_text("ptb")
+
+
+def test_hub_fallback_joins_the_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANY4_DATA", str(tmp_path))
+    rows = {"text": ["first", "second"]}
+    hub = types.SimpleNamespace(load_dataset=lambda *a, **k: rows)
+    monkeypatch.setitem(sys.modules, "datasets", hub)
+    assert paths.load_text("wikitext2") == "first\n\nsecond"

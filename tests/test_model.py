@@ -1,0 +1,81 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import any4lib
+from any4lib.calibrate import calibrate
+from any4lib.model import bits_per_weight, load_model, load_quantized, quantize_model, save_quantized, select_linear_layers
+from any4lib.nn import QuantLinear
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_quantize_model_equals_quantizing_each_weight(tiny):
+    model, tokenizer = tiny
+    reference = copy.deepcopy(model)
+    stats = calibrate(model, tokenizer, progress=False)
+    quantize_model(model, "any4", 128, calibration=stats, progress=False)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 14 and "lm_head" not in layers and type(model.lm_head) is nn.Linear
+    # Independent path: fake-quantize each nn.Linear's weight in place with the same statistics.
+    for name in layers:
+        linear = reference.get_submodule(name)
+        q = any4lib.quantize(linear.weight, "any4", 128, sample_weight=stats.sample_weight(name))
+        linear.weight.data = q.dequantize()
+    ids = torch.randint(0, 258, (2, 40))
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=1e-4, atol=1e-4)
+    # 4-bit codes, a 16-bit scale and zero per 128 weights, a 16-entry 16-bit LUT per row of K weights.
+    sizes = [(m.out_features, m.in_features) for m in layers.values()]
+    expected = sum(n * k * (4 + 16 * 2 / 128) + n * 16 * 16 for n, k in sizes) / sum(n * k for n, k in sizes)
+    assert bits_per_weight(model) == pytest.approx(expected)
+
+
+def test_include_exclude_patterns(tiny):
+    model, _ = tiny
+    assert select_linear_layers(model, include="*.mlp.*") == [
+        f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")
+    ]
+    assert select_linear_layers(model, include=r"model\.layers\.1\..*_proj", exclude="*mlp*") == [
+        f"model.layers.1.self_attn.{p}_proj" for p in "qkvo"
+    ]
+    assert "lm_head" in select_linear_layers(model, exclude=None)
+    with pytest.raises(ValueError, match="no linear layer matches"):
+        select_linear_layers(model, include="*.conv")
+
+
+def test_group_size_error_names_the_layer(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.self_attn.q_proj'.*does not divide"):
+        quantize_model(model, "int4", 96, progress=False)
+    per_row = quantize_model(model, "int3", None, progress=False)
+    assert per_row.model.layers[0].mlp.down_proj.group_size == 256
+
+
+@pytest.mark.parametrize("fmt", ["any4", "nvfp4"])
+def test_save_then_load_gives_identical_logits(tiny, tmp_path, fmt):
+    model, tokenizer = tiny
+    quantize_model(model, fmt, 64, calibration=calibrate(model, tokenizer, progress=False), progress=False)
+    save_quantized(model, tmp_path / "q", tokenizer)
+    back = load_quantized(tmp_path / "q")
+    ids = torch.randint(0, 258, (2, 33))
+    assert torch.equal(logits(back, ids), logits(model, ids))
+    assert back.lm_head.weight is back.model.embed_tokens.weight  # still tied
+    layer = back.model.layers[1].self_attn.o_proj
+    assert isinstance(layer, QuantLinear) and layer.format == fmt
+    assert torch.equal(layer.codes, model.model.layers[1].self_attn.o_proj.codes)
+
+
+def test_load_errors_name_the_path(tmp_path, tiny_folder):
+    with pytest.raises(FileNotFoundError, match="quant.json is missing"):
+        load_quantized(tiny_folder)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "no" / "such" / "model")
+    with pytest.raises(FileNotFoundError, match="neither a config.json"):
+        load_model(tmp_path)
+    model, tokenizer = load_model(tiny_folder, dtype=torch.float32)
+    assert model.config.hidden_size == 128 and tokenizer.decode(tokenizer("a b").input_ids) == "a b"

@@ -1,0 +1,78 @@
+import sys
+import types
+
+import pytest
+import torch
+
+import any4lib
+from any4lib.nn import QuantLinear, _pack_for_kernels, use_kernels
+
+
+def reference_weight(q) -> torch.Tensor:
+    """float64 weight from the contract's formula, element by element through Python indexing of the tables."""
+    n, k = q.shape
+    lut = q.lut.double().expand(n, -1)
+    codes = q.codes.long()
+    values = lut[torch.arange(n)[:, None], codes]
+    group = torch.arange(k) // q.group_size
+    w = values * q.scale.double()[:, group] * q.tensor_scale
+    return w if q.zero is None else w + q.zero.double()[:, group]
+
+
+@pytest.mark.parametrize("fmt", ["int4", "any4", "nf4", "nvfp4", "int2"])
+def test_forward_matches_float64_reference(fmt):
+    torch.manual_seed(0)
+    w, bias, x = torch.randn(48, 256), torch.randn(48), torch.randn(3, 5, 256)
+    q = any4lib.quantize(w, fmt, 64)
+    layer = QuantLinear(q, bias)
+    expected = x.double() @ reference_weight(q).T + bias.double()
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-4, atol=1e-4)
+    assert {"codes", "lut", "scale", "tensor_scale", "bias"} <= set(layer.state_dict())
+    assert layer.codes.dtype == torch.uint8 and layer.codes.shape == (48, 256)
+
+
+def test_dtype_cast_keeps_tables_in_float32_and_refreshes_the_cache():
+    torch.manual_seed(0)
+    q = any4lib.quantize(torch.randn(16, 128), "any4", 32)
+    layer = QuantLinear(q)
+    x = torch.randn(2, 128)
+    y32 = layer(x)
+    layer.to(torch.bfloat16)
+    assert layer.lut.dtype == layer.scale.dtype == layer.zero.dtype == torch.float32
+    y16 = layer(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=2e-2)
+    # Loading new codes must not serve the old cached weight.
+    other = QuantLinear(any4lib.quantize(torch.randn(16, 128), "any4", 32))
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer(x.bfloat16()), other.to(torch.bfloat16)(x.bfloat16()))
+
+
+def test_kernel_switch_and_fallback_without_kernel_support(monkeypatch):
+    q = any4lib.quantize(torch.randn(16, 128), "int4", 128)
+    fake = types.ModuleType("any4lib.kernels")
+    fake.is_supported = lambda q: False
+    monkeypatch.setitem(sys.modules, "any4lib.kernels", fake)
+    monkeypatch.setattr(any4lib, "kernels", fake, raising=False)
+    monkeypatch.setattr("any4lib.nn._warned", set())
+    with pytest.warns(UserWarning, match="do not support int4"):
+        assert _pack_for_kernels(q, torch.bfloat16) is None
+    model = torch.nn.Sequential(QuantLinear(q), torch.nn.ReLU(), QuantLinear(q))
+    assert all(m.use_kernel for m in model if isinstance(m, QuantLinear))
+    use_kernels(model, False)
+    assert not any(m.use_kernel for m in model if isinstance(m, QuantLinear))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["int4", "any4", "nf4"])
+def test_cuda_kernel_path_matches_dequantized_path(fmt):
+    torch.manual_seed(0)
+    q = any4lib.quantize(torch.randn(256, 512), fmt, 128)
+    layer = QuantLinear(q).cuda()
+    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    if layer.packed_weight(torch.bfloat16) is None:
+        pytest.skip("the kernels do not support this format here")
+    y_kernel = layer(x)
+    use_kernels(layer, False)
+    torch.testing.assert_close(y_kernel.float(), layer(x).float(), rtol=2e-2, atol=5e-2)

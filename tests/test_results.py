@@ -1,0 +1,62 @@
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import any4lib.experiments as experiments
+from any4lib.results import ResultStore, config_key
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_key_ignores_order_and_records_carry_provenance(tmp_path):
+    assert config_key({"a": 1, "b": [2, 3]}) == config_key({"b": [2, 3], "a": 1}) != config_key({"a": 2, "b": [2, 3]})
+    store = ResultStore(tmp_path)
+    record = store.put({"format": "int4", "g": 128}, {"ppl": 12.5})
+    assert json.loads(store.path({"g": 128, "format": "int4"}).read_text()) == record
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    prov = record["provenance"]
+    assert prov["git"]["commit"] == head and prov["packages"]["torch"] and prov["device"] and prov["date"]
+    assert list(tmp_path.iterdir()) == [store.path({"format": "int4", "g": 128})]  # no temporary left behind
+
+
+def test_get_or_compute_computes_once(tmp_path):
+    store, calls = ResultStore(tmp_path), []
+    compute = lambda: calls.append(1) or {"ppl": 3.0}  # noqa: E731
+    first = store.get_or_compute({"x": 1}, compute)
+    second = store.get_or_compute({"x": 1}, compute)
+    assert first == second and len(calls) == 1
+    assert store.find(x=1) == [first] and store.find(x=2) == []
+
+
+def test_a_record_that_cannot_be_written_leaves_nothing(tmp_path):
+    store = ResultStore(tmp_path)
+    with pytest.raises(TypeError):
+        store.put({"x": 1}, {"ppl": object()})
+    with pytest.raises(TypeError):
+        store.put({"x": object()}, {"ppl": 1.0})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_accuracy_records_rerun_computes_nothing(tmp_path, data_root, monkeypatch):
+    kwargs = dict(formats=["bf16", "int4"], datasets=["heldout"], seq_len=64, store=tmp_path, progress=False)
+    first = experiments.accuracy_records("tiny", **kwargs)
+    assert list(first.columns) == ["format", "group_size", "calibration", "dataset", "ppl", "bits_per_weight", "seconds"]
+    assert first.bits_per_weight.tolist() == [16.0, 4.25] and len(list(tmp_path.glob("*.json"))) == 2
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a stored result was recomputed")
+
+    monkeypatch.setattr(experiments, "evaluate_perplexity", fail)
+    monkeypatch.setattr(experiments, "quantize_model", fail)
+    again = experiments.accuracy_records("tiny", **kwargs)
+    assert again.equals(first)
+    assert first.ppl[1] != first.ppl[0]  # the quantized model is a different model
+
+
+def test_calibration_spec_errors(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="use 'prompt', 'none' or '<set>:<N>'"):
+        experiments.calibration_stats(model, tokenizer, "heldout:many", 64)
+    assert experiments.calibration_stats(model, tokenizer, "none", 64) is None
