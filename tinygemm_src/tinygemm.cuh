@@ -81,16 +81,30 @@ __device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint4 (
   }
 }
 
-template <typename T, bool kIntCodes, bool kHasZero, int kMTiles>
-__global__ void __launch_bounds__(kThreads) tinygemm_kernel(const Problem p) {
+template <int kWarps, int kUnroll>
+__device__ __forceinline__ void load_codes(const uint4* codes, int c0, int k_chunks, uint4 (&w)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int c = c0 + u * kWarps;
+    w[u] = c < k_chunks ? __ldcs(codes + static_cast<size_t>(c) * 32) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(const Problem p) {
   using D = Dtype<T>;
-  constexpr int kUnroll = 4 / kMTiles;  // chunks whose loads are in flight together, per warp
+  constexpr int kUnroll = 4 / kMTiles;  // chunks per batch; a warp has two batches of code loads in flight
+  constexpr int kStep = kWarps * kUnroll;
   constexpr int kZ = kHasZero ? 2 : 1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int tile = blockIdx.x;
   const T* x = static_cast<const T*>(p.x);
   const uint16_t* scales = static_cast<const uint16_t*>(p.scales);
   const bool two_groups = p.group_shift == 5;  // group size 32: a chunk of 64 spans two groups
+
+  const uint4* codes = p.codes + static_cast<size_t>(tile) * p.k_chunks * 32 + lane;
+  uint4 w_next[kUnroll];
+  load_codes<kWarps>(codes, warp, p.k_chunks, w_next);
 
   uint4 lut_lo[2] = {}, lut_hi[2] = {};
   if constexpr (!kIntCodes) {
@@ -103,17 +117,13 @@ __global__ void __launch_bounds__(kThreads) tinygemm_kernel(const Problem p) {
   }
 
   float acc[kMTiles][4] = {};
-  const uint4* codes = p.codes + static_cast<size_t>(tile) * p.k_chunks * 32 + lane;
-
-  for (int c0 = warp; c0 < p.k_chunks; c0 += kWarps * kUnroll) {
+  for (int c0 = warp; c0 < p.k_chunks; c0 += kStep) {
     uint4 w[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) w[u] = w_next[u];
+    load_codes<kWarps>(codes, c0 + kStep, p.k_chunks, w_next);  // the next batch streams in during this one's math
     uint2 xv[kUnroll][kMTiles][4];
     uint2 sz[kUnroll][2];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + u * kWarps;
-      w[u] = c < p.k_chunks ? __ldcs(codes + static_cast<size_t>(c) * 32) : make_uint4(0, 0, 0, 0);
-    }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * kWarps;
@@ -195,7 +205,7 @@ __global__ void __launch_bounds__(kThreads) tinygemm_kernel(const Problem p) {
     for (int e = 0; e < 4; ++e) partial[warp][mt * 4 + e][lane] = acc[mt][e];
   __syncthreads();
   T* y = static_cast<T*>(p.y);
-  for (int i = threadIdx.x; i < kMTiles * 4 * 32; i += kThreads) {
+  for (int i = threadIdx.x; i < kMTiles * 4 * 32; i += kWarps * 32) {
     const int l = i & 31, e = (i >> 5) & 3, mt = i >> 7;
     float sum = 0.f;
 #pragma unroll

@@ -9,8 +9,6 @@
 namespace tinygemm {
 
 constexpr int kChunkK = 64;  // k covered by one 16-byte code load (4 mma k-tiles of 16)
-constexpr int kWarps = 8;    // warps per CTA, splitting k of one 16-row tile
-constexpr int kThreads = kWarps * 32;
 
 struct Problem {
   const void* x;       // [m, k] activations, row-major
@@ -20,6 +18,7 @@ struct Problem {
   const uint4* lut;    // [rows, 2]: 16 low bytes then 16 high bytes of the 16 table entries; null for int codes
   int lut_per_row;     // 1: a table per weight row; 0: one table for the whole matrix
   int m, n, k, n_tiles, k_chunks, groups, group_shift;  // group_size == 1 << group_shift
+  int sm_count;        // multiprocessors of the device: picks the warps per tile
 };
 
 // Launches the variant the problem needs; returns the launch's error. Defined in tinygemm_kernels.cu.

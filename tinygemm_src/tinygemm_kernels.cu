@@ -4,12 +4,23 @@
 
 namespace tinygemm {
 
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles>
+static void launch_for_warps(const Problem& p, cudaStream_t stream) {
+  // Fewer warps per tile when there are many tiles: longer k-slices per warp, fewer CTA start-ups. With few
+  // tiles (small n), 8 warps per tile keep enough loads in flight to fill the memory system.
+  if (p.n_tiles >= 4 * p.sm_count) {  // at 4 warps a tile, still 16 warps per SM
+    tinygemm_kernel<T, kIntCodes, kHasZero, kMTiles, 4><<<p.n_tiles, 4 * 32, 0, stream>>>(p);
+  } else {
+    tinygemm_kernel<T, kIntCodes, kHasZero, kMTiles, 8><<<p.n_tiles, 8 * 32, 0, stream>>>(p);
+  }
+}
+
 template <typename T, bool kIntCodes, bool kHasZero>
 static cudaError_t launch_for_rows(const Problem& p, cudaStream_t stream) {
   if (p.m <= 8) {
-    tinygemm_kernel<T, kIntCodes, kHasZero, 1><<<p.n_tiles, kThreads, 0, stream>>>(p);
+    launch_for_warps<T, kIntCodes, kHasZero, 1>(p, stream);
   } else {
-    tinygemm_kernel<T, kIntCodes, kHasZero, 2><<<p.n_tiles, kThreads, 0, stream>>>(p);
+    launch_for_warps<T, kIntCodes, kHasZero, 2>(p, stream);
   }
   return cudaGetLastError();
 }

@@ -3,11 +3,20 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <torch/library.h>
+
+#include <string>
 
 #include "tinygemm.h"
 
 namespace {
+
+std::string shape(const at::Tensor& t) {  // "[a, b, c]"
+  std::string out = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
+  return out + "]";
+}
 
 at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                          const std::optional<at::Tensor>& lut, int64_t n, int64_t group_size, bool int_codes) {
@@ -16,7 +25,7 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "tinygemm_4bit: x must be bfloat16 or float16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "tinygemm_4bit: x must be a contiguous [m, k] matrix, got shape ",
-              x.sizes(), x.is_contiguous() ? "" : " (not contiguous)");
+              shape(x), x.is_contiguous() ? "" : " (not contiguous)");
   const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(m >= 1 && m <= 16, "tinygemm_4bit: x must have 1..16 rows, got ", m, " (larger m: dequantize + matmul)");
   TORCH_CHECK(k % 32 == 0, "tinygemm_4bit: k must be a multiple of 32, got ", k);
@@ -26,15 +35,15 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
   TORCH_CHECK(k % group_size == 0, "tinygemm_4bit: group_size ", group_size, " does not divide k = ", k);
   const int64_t n_tiles = (n + 15) / 16, k_chunks = (k + 63) / 64, groups = k_chunks * 64 / group_size;
   TORCH_CHECK(n >= 1, "tinygemm_4bit: n must be positive, got ", n);
-  TORCH_CHECK(codes.scalar_type() == at::kInt && codes.is_contiguous() &&
-                  codes.sizes() == at::IntArrayRef({n_tiles, k_chunks, 32, 4}),
+  TORCH_CHECK(codes.scalar_type() == at::kInt && codes.is_contiguous() && codes.dim() == 4 &&
+                  codes.size(0) == n_tiles && codes.size(1) == k_chunks && codes.size(2) == 32 && codes.size(3) == 4,
               "tinygemm_4bit: codes must be contiguous int32 [", n_tiles, ", ", k_chunks, ", 32, 4] for n = ", n,
-              ", k = ", k, "; got ", codes.scalar_type(), " ", codes.sizes());
+              ", k = ", k, "; got ", codes.scalar_type(), " ", shape(codes));
   TORCH_CHECK(scales.scalar_type() == x.scalar_type() && scales.is_contiguous() && scales.dim() == 5 &&
                   scales.size(0) == n_tiles && scales.size(1) == groups && scales.size(2) == 8 &&
                   scales.size(3) == 2 && (scales.size(4) == 1 || scales.size(4) == 2),
               "tinygemm_4bit: scales must be contiguous ", x.scalar_type(), " [", n_tiles, ", ", groups,
-              ", 8, 2, 1 or 2]; got ", scales.scalar_type(), " ", scales.sizes());
+              ", 8, 2, 1 or 2]; got ", scales.scalar_type(), " ", shape(scales));
   const bool has_zero = scales.size(4) == 2;
   TORCH_CHECK(!int_codes || has_zero, "tinygemm_4bit: int codes need (scale, zero) pairs: scales.size(4) == 2");
   TORCH_CHECK(int_codes == !lut.has_value(), "tinygemm_4bit: pass a lut exactly when the codes are not int codes");
@@ -43,7 +52,7 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
     TORCH_CHECK(lut->is_cuda() && lut->scalar_type() == at::kInt && lut->is_contiguous() && lut->dim() == 2 &&
                     lut->size(1) == 8 && (lut->size(0) == 1 || lut->size(0) == n_tiles * 16),
                 "tinygemm_4bit: lut must be contiguous CUDA int32 [1 or ", n_tiles * 16, ", 8]; got ",
-                lut->scalar_type(), " ", lut->sizes(), " on ", lut->device());
+                lut->scalar_type(), " ", shape(*lut), " on ", lut->device());
     lut_per_row = lut->size(0) != 1;
   }
   TORCH_CHECK(codes.device() == x.device() && scales.device() == x.device() &&
@@ -62,6 +71,7 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
   p.m = static_cast<int>(m), p.n = static_cast<int>(n), p.k = static_cast<int>(k);
   p.n_tiles = static_cast<int>(n_tiles), p.k_chunks = static_cast<int>(k_chunks), p.groups = static_cast<int>(groups);
   p.group_shift = __builtin_ctzll(group_size);
+  p.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const cudaError_t err = tinygemm::launch(p, x.scalar_type() == at::kBFloat16, int_codes, has_zero,
                                            c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "tinygemm_4bit: kernel launch failed: ", cudaGetErrorString(err));

@@ -78,6 +78,7 @@ class PackedWeight:
         check_supported(q)
         if dtype not in _DTYPES:
             raise ValueError(f"tinygemm activations are bfloat16 or float16, got dtype={dtype}")
+        q = q.to(q.codes.device)  # some quantizers leave a fixed grid's table on the CPU
         n, k = q.shape
         int_codes = _is_int4_table(q)
         scale = q.scale.float() * q.tensor_scale
@@ -145,6 +146,8 @@ def linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     if x.device != w.device:
         raise ValueError(f"x is on {x.device} but the weight is on {w.device}; move one with .to()")
     rows = x.reshape(-1, w.k)
+    if rows.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], w.n)
     if not x.is_cuda:
         out = linear_reference(rows, w.dequantize())
     elif rows.shape[0] <= MAX_KERNEL_ROWS:
