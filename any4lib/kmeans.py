@@ -2,8 +2,10 @@
 
 In one dimension a cluster of a sorted row is a contiguous run, so after one sort per row every quantity k-means
 needs (cluster weight, weighted sum, weighted sum of squares, hence centroid and cost) is a difference of three
-prefix sums. Lloyd iterations and the k-means++ seeding then cost O(k log M) per row instead of O(k M): the sort
-dominates. Prefix sums are float64 so that differences over long rows do not cancel.
+prefix sums. Lloyd iterations and the k-means++ seeding then cost O(k log M) per row instead of O(k M). Rows longer
+than `bins` (2048) skip the sort: they are pooled into a fine weighted histogram (one O(M) pass), whose bins are
+already in order; the final labels and objective are computed on the raw points. Sums are float64 so that
+differences over long rows do not cancel.
 
 Lloyd runs per row until no label changes (or, with `tol` > 0, scikit-learn's rule: squared centre shift at most
 `tol` times the row's variance); a finished row is frozen while the others go on.
@@ -28,12 +30,32 @@ class KMeansResult:
 class _SortedRows:
     """Rows sorted once, with prefix sums of (w, w*x, w*x^2) stacked: [R, 3, M + 1] float64, leading zero."""
 
-    def __init__(self, x: torch.Tensor, weight: torch.Tensor):
-        self.values, order = torch.sort(x, dim=1, stable=True)
+    def __init__(self, values: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, wxx: torch.Tensor):
+        self.values = values
+        self.prefix = torch.nn.functional.pad(torch.stack([w, wx, wxx], 1).cumsum(2), (1, 0))
+
+    @classmethod
+    def exact(cls, x: torch.Tensor, weight: torch.Tensor) -> "_SortedRows":
+        values, order = torch.sort(x, dim=1, stable=True)
         w = torch.gather(weight, 1, order).double()
-        wx = w * self.values.double()
-        moments = torch.stack([w, wx, wx * self.values.double()], 1)
-        self.prefix = torch.nn.functional.pad(moments.cumsum(2), (1, 0))
+        wx = w * values.double()
+        return cls(values, w, wx, wx * values.double())
+
+    @classmethod
+    def histogram(cls, x: torch.Tensor, weight: torch.Tensor, bins: int) -> "_SortedRows":
+        """Each row pooled into `bins` equal-width bins over its range, a bin standing for one point at its weighted
+        mean (its midpoint when empty, so points stay ascending): O(M) instead of a sort."""
+        n_rows = x.shape[0]
+        lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+        width = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny) / bins
+        index = ((x - lo) / width).long().clamp_(max=bins - 1)
+        index += torch.arange(n_rows, device=x.device)[:, None] * bins  # one bincount serves every row
+        index, w = index.reshape(-1), weight.double().reshape(-1)
+        mass = torch.bincount(index, w, minlength=n_rows * bins).reshape(n_rows, bins)
+        moment = torch.bincount(index, w * x.double().reshape(-1), minlength=n_rows * bins).reshape(n_rows, bins)
+        mean = moment / mass.clamp_min(1e-300)
+        mid = (lo + width * (torch.arange(bins, device=x.device) + 0.5)).double()
+        return cls(torch.where(mass > 0, mean, mid).float(), mass, moment, moment * mean)
 
     @property
     def length(self) -> int:
@@ -120,13 +142,16 @@ def kmeans_1d(
     max_iter: int = 300,
     tol: float = 0.0,
     seed: int = 0,
+    bins: int | None = 2048,
 ) -> KMeansResult:
     """Weighted k-means of each row of `x` ([R, M] float) into `k` clusters, Lloyd's algorithm run to convergence.
 
     weight: [R, M] non-negative sample weights (None: all ones); a row whose weights sum to zero is clustered
     unweighted. init: "k-means++" (greedy, 2 + ln k local trials unless `n_local_trials`), or an [R or 1, k] tensor
     of starting centers (e.g. the integer grid). tol: 0 runs Lloyd until no label changes; > 0 also stops
-    on scikit-learn's relative centre-shift rule (its default is 1e-4), trading a little objective for time. Deterministic for a given seed and device.
+    on scikit-learn's relative centre-shift rule (its default is 1e-4), trading a little objective for time.
+    bins: rows longer than this are clustered through a weighted histogram of that many bins (None: always sort);
+    labels and inertia are then computed on the raw points. Deterministic for a given seed and device.
     """
     if x.dim() != 2:
         raise ValueError(f"kmeans_1d expects [rows, points], got shape {tuple(x.shape)}")
@@ -134,7 +159,7 @@ def kmeans_1d(
     weight = torch.ones_like(x) if weight is None else weight.float().expand_as(x)
     dead = weight.sum(1, keepdim=True) <= 0
     weight = torch.where(dead, torch.ones_like(weight), weight)
-    rows = _SortedRows(x, weight)
+    rows = _SortedRows.histogram(x, weight, bins) if bins and x.shape[1] > bins else _SortedRows.exact(x, weight)
 
     if isinstance(init, torch.Tensor):
         centers = torch.sort(init.to(x).expand(x.shape[0], k), 1).values
@@ -162,8 +187,9 @@ def kmeans_1d(
         if done.all():
             break
 
-    inertia = rows.cost(rows.run_sums(bounds), centers).sum(1)
-    return KMeansResult(centers, assign_nearest(x, centers), inertia, n_iter)
+    labels = assign_nearest(x, centers)
+    inertia = (weight.double() * (x.double() - centers.gather(1, labels).double()) ** 2).sum(1)
+    return KMeansResult(centers, labels, inertia, n_iter)
 
 
 def assign_nearest(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:

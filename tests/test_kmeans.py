@@ -90,3 +90,12 @@ def test_bad_input_raises():
         kmeans_1d(torch.randn(10), 4)
     with pytest.raises(ValueError, match="unknown k-means init"):
         kmeans_1d(torch.randn(2, 10), 4, init="random")
+
+
+def test_long_rows_through_the_histogram_stay_within_one_percent_of_sklearn():
+    # K = 4096 > bins: the histogram path. Same rows through the exact sort path for comparison.
+    x, weight = normalised_rows(torch.randn(6, 4096, generator=torch.Generator().manual_seed(7)))
+    binned = kmeans_1d(x, 16, weight).inertia.mean().item()
+    exact = kmeans_1d(x, 16, weight, bins=None).inertia.mean().item()
+    assert binned <= 1.01 * sklearn_inertia(x, weight, 16)
+    assert binned == pytest.approx(exact, rel=5e-3)
