@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -13,7 +14,8 @@ PACKAGES = ("any4lib", "torch", "transformers", "numpy", "safetensors", "lm_eval
 
 
 def git_state(repo: Path | None = None) -> dict:
-    """The checkout's commit and whether tracked files differ from it; None values outside a git checkout."""
+    """The checkout's commit and whether tracked files differ from it. Outside a git checkout (e.g. a copy of the
+    tree on a GPU host) the commit comes from $ANY4_GIT_COMMIT when set, else None."""
     repo = repo or Path(__file__).resolve().parents[1]
 
     def git(*args):
@@ -25,6 +27,8 @@ def git_state(repo: Path | None = None) -> dict:
         dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         commit = dirty = None
+    if commit is None and os.environ.get("ANY4_GIT_COMMIT"):
+        return {"commit": os.environ["ANY4_GIT_COMMIT"], "dirty": None}
     return {"commit": commit, "dirty": None if dirty is None else bool(dirty)}
 
 
