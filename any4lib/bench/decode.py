@@ -1,0 +1,194 @@
+"""A small Llama decoder with a static KV cache and a greedy generation loop (gpt-fast style), for timing decode.
+
+Parameter names follow transformers' LlamaForCausalLM, so its state dict loads as is. The model is built from a
+transformers LlamaConfig (dimensions only) and is meant for speed: default RoPE, no dropout, no padding, one prompt
+length for the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rope_theta(config) -> float:
+    """RoPE base from a LlamaConfig of transformers 4.x (rope_theta) or 5.x (rope_parameters)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        raise ValueError(f"only default RoPE is implemented here, the config asks for {rope_type!r}")
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position so far: [batch, kv_heads, max_len, head_dim], written in place."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # transformers' Llama convention: the two halves of the head dimension form the rotated pairs.
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, pos, mask):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        k, v = self.kv_cache.update(pos, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, pos, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaDecoder(nn.Module):
+    """forward(tokens [B, T], pos [T]) -> logits [B, T, vocab], reading and writing the static KV cache."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = Body(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.max_len = 0
+
+    def setup_caches(self, batch: int, max_len: int) -> None:
+        """Allocate the KV cache and the RoPE / causal-mask tables for `batch` sequences of up to `max_len` tokens."""
+        ref = self.model.norm.weight
+        dtype, device = self.model.embed_tokens.weight.dtype, ref.device
+        for block in self.model.layers:
+            attn = block.self_attn
+            attn.kv_cache = KVCache(batch, attn.kv_heads, max_len, attn.head_dim, dtype, device)
+        head_dim = self.model.layers[0].self_attn.head_dim
+        theta = rope_theta(self.config)
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], -1)
+        self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
+        causal = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=device))
+        self.register_buffer("causal_mask", causal, persistent=False)
+        self.max_len = max_len
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self.max_len == 0:
+            raise RuntimeError("call setup_caches(batch, max_len) before running the decoder")
+        x = self.model.embed_tokens(tokens)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        mask = self.causal_mask[pos][None, None]  # [1, 1, T, max_len]: each new token sees the positions up to it
+        for block in self.model.layers:
+            x = block(x, cos, sin, pos, mask)
+        return self.lm_head(self.model.norm(x))
+
+
+def decode_step(model: LlamaDecoder, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """One greedy step: token [B] at position pos [1] -> the next token [B]."""
+    return model(token[:, None], pos)[:, -1].argmax(-1)
+
+
+def prefill(model: LlamaDecoder, prompt: torch.Tensor) -> torch.Tensor:
+    """Run the prompt [B, T] through the model from position 0; returns the first generated token [B]."""
+    pos = torch.arange(prompt.shape[1], device=prompt.device)
+    return model(prompt, pos)[:, -1].argmax(-1)
+
+
+def decode(model: LlamaDecoder, token: torch.Tensor, start: int, steps: int, step=decode_step) -> torch.Tensor:
+    """`steps` greedy steps from token [B] at position `start` -> [B, steps]. `step` may be compiled / graphed."""
+    if start + steps > model.max_len:
+        raise ValueError(f"decoding to position {start + steps} overruns the cache of {model.max_len} positions")
+    pos = torch.tensor([start], device=token.device)
+    out = []
+    for _ in range(steps):
+        # Clone: a CUDA-graphed step reuses its output buffer on the next replay.
+        token = step(model, token, pos).clone()
+        out.append(token)
+        pos += 1
+    return torch.stack(out, 1)
+
+
+def generate(model: LlamaDecoder, prompt: torch.Tensor, new_tokens: int, step=decode_step) -> torch.Tensor:
+    """Greedy continuation of prompt [B, T] by `new_tokens` tokens -> [B, new_tokens]."""
+    first = prefill(model, prompt)
+    rest = decode(model, first, prompt.shape[1], new_tokens - 1, step)
+    return torch.cat([first[:, None], rest], 1)
+
+
+def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fill every parameter with seeded random values: N(0, 1/in_features) for matrices, ones for norms."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]), generator=generator)
+    return model

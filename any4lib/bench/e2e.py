@@ -1,0 +1,474 @@
+"""End-to-end decode speed: a Llama-architecture model with random weights, quantized, greedy-decoded on the GPU.
+
+    python -m any4lib.bench.e2e --model-config llama3-8b --formats bf16,int4,any4,nf4,mxfp4 \
+        --peers torch-int4,gemlite-int4,bnb-nf4 --batch 1,4,16 --prompt 512 --new 128
+
+Each method replaces every Linear of the decoder blocks (lm_head stays bf16) and is timed on: prefill of the prompt
+(eager), then greedy decode of the new tokens with a static KV cache, the per-token step compiled (by default each
+block through torch.compile and the whole step in one CUDA graph; --compile reduce-overhead compiles the whole step
+with torch.compile(mode="reduce-overhead") instead, minutes per shape on an 8B model). One CSV row per (method, batch),
+written as soon as it is measured; rows already in the CSV are skipped, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import get_format, list_formats
+from ..provenance import provenance
+from ..quant import quantize
+from .decode import LlamaDecoder, decode, decode_step, prefill
+
+PEERS = ("torch-int4", "gemlite-int4", "bnb-nf4")
+
+
+def model_config(name: str):
+    """A transformers LlamaConfig by name: 'llama3-8b' (Llama-3-8B's architecture) or 'tiny' (for tests)."""
+    from transformers import LlamaConfig
+
+    common = dict(rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=8192)
+    if name == "llama3-8b":
+        dims = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0)
+    elif name == "tiny":
+        dims = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=256, rope_theta=500000.0)
+    else:
+        raise ValueError(f"unknown model config {name!r}: use 'llama3-8b' or 'tiny'")
+    return LlamaConfig(**dims, **common)
+
+
+# ---- the linear layers each method puts in place of nn.Linear ---------------------------------------------------
+
+
+class PackedLinear(nn.Module):
+    """Inference-only linear on the tinygemm kernels: holds nothing but the packed weight."""
+
+    def __init__(self, packed):
+        super().__init__()
+        self.packed = packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels import linear
+
+        return linear(x, self.packed)
+
+
+class DequantizedLinear(nn.Module):
+    """Dense float32 matmul by a dequantized weight, rounded to the activation dtype: the kernels' reference."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight).to(x.dtype)
+
+
+class TorchInt4Linear(nn.Module):
+    """PyTorch's built-in tinygemm int4 (torch._weight_int4pack_mm), fed our int4 codes, scales and zeros.
+
+    Its dequantization, (code - 8) * scale + zero, is our int4 formula, so the same QuantizedTensor is reused.
+    """
+
+    def __init__(self, q, inner_k_tiles: int = 8):
+        super().__init__()
+        self.group_size, self.out_features = q.group_size, q.shape[0]
+        codes = q.codes.int()
+        if q.device.type == "cuda":
+            packed = torch._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8),
+                                                       inner_k_tiles)
+        else:
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes, inner_k_tiles)
+        self.register_buffer("packed", packed)
+        # [K // g, N, 2]: scale and zero of each group, in the activation dtype.
+        self.register_buffer("scales_zeros", torch.stack([q.scale, q.zero], -1).transpose(0, 1).contiguous().bfloat16())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mm = torch._weight_int4pack_mm if x.is_cuda else torch._weight_int4pack_mm_for_cpu
+        y = mm(x.reshape(-1, x.shape[-1]), self.packed, self.group_size, self.scales_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _gemlite_int4(q):
+    import gemlite
+
+    n, k = q.shape
+    layer = gemlite.GemLiteLinear(4, group_size=q.group_size, in_features=k, out_features=n,
+                                  input_dtype=gemlite.DType.BF16, output_dtype=gemlite.DType.BF16)
+    # GemLite (HQQ convention) computes (code - z) * scale; ours is (code - 8) * scale + zero.
+    z = 8 - q.zero / q.scale.clamp_min(1e-12)
+    layer.pack(q.codes, q.scale.bfloat16(), z.bfloat16(), bias=None)
+    return layer
+
+
+class BnbNF4Linear(nn.Module):
+    """bitsandbytes NF4 (its default block of 64, absmax scaling), through bnb.matmul_4bit."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        import bitsandbytes.functional as bnbf
+
+        self.weight, self.state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        return bnb.matmul_4bit(x, self.weight.t(), quant_state=self.state)
+
+
+@dataclass
+class Method:
+    """One way to hold and multiply the decoder's linear weights."""
+
+    name: str
+    format: str | None  # our format it quantizes to (None: bf16 and bnb's own quantizer)
+    group_size: int | None
+    learned: bool = False  # anyN: k-means per row, the slow quantizer
+    dequantized: bool = False  # multiply by the dequantized weight instead (the kernels' reference in tests)
+
+    def make(self, w: torch.Tensor, seed: int) -> nn.Module:
+        """The module standing in for nn.Linear with weight `w` [N, K] (bf16, on the run's device)."""
+        if self.name == "bf16":
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+            layer.weight.data.copy_(w)
+            return layer
+        if self.name == "bnb-nf4":
+            return BnbNF4Linear(w)
+        q = quantize(w, self.format, group_size=self.group_size, **({"seed": seed} if self.learned else {}))
+        if self.name == "torch-int4":
+            return TorchInt4Linear(q)
+        if self.name == "gemlite-int4":
+            return _gemlite_int4(q)
+        from .. import kernels
+
+        if self.dequantized:
+            # The weight the kernels stand for: tables rounded to the activation dtype as the packing stores them.
+            exact = kernels.PackedWeight.from_quantized(q, w.dtype).unpack() if kernels.is_supported(q) else q
+            return DequantizedLinear(exact.dequantize(torch.float32))
+        kernels.check_supported(q)
+        return PackedLinear(kernels.PackedWeight.from_quantized(q, w.dtype))
+
+    def implementation(self) -> str:
+        """What runs the matmul, with its version (a peer that is not installed says so)."""
+        from importlib import metadata
+
+        if self.name == "bf16":
+            return f"torch {torch.__version__} dense (cuBLAS on CUDA)"
+        if self.name == "torch-int4":
+            return f"torch {torch.__version__} _weight_int4pack_mm"
+        dist = {"gemlite-int4": "gemlite", "bnb-nf4": "bitsandbytes"}.get(self.name)
+        if dist is None:
+            return "any4lib " + ("dequantized weight, dense matmul" if self.dequantized else "tinygemm kernels")
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            return f"{dist} not installed"
+
+
+def method(name: str, group_size: int) -> Method:
+    """A Method by name: bf16, a peer, an any4lib format (tinygemm kernels) or FORMAT:dequant (dense matmul)."""
+    if name.endswith(":dequant"):
+        kernel_path = method(name.removesuffix(":dequant"), group_size)
+        return Method(name, kernel_path.format, kernel_path.group_size, kernel_path.learned, dequantized=True)
+    if name == "bf16":
+        return Method(name, None, None)
+    if name in ("torch-int4", "gemlite-int4"):
+        return Method(name, "int4", group_size)
+    if name == "bnb-nf4":
+        return Method(name, None, 64)
+    if name not in list_formats():
+        raise ValueError(f"unknown method {name!r}: use bf16, one of {', '.join(PEERS)}, or a format of "
+                         f"any4lib.list_formats()")
+    spec = get_format(name)
+    return Method(name, name, spec.fixed_group_size or group_size, learned=spec.learned)
+
+
+# ---- building the model -----------------------------------------------------------------------------------------
+
+
+def _block_linears(model: LlamaDecoder) -> list[tuple[int, str]]:
+    return [(i, name) for i, block in enumerate(model.model.layers)
+            for name, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+
+def build_model(config, meth: Method, device, seed: int = 0, reuse_budget_s: float = 60.0,
+                dtype=torch.bfloat16, progress: bool = True) -> tuple[LlamaDecoder, dict]:
+    """The decoder on `device` with seeded random weights, every block Linear replaced by `meth`.
+
+    Built on the meta device, so only what each method keeps is ever allocated. If quantizing the first block
+    times the rest would exceed `reuse_budget_s`, the later blocks get copies of the first block's quantized
+    layers (same codes, separate memory; the timing is unchanged since decode streams every weight once).
+    """
+    from tqdm import tqdm
+
+    with torch.device("meta"):
+        model = LlamaDecoder(config)
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def random_weight(shape):
+        return (torch.randn(shape, generator=generator, device=device) / math.sqrt(shape[1])).to(dtype)
+
+    info = {"quantize_s_first_block": 0.0, "codes_reused": False}
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    blocks = list(enumerate(model.model.layers))
+    for i, block in tqdm(blocks, desc=f"build {meth.name}", disable=not progress):
+        start = time.perf_counter()
+        for name, linear in list(block.named_modules()):
+            if not isinstance(linear, nn.Linear):
+                continue
+            if info["codes_reused"]:
+                layer = copy.deepcopy(model.model.layers[0].get_submodule(name))
+            else:
+                layer = meth.make(random_weight(linear.weight.shape), seed + i)
+            block.set_submodule(name, layer)
+        sync()
+        if i == 0:
+            info["quantize_s_first_block"] = time.perf_counter() - start
+            info["codes_reused"] = meth.learned and info["quantize_s_first_block"] * (len(blocks) - 1) > reuse_budget_s
+    # Embedding, norms and lm_head: allocate and fill what is still on meta.
+    for module in model.modules():
+        for pname, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                value = torch.ones(p.shape, device=device, dtype=dtype) if p.dim() == 1 else random_weight(p.shape)
+                setattr(module, pname, nn.Parameter(value, requires_grad=False))
+    return model.eval().requires_grad_(False), info
+
+
+# ---- timing -------------------------------------------------------------------------------------------------------
+
+
+def graphed_step(model: LlamaDecoder, batch: int, device):
+    """decode_step captured once into a CUDA graph by hand (no compiler): the fallback to torch.compile."""
+    token = torch.zeros(batch, dtype=torch.long, device=device)
+    pos = torch.zeros(1, dtype=torch.long, device=device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            decode_step(model, token, pos)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_step(model, token, pos)
+
+    def step(_model, tok, p):
+        token.copy_(tok)
+        pos.copy_(p)
+        graph.replay()
+        return out
+
+    return step
+
+
+def make_step(model: LlamaDecoder, compile_mode: str, batch: int, device):
+    """The per-token decode step, made fast by `compile_mode`:
+
+    blocks: torch.compile (inductor) on each decoder block (one compile serves all 32: they share their code),
+        then the whole step captured in one CUDA graph. Compiles in seconds where the next mode takes minutes.
+    reduce-overhead: torch.compile(mode="reduce-overhead") of the whole step (inductor + CUDA graphs).
+    cudagraph: the eager step captured in one CUDA graph (no compiler). none: eager.
+    """
+    if compile_mode == "blocks":
+        for block in model.model.layers:
+            block.compile(fullgraph=True, dynamic=False)
+        return graphed_step(model, batch, device)
+    if compile_mode == "reduce-overhead":
+        return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    if compile_mode == "cudagraph":
+        return graphed_step(model, batch, device)
+    if compile_mode == "none":
+        return decode_step
+    raise ValueError(f"unknown --compile {compile_mode!r}: use blocks, reduce-overhead, cudagraph or none")
+
+
+def _eager(fn, *args):
+    with torch.compiler.set_stance("force_eager"):
+        return fn(*args)
+
+
+def time_generation(model: LlamaDecoder, batch: int, prompt_len: int, new: int, compile_mode: str, device,
+                    seed: int = 0) -> dict:
+    """Prefill `prompt_len` random tokens, decode `new` tokens greedily; a warm-up pass first, then the timed one."""
+    is_cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if is_cuda else (lambda: None)
+    model.setup_caches(batch, prompt_len + new)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device,
+                           generator=torch.Generator(device=device).manual_seed(seed))
+    # The prompt runs eagerly in every mode: compiled blocks would otherwise recompile for its length.
+    eager_prefill = lambda: _eager(prefill, model, prompt)  # noqa: E731
+    start = time.perf_counter()
+    with torch.no_grad():
+        step = make_step(model, compile_mode, batch, device)
+        first = eager_prefill()
+        decode(model, first, prompt_len, new - 1, step)  # warm-up: compiles and records the graphs
+        sync()
+        warmup_s = time.perf_counter() - start
+        if is_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        first = eager_prefill()
+        sync()
+        t1 = time.perf_counter()
+        tokens = decode(model, first, prompt_len, new - 1, step)
+        sync()
+        t2 = time.perf_counter()
+    steps = new - 1
+    return {
+        "tokens": torch.cat([first[:, None], tokens], 1).cpu(),
+        "prefill_ms": 1e3 * (t1 - t0),
+        "prefill_tok_s": batch * prompt_len / (t1 - t0),
+        "decode_ms_per_step": 1e3 * (t2 - t1) / steps,
+        "decode_tok_s": batch * steps / (t2 - t1),
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if is_cuda else float("nan"),
+        "warmup_s": warmup_s,
+    }
+
+
+# ---- the run ------------------------------------------------------------------------------------------------------
+
+COLUMNS = ["method", "format", "group_size", "implementation", "batch", "prompt", "new", "decode_tok_s",
+           "decode_ms_per_step", "speedup_vs_bf16", "prefill_tok_s", "prefill_ms", "model_gb", "peak_mem_gb",
+           "quantize_s_first_block", "codes_reused", "compile", "warmup_s", "status", "model_config",
+           "git_commit", "git_dirty", "torch", "cuda", "device", "date"]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _append_row(path: Path, row: dict) -> None:
+    new = not path.is_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def print_table(rows: list[dict]) -> None:
+    """decode tokens/s per method (rows) and batch (columns), with the speedup over bf16 beside each."""
+    batches = sorted({int(r["batch"]) for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], int(r["batch"])): r for r in rows}
+    header = f"{'method':<14}" + "".join(f"{'b=' + str(b) + ' tok/s (x bf16)':>26}" for b in batches)
+    print(header + f"{'peak GB (b=' + str(batches[-1]) + ')':>18}")
+    for m in methods:
+        line = f"{m:<14}"
+        for b in batches:
+            r = cell.get((m, b))
+            if r is None or r["status"] != "ok":
+                line += f"{(r or {}).get('status', '-')[:24]:>26}"
+            else:
+                line += f"{float(r['decode_tok_s']):>14.1f} ({float(r.get('speedup_vs_bf16') or 'nan'):5.2f}x)    "
+        last = cell.get((m, batches[-1]))
+        line += f"{last['peak_mem_gb'] if last and last['status'] == 'ok' else '-':>18.6}"
+        print(line)
+
+
+def run(args) -> list[dict]:
+    device = args.device
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device; use --device cpu for a smoke run")
+    config = model_config(args.model_config)
+    out = Path(args.out)
+    rows = _read_rows(out)
+    done = {(r["method"], int(r["batch"])) for r in rows if r["status"] == "ok"}
+    prov = provenance(device)
+    common = {"prompt": args.prompt, "new": args.new, "compile": args.compile, "model_config": args.model_config,
+              "git_commit": (prov["git"]["commit"] or "")[:12], "git_dirty": prov["git"]["dirty"],
+              "torch": torch.__version__, "cuda": torch.version.cuda, "device": prov["device"], "date": prov["date"]}
+    start = time.perf_counter()
+    methods = [method(name, args.group_size) for name in args.methods]
+    for meth in methods:
+        todo = [b for b in args.batch if (meth.name, b) not in done]
+        if not todo:
+            continue
+        if time.perf_counter() - start > args.deadline_s:
+            print(f"deadline of {args.deadline_s:.0f} s passed: skipping {meth.name} (rerun to resume)")
+            continue
+        base = {**common, "method": meth.name, "format": meth.format or "", "group_size": meth.group_size or "",
+                "implementation": meth.implementation()}
+        try:
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+            before = torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else 0
+            model, info = build_model(config, meth, device, seed=args.seed, reuse_budget_s=args.reuse_budget_s)
+            model_gb = ((torch.cuda.memory_allocated() - before) / 1e9 if torch.device(device).type == "cuda"
+                        else float("nan"))
+        except Exception as err:  # a peer that is missing or fails: recorded, the run goes on
+            for b in todo:
+                row = {**base, "batch": b, "status": f"failed to build: {type(err).__name__}: {err}"[:300]}
+                _append_row(out, row)
+                rows.append(row)
+            print(f"{meth.name}: could not build ({type(err).__name__}: {err})")
+            continue
+        for b in todo:
+            row = {**base, **info, "batch": b, "model_gb": model_gb}
+            torch._dynamo.reset()  # one fresh compile per (method, batch): no cache limits, no dynamic shapes
+            try:
+                timing = time_generation(model, b, args.prompt, args.new, args.compile, device, seed=args.seed)
+                timing.pop("tokens")
+                row.update(timing, status="ok")
+            except Exception as err:
+                row["status"] = f"failed: {type(err).__name__}: {err}"[:300]
+            bf16 = next((r for r in rows + [row] if r["method"] == "bf16" and int(r["batch"]) == b
+                         and r["status"] == "ok"), None)
+            if bf16 and row["status"] == "ok":
+                row["speedup_vs_bf16"] = row["decode_tok_s"] / float(bf16["decode_tok_s"])
+            row = {k: _fmt(v) for k, v in row.items()}
+            _append_row(out, row)
+            rows.append(row)
+            print(f"{meth.name} b={b}: " + ", ".join(f"{k}={row.get(k)}" for k in
+                  ("decode_tok_s", "speedup_vs_bf16", "prefill_tok_s", "peak_mem_gb", "status")), flush=True)
+        del model
+    print_table(rows)
+    return rows
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m any4lib.bench.e2e", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-config", default="llama3-8b", help="llama3-8b or tiny")
+    parser.add_argument("--formats", default="bf16,int4,any4,nf4,mxfp4",
+                        help="comma list: bf16 and any4lib formats run on the tinygemm kernels")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)}, or ''")
+    parser.add_argument("--batch", default="1,4,16")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--compile", default="blocks", help="blocks, reduce-overhead, cudagraph or none (see make_step)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse-budget-s", type=float, default=60.0,
+                        help="share the first block's anyN codes with later blocks if quantizing all would take longer")
+    parser.add_argument("--deadline-s", type=float, default=float("inf"), help="start no new method after this")
+    parser.add_argument("--out", default="results/e2e/decode.csv")
+    args = parser.parse_args(argv)
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    args.methods = split(args.formats) + split(args.peers)
+    args.batch = [int(b) for b in split(args.batch)]
+    if args.new < 2:
+        parser.error("--new must be at least 2 (one token comes from the prefill)")
+    return args
+
+
+if __name__ == "__main__":
+    run(parse_args())
