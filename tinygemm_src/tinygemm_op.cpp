@@ -2,8 +2,8 @@
 // (any4lib/kernels/ops.py); this file checks the arguments and launches the CUDA kernel.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <torch/library.h>
 
 #include <string>
@@ -11,6 +11,15 @@
 #include "tinygemm.h"
 
 namespace {
+
+int sm_count(int device) {  // cached: asked once per device
+  static int counts[64] = {};
+  if (device < 0 || device >= 64) return 132;
+  if (counts[device] == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
+  }
+  return counts[device];
+}
 
 std::string shape(const at::Tensor& t) {  // "[a, b, c]"
   std::string out = "[";
@@ -71,7 +80,7 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
   p.m = static_cast<int>(m), p.n = static_cast<int>(n), p.k = static_cast<int>(k);
   p.n_tiles = static_cast<int>(n_tiles), p.k_chunks = static_cast<int>(k_chunks), p.groups = static_cast<int>(groups);
   p.group_shift = __builtin_ctzll(group_size);
-  p.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  p.sm_count = sm_count(x.get_device());
   const cudaError_t err = tinygemm::launch(p, x.scalar_type() == at::kBFloat16, int_codes, has_zero,
                                            c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "tinygemm_4bit: kernel launch failed: ", cudaGetErrorString(err));
