@@ -27,6 +27,7 @@ DEFAULT_SEQ_LEN = {"ref-en-16m": 512}
 # 2-core CPU. Formats are compared on the same tokens, so their differences are much surer than the absolute ppl.
 REF_TOKENS = 32768
 
+COLUMNS = ["format", "group_size", "calibration", "dataset", "ppl", "bits_per_weight", "seconds"]
 FORMATS_MAIN = ["bf16", "int4", "fp4", "nf4", "any4", "int3", "any3", "int2", "any2", "mxfp4", "nvfp4"]
 PROFILES = {
     "main": dict(formats=FORMATS_MAIN, group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"]),
@@ -116,7 +117,6 @@ def accuracy_records(
     bfloat16 on CUDA by default. store: the results folder; a relative path is taken from the checkout root.
     Computes what the store lacks, reads the rest.
     """
-    import pandas as pd
     from tqdm.auto import tqdm
 
     dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
@@ -152,7 +152,30 @@ def accuracy_records(
             record = store.get(config)
             row = {k: record["config"][k] for k in ("format", "group_size", "calibration", "dataset")}
             rows.append(row | {k: record["metrics"][k] for k in ("ppl", "bits_per_weight", "seconds")})
-    return pd.DataFrame(rows, columns=["format", "group_size", "calibration", "dataset", "ppl", "bits_per_weight", "seconds"])
+    return _frame(rows)
+
+
+def _frame(rows: list[dict]):
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame["group_size"] = frame["group_size"].astype("Int64")  # None (bf16, per-row) stays missing, not NaN float
+    return frame
+
+
+def read_store(store: str | Path = "results/accuracy", **match):
+    """Every stored perplexity record (whose config matches `match`, e.g. model="ref-en-16m") as accuracy_records'
+    rows plus the config's model, seq_len and max_tokens; computes nothing."""
+    store = ResultStore(store if Path(store).is_absolute() else REPO_ROOT / store)
+    rows = [
+        {k: r["config"][k] for k in ("format", "group_size", "calibration", "dataset", "model", "seq_len", "max_tokens")}
+        | {k: r["metrics"][k] for k in ("ppl", "bits_per_weight", "seconds")}
+        for r in store.find(task="perplexity", **match)
+    ]
+    frame = _frame(rows)
+    for extra in ("model", "seq_len", "max_tokens"):
+        frame[extra] = [row[extra] for row in rows]
+    return frame
 
 
 def run_profile(name: str, model: str = "ref-en-16m", **overrides):

@@ -52,6 +52,9 @@ def test_accuracy_records_rerun_computes_nothing(tmp_path, data_root, monkeypatc
     monkeypatch.setattr(experiments, "quantize_model", fail)
     again = experiments.accuracy_records("tiny", **kwargs)
     assert again.equals(first)
+    stored = experiments.read_store(tmp_path, model="tiny").sort_values("format", ignore_index=True)
+    assert stored[first.columns].equals(first.sort_values("format", ignore_index=True))
+    assert set(stored.seq_len) == {64} and experiments.read_store(tmp_path, model="other").empty
     assert first.ppl[1] != first.ppl[0]  # the quantized model is a different model
 
 
