@@ -139,7 +139,8 @@ class LlamaDecoder(nn.Module):
         self.register_buffer("causal_mask", causal, persistent=False)
         self.max_len = max_len
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """last_only: logits of the last position alone ([B, 1, vocab]), as a prefill needs."""
         if self.max_len == 0:
             raise RuntimeError("call setup_caches(batch, max_len) before running the decoder")
         x = self.model.embed_tokens(tokens)
@@ -147,7 +148,7 @@ class LlamaDecoder(nn.Module):
         mask = self.causal_mask[pos][None, None]  # [1, 1, T, max_len]: each new token sees the positions up to it
         for block in self.model.layers:
             x = block(x, cos, sin, pos, mask)
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head(self.model.norm(x[:, -1:] if last_only else x))
 
 
 def decode_step(model: LlamaDecoder, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -158,7 +159,7 @@ def decode_step(model: LlamaDecoder, token: torch.Tensor, pos: torch.Tensor) -> 
 def prefill(model: LlamaDecoder, prompt: torch.Tensor) -> torch.Tensor:
     """Run the prompt [B, T] through the model from position 0; returns the first generated token [B]."""
     pos = torch.arange(prompt.shape[1], device=prompt.device)
-    return model(prompt, pos)[:, -1].argmax(-1)
+    return model(prompt, pos, last_only=True)[:, -1].argmax(-1)
 
 
 def decode(model: LlamaDecoder, token: torch.Tensor, start: int, steps: int, step=decode_step) -> torch.Tensor:

@@ -248,27 +248,27 @@ def build_model(config, meth: Method, device, seed: int = 0, reuse_budget_s: flo
 # ---- timing -------------------------------------------------------------------------------------------------------
 
 
-def graphed_step(model: LlamaDecoder, batch: int, device):
-    """decode_step captured once into a CUDA graph by hand (no compiler): the fallback to torch.compile."""
+def graphed_step(step, model: LlamaDecoder, batch: int, device):
+    """`step` (decode_step, possibly over compiled blocks) captured once into one CUDA graph, replayed per token."""
     token = torch.zeros(batch, dtype=torch.long, device=device)
     pos = torch.zeros(1, dtype=torch.long, device=device)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(2):
-            decode_step(model, token, pos)
+        for _ in range(2):  # compiles, autotunes, allocates: nothing of that may happen during capture
+            step(model, token, pos)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode_step(model, token, pos)
+        out = step(model, token, pos)
 
-    def step(_model, tok, p):
+    def replay(_model, tok, p):
         token.copy_(tok)
         pos.copy_(p)
         graph.replay()
         return out
 
-    return step
+    return replay
 
 
 def make_step(model: LlamaDecoder, compile_mode: str, batch: int, device):
@@ -279,16 +279,17 @@ def make_step(model: LlamaDecoder, compile_mode: str, batch: int, device):
     reduce-overhead: torch.compile(mode="reduce-overhead") of the whole step (inductor + CUDA graphs).
     cudagraph: the eager step captured in one CUDA graph (no compiler). none: eager.
     """
+    eager_step = lambda *args: _eager(decode_step, *args)  # noqa: E731  (blocks compiled by an earlier mode too)
     if compile_mode == "blocks":
         for block in model.model.layers:
             block.compile(fullgraph=True, dynamic=False)
-        return graphed_step(model, batch, device)
+        return graphed_step(decode_step, model, batch, device)
     if compile_mode == "reduce-overhead":
         return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
     if compile_mode == "cudagraph":
-        return graphed_step(model, batch, device)
+        return graphed_step(eager_step, model, batch, device)
     if compile_mode == "none":
-        return decode_step
+        return eager_step
     raise ValueError(f"unknown --compile {compile_mode!r}: use blocks, reduce-overhead, cudagraph or none")
 
 
@@ -314,12 +315,16 @@ def time_generation(model: LlamaDecoder, batch: int, prompt_len: int, new: int, 
         decode(model, first, prompt_len, new - 1, step)  # warm-up: compiles and records the graphs
         sync()
         warmup_s = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated if is_cuda else (lambda: float("nan"))
         if is_cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         first = eager_prefill()
         sync()
         t1 = time.perf_counter()
+        prefill_peak = peak()
+        if is_cuda:
+            torch.cuda.reset_peak_memory_stats()
         tokens = decode(model, first, prompt_len, new - 1, step)
         sync()
         t2 = time.perf_counter()
@@ -330,7 +335,8 @@ def time_generation(model: LlamaDecoder, batch: int, prompt_len: int, new: int, 
         "prefill_tok_s": batch * prompt_len / (t1 - t0),
         "decode_ms_per_step": 1e3 * (t2 - t1) / steps,
         "decode_tok_s": batch * steps / (t2 - t1),
-        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if is_cuda else float("nan"),
+        "peak_mem_gb": peak() / 1e9,
+        "prefill_peak_mem_gb": prefill_peak / 1e9,
         "warmup_s": warmup_s,
     }
 
@@ -338,7 +344,7 @@ def time_generation(model: LlamaDecoder, batch: int, prompt_len: int, new: int, 
 # ---- the run ------------------------------------------------------------------------------------------------------
 
 COLUMNS = ["method", "format", "group_size", "implementation", "batch", "prompt", "new", "decode_tok_s",
-           "decode_ms_per_step", "speedup_vs_bf16", "prefill_tok_s", "prefill_ms", "model_gb", "peak_mem_gb",
+           "decode_ms_per_step", "speedup_vs_bf16", "prefill_tok_s", "prefill_ms", "model_gb", "peak_mem_gb", "prefill_peak_mem_gb",
            "quantize_s_first_block", "codes_reused", "compile", "warmup_s", "status", "model_config",
            "git_commit", "git_dirty", "torch", "cuda", "device", "date"]
 
@@ -375,12 +381,12 @@ def print_table(rows: list[dict]) -> None:
         line = f"{m:<14}"
         for b in batches:
             r = cell.get((m, b))
-            if r is None or r["status"] != "ok":
+            if r is None or not r["status"].startswith("ok"):
                 line += f"{(r or {}).get('status', '-')[:24]:>26}"
             else:
                 line += f"{float(r['decode_tok_s']):>14.1f} ({float(r.get('speedup_vs_bf16') or 'nan'):5.2f}x)    "
         last = cell.get((m, batches[-1]))
-        line += f"{last['peak_mem_gb'] if last and last['status'] == 'ok' else '-':>18.6}"
+        line += f"{last['peak_mem_gb'] if last and last['status'].startswith('ok') else '-':>18.6}"
         print(line)
 
 
@@ -391,7 +397,7 @@ def run(args) -> list[dict]:
     config = model_config(args.model_config)
     out = Path(args.out)
     rows = _read_rows(out)
-    done = {(r["method"], int(r["batch"])) for r in rows if r["status"] == "ok"}
+    done = {(r["method"], int(r["batch"])) for r in rows if r["status"].startswith("ok")}
     prov = provenance(device)
     common = {"prompt": args.prompt, "new": args.new, "compile": args.compile, "model_config": args.model_config,
               "git_commit": (prov["git"]["commit"] or "")[:12], "git_dirty": prov["git"]["dirty"],
@@ -422,17 +428,31 @@ def run(args) -> list[dict]:
             print(f"{meth.name}: could not build ({type(err).__name__}: {err})")
             continue
         for b in todo:
+            if time.perf_counter() - start > args.deadline_s:
+                print(f"deadline of {args.deadline_s:.0f} s passed: skipping {meth.name} b={b} (rerun to resume)")
+                continue
             row = {**base, **info, "batch": b, "model_gb": model_gb}
             torch._dynamo.reset()  # one fresh compile per (method, batch): no cache limits, no dynamic shapes
             try:
                 timing = time_generation(model, b, args.prompt, args.new, args.compile, device, seed=args.seed)
-                timing.pop("tokens")
                 row.update(timing, status="ok")
             except Exception as err:
                 row["status"] = f"failed: {type(err).__name__}: {err}"[:300]
+                if args.fallback_compile and args.fallback_compile != args.compile:
+                    # A peer that does not compile still gets measured, and the row says how.
+                    print(f"{meth.name} b={b}: --compile {args.compile} failed ({row['status']}); "
+                          f"retrying with {args.fallback_compile}")
+                    torch._dynamo.reset()
+                    try:
+                        timing = time_generation(model, b, args.prompt, args.new, args.fallback_compile, device,
+                                                 seed=args.seed)
+                        row.update(timing, compile=args.fallback_compile, status=f"ok after {row['status']}"[:300])
+                    except Exception as err2:
+                        row["status"] += f"; {args.fallback_compile}: {type(err2).__name__}: {err2}"[:200]
+            row.pop("tokens", None)
             bf16 = next((r for r in rows + [row] if r["method"] == "bf16" and int(r["batch"]) == b
-                         and r["status"] == "ok"), None)
-            if bf16 and row["status"] == "ok":
+                         and r["status"].startswith("ok")), None)
+            if bf16 and row["status"].startswith("ok"):
                 row["speedup_vs_bf16"] = row["decode_tok_s"] / float(bf16["decode_tok_s"])
             row = {k: _fmt(v) for k, v in row.items()}
             _append_row(out, row)
@@ -455,6 +475,8 @@ def parse_args(argv=None):
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--compile", default="blocks", help="blocks, reduce-overhead, cudagraph or none (see make_step)")
+    parser.add_argument("--fallback-compile", default="cudagraph",
+                        help="mode to retry a method with when --compile fails for it ('' for none)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse-budget-s", type=float, default=60.0,

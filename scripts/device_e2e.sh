@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# End-to-end decode speed (issue 6) in one device call, from the repository root:
+#   ANY4_GIT_COMMIT=<commit> scripts/device_e2e.sh [bench] [tests] [-- extra any4lib.bench.e2e arguments]
+# Peers travel as an unpacked site folder, .whl/site (bitsandbytes 0.50.2 with only its CPU and CUDA 13.0
+# libraries, gemlite 0.6.0.post2 built from its sdist): carry it. The CSV is results/e2e/decode.csv, so a CSV
+# carried from an earlier call resumes; it and the logs are copied to $OUT (default /tmp/any4_e2e).
+set -uo pipefail
+OUT=${OUT:-/tmp/any4_e2e}
+mkdir -p "$OUT" results/e2e
+export PYTHONUNBUFFERED=1 ANY4_CACHE=${ANY4_CACHE:-/tmp/any4_cache}
+[ -d .whl/site ] && export PYTHONPATH=$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}
+steps=() extra=()
+while [ $# -gt 0 ]; do
+  case $1 in --) shift; extra=("$@"); break ;; *) steps+=("$1"); shift ;; esac
+done
+[ ${#steps[@]} -gt 0 ] || steps=(bench tests)
+status=0
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
+python3 - <<'EOF' 2>&1 | tee -a "$OUT/device.txt"
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
+for name in ("transformers", "triton", "bitsandbytes", "gemlite"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as err:  # a peer that cannot load is reported by the bench as well
+        print(name, "not importable:", type(err).__name__, err)
+EOF
+
+for step in "${steps[@]}"; do
+  start=$SECONDS
+  case $step in
+    bench)
+      # The tinygemm JIT build first, so it stays out of the first method's warm-up time.
+      timeout 300 python3 -c "from any4lib.kernels import load_kernels; load_kernels(); print('kernels loaded')" \
+        2>&1 | tee "$OUT/build.log"
+      timeout "${E2E_LIMIT_S:-480}" python3 -m any4lib.bench.e2e --model-config llama3-8b \
+        --formats bf16,any4,int4,nf4,mxfp4 --peers torch-int4,bnb-nf4,gemlite-int4 --batch 1,4,16 \
+        --prompt 512 --new 128 --deadline-s "${E2E_DEADLINE_S:-400}" --out results/e2e/decode.csv "${extra[@]}" \
+        2>&1 | tee "$OUT/e2e.log"
+      rc=${PIPESTATUS[0]}
+      cp results/e2e/decode.csv "$OUT/" 2>/dev/null ;;
+    tests)
+      timeout 240 python3 -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_e2e.py 2>&1 | tee "$OUT/tests.log"
+      rc=${PIPESTATUS[0]} ;;
+    *) echo "unknown step $step (bench, tests)"; rc=2 ;;
+  esac
+  echo "== $step: exit $rc after $((SECONDS - start)) s"
+  [ "$rc" = 0 ] || status=1
+done
+exit $status
