@@ -148,3 +148,26 @@ def perplexity_axis(ax, values, label: str = "perplexity") -> None:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel(label + (" (log scale)" if wide else ""))
+
+
+def stored_accuracy(model: str, formats, group_sizes, datasets, calibration="prompt", max_tokens=None,
+                    store="results/accuracy"):
+    """The rows of experiments.accuracy_records already in the results store, computing nothing: for drawing
+    figures while a long sweep is still filling the store. Missing configurations are simply absent."""
+    import pandas as pd
+
+    from .experiments import REPO_ROOT, UNQUANTIZED
+    from .results import ResultStore
+
+    calibrations = [calibration] if isinstance(calibration, str) else list(calibration)
+    root = store if os.path.isabs(store) else REPO_ROOT / store
+    rows = {}
+    for record in ResultStore(root).find(task="perplexity", model=model, max_tokens=max_tokens):
+        c = record["config"]
+        unquantized = c["format"] == UNQUANTIZED
+        if (c["format"] in formats and c["dataset"] in datasets
+                and (unquantized or (c["group_size"] in group_sizes and c["calibration"] in calibrations))):
+            key = (c["format"], c["group_size"], c["calibration"], c["dataset"])
+            rows.setdefault(key, {k: record["metrics"][k] for k in ("ppl", "bits_per_weight", "seconds")})
+    columns = ["format", "group_size", "calibration", "dataset", "ppl", "bits_per_weight", "seconds"]
+    return pd.DataFrame([dict(zip(columns, key)) | metrics for key, metrics in rows.items()], columns=columns)
