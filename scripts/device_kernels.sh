@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything tinygemm needs a GPU for, in one device call (docs/KERNELS.md):
-#   scripts/device_kernels.sh [build] [tests] [sanitizer] [bench] [ncu]    (no argument: all of them)
+#   scripts/device_kernels.sh [build] [tests] [sanitizer] [bench] [ncu]    (no argument: these five)
+#   extra steps: tune (bench variants of the TINYGEMM_UNROLL knob), debug (the bad-input test under cuda-gdb)
 # Logs and the benchmark CSV go to $OUT (default /tmp/any4_kernels). Run from the repository root.
 set -uo pipefail
 OUT=${OUT:-/tmp/any4_kernels}
@@ -48,6 +49,12 @@ for fmt in ('int4', 'any4'):
     x = torch.randn(1, 8192, device='cuda', dtype=torch.bfloat16)
     for _ in range(4): linear(x, w)
 torch.cuda.synchronize()" ;;
+    tune) for flags in "-DTINYGEMM_UNROLL=2" "-DTINYGEMM_UNROLL=4"; do  # variants of the knob, same process order
+            run "tune${flags##*=}" 300 env ANY4_TINYGEMM_CUDA_FLAGS="$flags" python3 -m any4lib.bench.kernels \
+              --out "$OUT/tune${flags##*=}" --shapes 28672x8192,4096x14336,4096x4096 --rows 1,8,16
+          done ;;
+    debug) run debug 200 cuda-gdb -batch -ex run -ex bt --args python3 -m pytest -q -x -p no:cacheprovider \
+        tests/test_kernels_gpu.py -k bad_inputs ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done

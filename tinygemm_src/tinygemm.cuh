@@ -16,6 +16,10 @@
 
 #include "tinygemm.h"
 
+#ifndef TINYGEMM_UNROLL
+#define TINYGEMM_UNROLL 4  // chunks per batch at m <= 8 (half that at m > 8); a tuning knob, see docs/KERNELS.md
+#endif
+
 namespace tinygemm {
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
@@ -93,7 +97,7 @@ __device__ __forceinline__ void load_codes(const uint4* codes, int c0, int k_chu
 template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(const Problem p) {
   using D = Dtype<T>;
-  constexpr int kUnroll = 4 / kMTiles;  // chunks per batch; a warp has two batches of code loads in flight
+  constexpr int kUnroll = TINYGEMM_UNROLL / kMTiles;  // chunks per batch; a warp has two batches of code loads in flight
   constexpr int kStep = kWarps * kUnroll;
   constexpr int kZ = kHasZero ? 2 : 1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;

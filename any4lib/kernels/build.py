@@ -15,6 +15,8 @@ from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "tinygemm_src"
 CUDA_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+# Extra nvcc flags for tuning experiments (e.g. "-DTINYGEMM_UNROLL=2"); part of the cache key like the rest.
+EXTRA_FLAGS_ENV = "ANY4_TINYGEMM_CUDA_FLAGS"
 CXX_FLAGS = ["-O3"]
 
 _lock = threading.Lock()
@@ -45,9 +47,13 @@ def build_key(arch_list: str) -> str:
     digest = hashlib.sha256()
     for path in sources() + headers():
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    for part in (CUDA_FLAGS, CXX_FLAGS, torch.__version__, torch.version.cuda, arch_list):
+    for part in (cuda_flags(), CXX_FLAGS, torch.__version__, torch.version.cuda, arch_list):
         digest.update(repr(part).encode())
     return digest.hexdigest()[:16]
+
+
+def cuda_flags() -> list[str]:
+    return CUDA_FLAGS + os.environ.get(EXTRA_FLAGS_ENV, "").split()
 
 
 def cache_dir() -> Path:
@@ -99,7 +105,7 @@ def load_kernels() -> None:
                 name=name,
                 sources=[str(p) for p in sources()],
                 extra_cflags=CXX_FLAGS,
-                extra_cuda_cflags=CUDA_FLAGS,
+                extra_cuda_cflags=cuda_flags(),
                 extra_include_paths=[str(SOURCE_DIR)],
                 build_directory=str(build_dir),
                 is_python_module=False,
