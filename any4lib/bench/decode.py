@@ -75,8 +75,13 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         k, v = self.kv_cache.update(pos, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        # Grouped-query attention without copying K/V per query head: the `group` query heads that share a KV
+        # head become `group` times as many query rows of that head (rows of the mask repeated to match).
+        group = self.heads // self.kv_heads
+        q = q.reshape(b, self.kv_heads, group * t, self.head_dim)
+        mask = mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(1, 1, group * t, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.view(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
