@@ -22,7 +22,10 @@ test-gpu:
 # results/notebooks/, figures to figures/, tables to results/tables/. Each notebook's target is its main figure,
 # figures/<notebook>.png, rebuilt when the notebook or the library changes; heavy results come from the results
 # store, so a rerun takes seconds. After switching PROFILE, force a rebuild: make -B reproduce PROFILE=paper.
+# NOTEBOOK_PARAMS adds papermill parameters, e.g. NOTEBOOK_PARAMS="-p compute False" draws the accuracy notebooks
+# from what the results store already holds while a long sweep is still running.
 PROFILE ?= quick
+NOTEBOOK_PARAMS ?=
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 NOTEBOOK_FIGURES := $(patsubst notebooks/%.ipynb,figures/%.png,$(NOTEBOOKS))
 LIBRARY := $(wildcard any4lib/*.py any4lib/*/*.py)
@@ -37,7 +40,7 @@ figures: reproduce
 figures/%.png: notebooks/%.ipynb $(LIBRARY)
 	@mkdir -p results/notebooks
 	$(NOTEBOOK_ENV) $(PYTHON) -m papermill $< results/notebooks/$*.ipynb --cwd notebooks -p profile $(PROFILE) \
-		--log-level WARNING --no-progress-bar
+		$(NOTEBOOK_PARAMS) --log-level WARNING --no-progress-bar
 	@test -s $@ || { echo "$< ran but did not write $@" >&2; exit 1; }
 
 strip-notebooks:
