@@ -38,3 +38,10 @@ def test_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--model", "x", "--group-size", "big"])
     assert "group size must be an integer or 'row'" in capsys.readouterr().err
+
+
+def test_accuracy_delegates_to_the_experiments_runner(monkeypatch):
+    seen = []
+    monkeypatch.setattr("any4lib.experiments.main", seen.append)
+    main(["accuracy", "--profile", "groups", "--profile", "calibration"])
+    assert seen == [["accuracy", "--model", "ref-en-16m", "--device", "cpu", "--profile", "groups", "--profile", "calibration"]]
