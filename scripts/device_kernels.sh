@@ -38,16 +38,15 @@ for fmt, g in [('int4', 64), ('any4', 32), ('nf4', 128), ('mxfp4', 32)]:
 torch.cuda.synchronize()
 print('memcheck run done')" ;;
     bench) run bench 400 python3 -m any4lib.bench.kernels --out "$OUT" ;;
-    ncu) run ncu 200 ncu --clock-control none --kernel-name regex:tinygemm --launch-skip 2 --launch-count 6 \
+    ncu) run ncu 200 ncu --clock-control none --kernel-name regex:tinygemm --launch-count 3 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
-        python3 -c "
+        --section ComputeWorkloadAnalysis python3 -c "
 import torch
 from any4lib.bench.kernels import random_quantized
 from any4lib.kernels import PackedWeight, linear
-for fmt in ('int4', 'any4'):
+for fmt, m in (('int4', 1), ('any4', 1), ('any4', 16)):
     w = PackedWeight.from_quantized(random_quantized(fmt, 28672, 8192, 128), torch.bfloat16)
-    x = torch.randn(1, 8192, device='cuda', dtype=torch.bfloat16)
-    for _ in range(4): linear(x, w)
+    linear(torch.randn(m, 8192, device='cuda', dtype=torch.bfloat16), w)
 torch.cuda.synchronize()" ;;
     tune) for flags in "-DTINYGEMM_UNROLL=2" "-DTINYGEMM_UNROLL=4"; do  # variants of the knob, same process order
             run "tune${flags##*=}" 300 env ANY4_TINYGEMM_CUDA_FLAGS="$flags" python3 -m any4lib.bench.kernels \

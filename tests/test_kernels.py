@@ -46,34 +46,19 @@ def test_pack_unpack_round_trip(fmt, group_size, dtype):
     assert packed.codes.shape == (3, -(-q.shape[1] // 64), 32, 4)
 
 
-def _prmt(a: int, b: int, selector: int) -> int:
-    """PTX prmt.b32 default mode: selector nibble n picks byte (nibble & 7) of b:a; bit 3 replicates its sign."""
-    data = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
-    out = 0
-    for n in range(4):
-        nibble = (selector >> (4 * n)) & 0xF
-        byte = data[nibble & 7]
-        if nibble & 8:
-            byte = 0xFF if byte & 0x80 else 0
-        out |= byte << (8 * n)
-    return out
-
-
 def _fragment_values(word: int, lut_words: list[list[int]], int_codes: bool, dtype) -> list[list[int]]:
     """The kernel's dequantize_fragment, bit for bit: 4 registers of 2 16-bit values each."""
     if int_codes:
         magic = 0x43004300 if dtype == torch.bfloat16 else 0x64006400
         regs = [((word >> (4 * p)) & 0x000F000F) | magic for p in range(4)]
-    else:
-        index, upper = word & 0x77777777, ((word >> 3) & 0x11111111) | 0x88888888
-        regs = [0] * 4
-        for h in range(2):
-            sel, mask = index >> (16 * h), _prmt(0x8000, 0, upper >> (16 * h))
-            lo, hi = lut_words[h][:4], lut_words[h][4:]
-            low = (_prmt(lo[0], lo[1], sel) & ~mask | _prmt(lo[2], lo[3], sel) & mask) & 0xFFFFFFFF
-            high = (_prmt(hi[0], hi[1], sel) & ~mask | _prmt(hi[2], hi[3], sel) & mask) & 0xFFFFFFFF
-            regs[h], regs[h + 2] = _prmt(low, high, 0x5140), _prmt(low, high, 0x7362)
-    return [[r & 0xFFFF, r >> 16] for r in regs]
+        return [[r & 0xFFFF, r >> 16] for r in regs]
+    # LUT codes: the kernel's pair tables hold (entry[c0], entry[c1]) at c0 | c1 << 4; entries from the byte planes.
+    entries = []
+    for words in lut_words:
+        planes = [(w >> (8 * i)) & 0xFF for w in words for i in range(4)]
+        entries.append([planes[c] | planes[16 + c] << 8 for c in range(16)])
+    pair = lambda h, byte: [entries[h][byte & 15], entries[h][byte >> 4]]  # noqa: E731
+    return [pair(0, word & 0xFF), pair(1, (word >> 16) & 0xFF), pair(0, (word >> 8) & 0xFF), pair(1, word >> 24)]
 
 
 @pytest.mark.parametrize("group_size", [32, 128])

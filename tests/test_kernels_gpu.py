@@ -93,17 +93,8 @@ def test_opcheck(fmt, dtype):
     torch.library.opcheck(torch.ops.any4lib.tinygemm_4bit.default, _op_args(fmt, dtype))
 
 
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_torch_compile_fullgraph(mode):
-    w = PackedWeight.from_quantized(random_quantized("any4", 1024, 2048, 128), torch.bfloat16)
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda x: linear(x, w), fullgraph=True, mode=mode)
-    for _ in range(3):  # reduce-overhead records a CUDA graph after warm-up runs, then replays it
-        x = torch.randn(4, 2048, device="cuda").to(torch.bfloat16)
-        torch.testing.assert_close(compiled(x), linear(x, w), rtol=0, atol=0)
-
-
 def test_bad_inputs_raise_clear_errors():
+    load_kernels()
     x, codes, scales, lut, n, group_size, int_codes = _op_args("any4", torch.bfloat16)
     op = torch.ops.any4lib.tinygemm_4bit
     with pytest.raises(RuntimeError, match="bfloat16 or float16"):
@@ -118,3 +109,14 @@ def test_bad_inputs_raise_clear_errors():
         op(x, codes, scales, None, n, group_size, int_codes)
     with pytest.raises(RuntimeError, match="must be on a CUDA device"):
         op(x.cpu(), codes, scales, lut, n, group_size, int_codes)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_torch_compile_fullgraph(mode):
+    w = PackedWeight.from_quantized(random_quantized("any4", 1024, 2048, 128), torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: linear(x, w), fullgraph=True, mode=mode)
+    for _ in range(3):  # reduce-overhead records a CUDA graph after warm-up runs, then replays it
+        x = torch.randn(4, 2048, device="cuda").to(torch.bfloat16)
+        torch.testing.assert_close(compiled(x), linear(x, w), rtol=0, atol=0)
+    torch._dynamo.reset()

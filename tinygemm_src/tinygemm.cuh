@@ -7,7 +7,9 @@
 //
 // Dequantization is w = lut[code] * scale + zero. The mma runs on the raw LUT values; scale and zero are applied
 // to the fp32 partial sums once per group: acc += scale * sum(x * lut[c]) + zero * sum(x). sum(x) comes from a
-// second mma against a matrix of ones. This keeps the per-weight work to the table lookup alone.
+// second mma against a matrix of ones. This keeps the per-weight work to the table lookup alone: for int4 a
+// mask and an OR (the value is built under a float exponent), for LUT formats one shared-memory load per pair of
+// codes from a 256-entry table of value pairs that each CTA builds from its rows' 16-entry LUTs.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -17,16 +19,10 @@
 #include "tinygemm.h"
 
 #ifndef TINYGEMM_UNROLL
-#define TINYGEMM_UNROLL 4  // chunks per batch at m <= 8 (half that at m > 8); a tuning knob, see docs/KERNELS.md
+#define TINYGEMM_UNROLL 2  // chunks per batch at m <= 8 (half that at m > 8); measured best of 2 and 4 (docs/KERNELS.md)
 #endif
 
 namespace tinygemm {
-
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
-  uint32_t r;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
-  return r;
-}
 
 template <typename T>
 struct Dtype;
@@ -60,29 +56,35 @@ struct Dtype<__half> {
 };
 
 // The A fragment (4 registers of 2 values: rows g, g+8, g, g+8; k pairs 0-1, 0-1, 2-3, 2-3) from one word of codes.
+// pairs_g / pairs_g8: the 256-entry pair tables of rows g and g + 8 (LUT codes only).
 template <typename T, bool kIntCodes>
-__device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint4 (&lo)[2], const uint4 (&hi)[2],
+__device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_t* pairs_g, const uint32_t* pairs_g8,
                                                     uint32_t (&a)[4]) {
   if constexpr (kIntCodes) {
     // Int layout: register p takes nibbles p and p + 4; OR-ing them under a float's exponent gives 128 + c exactly.
 #pragma unroll
     for (int p = 0; p < 4; ++p) a[p] = ((word >> (4 * p)) & 0x000F000Fu) | Dtype<T>::kIntMagic;
   } else {
-    // LUT layout: nibbles 0-3 are row g's four codes, 4-7 row g+8's. prmt looks up 4 bytes at once from an 8-byte
-    // table, so the 16 entries' low bytes take two lookups (entries 0-7, 8-15) and a select on bit 3 of each code;
-    // the select mask comes from prmt's sign-replicate mode (selector nibble 8 -> byte 0x00, 9 -> byte 0x80).
-    const uint32_t index = word & 0x77777777u;
-    const uint32_t upper = ((word >> 3) & 0x11111111u) | 0x88888888u;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint32_t sel = index >> (16 * h);
-      const uint32_t mask = prmt(0x00008000u, 0u, upper >> (16 * h));
-      const uint32_t low = (prmt(lo[h].x, lo[h].y, sel) & ~mask) | (prmt(lo[h].z, lo[h].w, sel) & mask);
-      const uint32_t high = (prmt(hi[h].x, hi[h].y, sel) & ~mask) | (prmt(hi[h].z, hi[h].w, sel) & mask);
-      a[h] = prmt(low, high, 0x5140u);      // values 0, 1 of the row
-      a[h + 2] = prmt(low, high, 0x7362u);  // values 2, 3
-    }
+    // LUT layout: byte b of the word is the code pair of one register (rows g, g, g+8, g+8 for b = 0..3), so one
+    // shared-memory load of the pair table gives both values, already packed as the mma wants them.
+    a[0] = pairs_g[word & 0xFFu];
+    a[2] = pairs_g[(word >> 8) & 0xFFu];
+    a[1] = pairs_g8[(word >> 16) & 0xFFu];
+    a[3] = pairs_g8[word >> 24];
   }
+}
+
+// Fills pairs[r][c0 | c1 << 4] = (lut[c0], lut[c1]) for the tile's rows (or the one shared table).
+__device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_row, int rows, uint32_t* pairs,
+                                                  int threads) {
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(lut);  // per row: 16 low bytes, then 16 high bytes
+  for (int i = threadIdx.x; i < rows * 256; i += threads) {
+    const uint8_t* row = bytes + static_cast<size_t>(first_row + (i >> 8)) * 32;
+    const int c0 = i & 15, c1 = (i >> 4) & 15;
+    const uint32_t v0 = row[c0] | (uint32_t(row[16 + c0]) << 8), v1 = row[c1] | (uint32_t(row[16 + c1]) << 8);
+    pairs[i] = v0 | (v1 << 16);
+  }
+  __syncthreads();
 }
 
 template <int kWarps, int kUnroll>
@@ -97,7 +99,7 @@ __device__ __forceinline__ void load_codes(const uint4* codes, int c0, int k_chu
 template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(const Problem p) {
   using D = Dtype<T>;
-  constexpr int kUnroll = TINYGEMM_UNROLL / kMTiles;  // chunks per batch; a warp has two batches of code loads in flight
+  constexpr int kUnroll = TINYGEMM_UNROLL / kMTiles > 0 ? TINYGEMM_UNROLL / kMTiles : 1;  // chunks per batch; two batches in flight
   constexpr int kStep = kWarps * kUnroll;
   constexpr int kZ = kHasZero ? 2 : 1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -110,14 +112,13 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   uint4 w_next[kUnroll];
   load_codes<kWarps>(codes, warp, p.k_chunks, w_next);
 
-  uint4 lut_lo[2] = {}, lut_hi[2] = {};
+  // Pair tables: 16 rows x 256 x 4 bytes (one table when the matrix shares its LUT). Built while the first codes load.
+  __shared__ uint32_t pairs[kIntCodes ? 1 : 16 * 256];
+  const uint32_t* pairs_g = pairs;
+  const uint32_t* pairs_g8 = pairs;
   if constexpr (!kIntCodes) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = p.lut_per_row ? 2 * (tile * 16 + h * 8 + g) : 0;
-      lut_lo[h] = __ldg(p.lut + row);
-      lut_hi[h] = __ldg(p.lut + row + 1);
-    }
+    build_pair_tables(p.lut, p.lut_per_row ? tile * 16 : 0, p.lut_per_row ? 16 : 1, pairs, kWarps * 32);
+    if (p.lut_per_row) pairs_g += g * 256, pairs_g8 += (g + 8) * 256;
   }
 
   float acc[kMTiles][4] = {};
@@ -163,7 +164,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         uint32_t a[4];
-        dequantize_fragment<T, kIntCodes>(words[j], lut_lo, lut_hi, a);
+        dequantize_fragment<T, kIntCodes>(words[j], pairs_g, pairs_g8, a);
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
           D::mma(part[mt], a, xv[u][mt][j].x, xv[u][mt][j].y);

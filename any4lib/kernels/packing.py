@@ -15,7 +15,8 @@ GROUP_SIZES = (32, 64, 128, 256)
 
 # Nibble position of the value (h, i) (row g + 8 h, i-th of the 4 k) inside a word, per dequantization path.
 # Int codes: register p of the fragment holds nibbles p and p + 4 (rows g, g+8, g, g+8 for p = 0..3).
-# LUT codes: row g's four codes in nibbles 0-3, row g+8's in 4-7 (prmt looks up four at once).
+# LUT codes: row g's four codes in nibbles 0-3, row g+8's in 4-7, so each byte is the code pair of one fragment
+# register and indexes the kernel's 256-entry table of value pairs.
 _NIBBLE = {
     True: torch.tensor([0, 4, 2, 6, 1, 5, 3, 7]),
     False: torch.arange(8),
