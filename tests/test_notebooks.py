@@ -28,6 +28,28 @@ EXPECTED = {
 NEEDS_TEXT = {"03_accuracy", "04_ablations"}  # evaluate perplexity on the held-out text under data_root()
 
 
+def test_write_table_round_trips_and_renders_markdown(tmp_path):
+    pd = pytest.importorskip("pandas")
+    from any4lib import viz
+
+    table = pd.DataFrame({"ppl": [65.24, float("nan")], "note": ["a|b", "c"]}, index=pd.Index(["bf16", "any4"], name="format"))
+    csv, md = viz.write_table(table, "t", tmp_path, floatfmt=".1f")
+    assert pd.read_csv(csv, index_col="format").equals(table)
+    assert md.read_text().splitlines() == [
+        "| format | ppl | note |", "|---|---|---|", "| bf16 | 65.2 | a\\|b |", "| any4 |  | c |",
+    ]
+
+
+def test_compared_formats_have_distinct_colours():
+    from any4lib import experiments, list_formats, viz
+
+    compared = [*experiments.FORMATS_MAIN, "fp4_e3m0", "any4_global", "fp6_e3m2", "fp6_e2m3", "fp5_e2m2", "fp5_e3m1"]
+    colours = [viz.format_color(f) for f in compared]
+    assert len(set(colours)) == len(colours)
+    assert viz.format_color("fp4") == viz.format_color("fp4_e2m1")
+    assert all(viz.format_color(f).startswith("#") for f in list_formats())  # the rest get a spare colour
+
+
 def test_one_notebook_per_artifact():
     assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == sorted(EXPECTED)
 
