@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end decode speed (issue 6) in one device call, from the repository root:
-#   ANY4_GIT_COMMIT=<commit> scripts/device_e2e.sh [bench] [tests] [-- extra any4lib.bench.e2e arguments]
+#   ANY4_GIT_COMMIT=<commit> scripts/device_e2e.sh [bench] [tests] [reduce-overhead] [-- extra bench arguments]
 # Peers travel as an unpacked site folder, .whl/site (bitsandbytes 0.50.2 with only its CPU and CUDA 13.0
 # libraries, gemlite 0.6.0.post2 built from its sdist): carry it. The CSV is results/e2e/decode.csv, so a CSV
 # carried from an earlier call resumes; it and the logs are copied to $OUT (default /tmp/any4_e2e).
@@ -13,7 +13,7 @@ steps=() extra=()
 while [ $# -gt 0 ]; do
   case $1 in --) shift; extra=("$@"); break ;; *) steps+=("$1"); shift ;; esac
 done
-[ ${#steps[@]} -gt 0 ] || steps=(bench tests)
+[ ${#steps[@]} -gt 0 ] || steps=(bench tests reduce-overhead)
 status=0
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
@@ -34,18 +34,25 @@ for step in "${steps[@]}"; do
       # The tinygemm JIT build first, so it stays out of the first method's warm-up time.
       timeout 300 python3 -c "from any4lib.kernels import load_kernels; load_kernels(); print('kernels loaded')" \
         2>&1 | tee "$OUT/build.log"
-      # Ends well inside a 600 s device call whatever the build took; an unfinished run resumes from the CSV.
-      limit=$(( ${CALL_LIMIT_S:-585} - SECONDS ))
-      timeout "$limit" python3 -m any4lib.bench.e2e --model-config llama3-8b \
+      # Leaves room for the later steps; an unfinished run resumes from the CSV in the next call.
+      timeout "${BENCH_LIMIT_S:-330}" python3 -m any4lib.bench.e2e --model-config llama3-8b \
         --formats bf16,any4,int4,torch-int4,nf4,mxfp4,bnb-nf4,gemlite-int4 --peers "" --batch 1,4,16 \
-        --prompt 512 --new 128 --deadline-s $(( limit - 100 )) --out results/e2e/decode.csv "${extra[@]}" \
+        --prompt 512 --new 128 --deadline-s "${BENCH_DEADLINE_S:-230}" --out results/e2e/decode.csv "${extra[@]}" \
         2>&1 | tee "$OUT/e2e.log"
       rc=${PIPESTATUS[0]}
       cp results/e2e/decode.csv "$OUT/" 2>/dev/null ;;
     tests)
-      timeout 240 python3 -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_e2e.py 2>&1 | tee "$OUT/tests.log"
+      timeout 120 python3 -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_e2e.py 2>&1 | tee "$OUT/tests.log"
       rc=${PIPESTATUS[0]} ;;
-    *) echo "unknown step $step (bench, tests)"; rc=2 ;;
+    reduce-overhead)
+      # Cross-check of the default mode against torch.compile(mode="reduce-overhead") of the whole step, batch 1.
+      limit=$(( ${CALL_LIMIT_S:-585} - SECONDS ))
+      timeout "$limit" python3 -m any4lib.bench.e2e --model-config llama3-8b --formats bf16,any4 --peers "" \
+        --batch 1 --prompt 512 --new 128 --compile reduce-overhead --reuse-budget-s 0 \
+        --deadline-s $(( limit - 150 )) --out results/e2e/decode_reduce_overhead.csv 2>&1 | tee "$OUT/reduce_overhead.log"
+      rc=${PIPESTATUS[0]}
+      cp results/e2e/decode_reduce_overhead.csv "$OUT/" 2>/dev/null ;;
+    *) echo "unknown step $step (bench, tests, reduce-overhead)"; rc=2 ;;
   esac
   echo "== $step: exit $rc after $((SECONDS - start)) s"
   [ "$rc" = 0 ] || status=1

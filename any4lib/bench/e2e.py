@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import gc
 import math
 import time
 from dataclasses import dataclass
@@ -414,6 +415,9 @@ def run(args) -> list[dict]:
         base = {**common, "method": meth.name, "format": meth.format or "", "group_size": meth.group_size or "",
                 "implementation": meth.implementation()}
         try:
+            # The last method's model sits in reference cycles (compiled blocks hold their module): free it now, or
+            # it would count in this method's memory.
+            gc.collect()
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
             before = torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else 0
@@ -460,6 +464,7 @@ def run(args) -> list[dict]:
             print(f"{meth.name} b={b}: " + ", ".join(f"{k}={row.get(k)}" for k in
                   ("decode_tok_s", "speedup_vs_bf16", "prefill_tok_s", "peak_mem_gb", "status")), flush=True)
         del model
+        torch._dynamo.reset()
     print_table(rows)
     return rows
 
