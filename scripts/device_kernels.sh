@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 for step in $steps; do
   case $step in
     build) run build 300 python3 -c "from any4lib.kernels import load_kernels; load_kernels(); print('loaded')"
-           find "$ANY4_CACHE" -name '*.so' -exec cuobjdump --dump-resource-usage {} \; > "$OUT/resource_usage.txt" 2>&1 ;;
+           find "$ANY4_CACHE" -name "*.so" -exec cuobjdump --dump-resource-usage {} \; >> "$OUT/build.log" 2>&1 ;;
     tests) run tests 400 python3 -m pytest -q -ra -p no:cacheprovider tests/test_kernels_gpu.py ;;
     sanitizer) run sanitizer 300 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
         --error-exitcode 3 python3 -c "

@@ -74,15 +74,19 @@ __device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_
   }
 }
 
-// Fills pairs[r][c0 | c1 << 4] = (lut[c0], lut[c1]) for the tile's rows (or the one shared table).
-__device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_row, int rows, uint32_t* pairs,
-                                                  int threads) {
-  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(lut);  // per row: 16 low bytes, then 16 high bytes
+// Fills pairs[r][c0 | c1 << 4] = (lut[c0], lut[c1]) for the tile's rows (or the one shared table), going through
+// `entries` (rows x 16 values) so each byte of the packed LUT is read from global memory once.
+__device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_row, int rows, uint16_t* entries,
+                                                  uint32_t* pairs, int threads) {
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(lut) + static_cast<size_t>(first_row) * 32;
+  for (int i = threadIdx.x; i < rows * 16; i += threads) {  // per row: 16 low bytes, then 16 high bytes
+    const uint8_t* row = bytes + (i >> 4) * 32;
+    entries[i] = static_cast<uint16_t>(row[i & 15] | (row[16 + (i & 15)] << 8));
+  }
+  __syncthreads();
   for (int i = threadIdx.x; i < rows * 256; i += threads) {
-    const uint8_t* row = bytes + static_cast<size_t>(first_row + (i >> 8)) * 32;
-    const int c0 = i & 15, c1 = (i >> 4) & 15;
-    const uint32_t v0 = row[c0] | (uint32_t(row[16 + c0]) << 8), v1 = row[c1] | (uint32_t(row[16 + c1]) << 8);
-    pairs[i] = v0 | (v1 << 16);
+    const uint16_t* row = entries + (i >> 8) * 16;
+    pairs[i] = row[i & 15] | (static_cast<uint32_t>(row[(i >> 4) & 15]) << 16);
   }
   __syncthreads();
 }
@@ -114,10 +118,11 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
 
   // Pair tables: 16 rows x 256 x 4 bytes (one table when the matrix shares its LUT). Built while the first codes load.
   __shared__ uint32_t pairs[kIntCodes ? 1 : 16 * 256];
+  __shared__ uint16_t entries[kIntCodes ? 1 : 16 * 16];
   const uint32_t* pairs_g = pairs;
   const uint32_t* pairs_g8 = pairs;
   if constexpr (!kIntCodes) {
-    build_pair_tables(p.lut, p.lut_per_row ? tile * 16 : 0, p.lut_per_row ? 16 : 1, pairs, kWarps * 32);
+    build_pair_tables(p.lut, p.lut_per_row ? tile * 16 : 0, p.lut_per_row ? 16 : 1, entries, pairs, kWarps * 32);
     if (p.lut_per_row) pairs_g += g * 256, pairs_g8 += (g + 8) * 256;
   }
 
