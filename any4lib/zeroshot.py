@@ -69,9 +69,12 @@ def evaluate_tasks(
     examples per task (for quick checks: not comparable with full-set numbers).
     """
     configs = [task_config(t, data_dir) for t in tasks]  # fail on a missing file before loading lm-eval
-    from lm_eval import simple_evaluate  # lazily: lm-eval is slow to import
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    try:  # lazily: lm-eval is slow to import
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise ImportError(f"zero-shot tasks need lm-eval with its HF backend: pip install 'lm-eval[hf]' ({err})") from err
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     out = simple_evaluate(

@@ -62,6 +62,11 @@ SPLIT = {"piqa": "validation", "hellaswag": "validation", "arc_easy": "test", "a
          "winogrande": "validation", "lambada_openai": "test"}  # fmt: skip
 
 
+BUILTIN_YAML = {"piqa": "piqa/piqa.yaml", "hellaswag": "hellaswag/hellaswag.yaml", "arc_easy": "arc/arc_easy.yaml",
+                "arc_challenge": "arc/arc_challenge.yaml", "winogrande": "winogrande/default.yaml",
+                "lambada_openai": "lambada/lambada_openai.yaml"}  # fmt: skip
+
+
 @pytest.fixture
 def tasks_dir(tmp_path):
     for task, records in FIXTURES.items():
@@ -104,10 +109,7 @@ def test_prompts_equal_lm_eval_builtin(tasks_dir, task):
     from lm_eval.tasks._yaml_loader import load_yaml
 
     ours = task_config(task, tasks_dir)
-    builtin_yaml = next(Path(lm_eval.__file__).parent.joinpath("tasks").rglob(f"{task}.yaml"), None)
-    if task == "winogrande":
-        builtin_yaml = Path(lm_eval.__file__).parent / "tasks" / "winogrande" / "default.yaml"
-    reference = load_yaml(builtin_yaml)
+    reference = load_yaml(Path(lm_eval.__file__).parent / "tasks" / BUILTIN_YAML[task])
     for key in ("training_split", "validation_split", "test_split", "dataset_name", "fewshot_split"):
         reference.pop(key, None)
     reference.update(dataset_path="json", dataset_kwargs=ours["dataset_kwargs"], tag=[])
