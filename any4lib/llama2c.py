@@ -151,53 +151,65 @@ def load_llama2c_model(checkpoint_path: str | Path, dtype: torch.dtype = torch.f
     return model.eval()
 
 
+def read_tokenizer(path: str | Path) -> tuple[list[str], list[float]]:
+    """Pieces and scores of llama2.c's `tok*.bin`: int32 max_token_length, then per token float32 score, int32
+    length, bytes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"llama2.c tokenizer not found: {path}")
+    raw = path.read_bytes()
+    pieces, scores, pos = [], [], 4
+    while pos < len(raw):
+        if pos + 8 > len(raw):
+            raise ValueError(f"{path}: truncated token record at byte {pos}")
+        score, n = struct.unpack_from("<fi", raw, pos)
+        pos += 8
+        if n < 0 or pos + n > len(raw):
+            raise ValueError(f"{path}: token {len(pieces)} claims {n} bytes at byte {pos}; the file is corrupt")
+        pieces.append(raw[pos : pos + n].decode("utf-8"))
+        scores.append(score)
+        pos += n
+    return pieces, scores
+
+
+def write_tokenizer(path: str | Path, pieces: list[str], scores: list[float]) -> None:
+    encoded = [p.encode("utf-8") for p in pieces]
+    with open(path, "wb") as f:
+        f.write(struct.pack("<i", max(map(len, encoded))))
+        for raw, score in zip(encoded, scores):
+            f.write(struct.pack("<fi", score, len(raw)) + raw)
+
+
 class Llama2cTokenizer(PreTrainedTokenizer):
     """llama2.c's tokenizer: a dummy-prefix space, one token per character (byte fallback to <0xXX>),
     then repeated merging of the adjacent pair whose concatenation scores highest (leftmost on ties).
 
     `tokenizer(text)` adds BOS (id 1) like llama2.c; `add_special_tokens=False` leaves it out.
     Text is always encoded as text: a literal "<s>" in it is not turned into BOS.
+    `save_pretrained(folder)` writes the table back as `tokenizer.bin`; `from_pretrained(folder)` reads it.
     """
 
-    vocab_files_names: dict = {}
+    vocab_files_names = {"vocab_file": "tokenizer.bin"}
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, pieces: list[str], scores: list[float], **kwargs):
-        if len(pieces) < BYTE_OFFSET + 256:
-            raise ValueError(f"a llama2.c tokenizer needs >= {BYTE_OFFSET + 256} tokens, got {len(pieces)}")
-        self.pieces = list(pieces)
-        self.scores = [float(s) for s in scores]
+    def __init__(self, vocab_file: str | Path, **kwargs):
+        self.pieces, self.scores = read_tokenizer(vocab_file)
+        if len(self.pieces) < BYTE_OFFSET + 256:
+            raise ValueError(
+                f"{vocab_file}: a llama2.c tokenizer needs >= {BYTE_OFFSET + 256} tokens, got {len(self.pieces)}"
+            )
         self.piece_to_id = {p: i for i, p in enumerate(self.pieces)}
         kwargs.setdefault("unk_token", self.pieces[UNK_ID])
         kwargs.setdefault("bos_token", self.pieces[BOS_ID])
         kwargs.setdefault("eos_token", self.pieces[EOS_ID])
         kwargs.setdefault("pad_token", self.pieces[UNK_ID])  # padding is masked out; <unk> keeps the vocab unchanged
-        super().__init__(
-            special_tokens_pattern="bos",
-            split_special_tokens=True,
-            clean_up_tokenization_spaces=False,
-            **kwargs,
-        )
+        kwargs.update(special_tokens_pattern="bos", split_special_tokens=True, clean_up_tokenization_spaces=False)
+        super().__init__(**kwargs)
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs) -> "Llama2cTokenizer":
-        """Read llama2.c's `tok*.bin`: int32 max_token_length, then per token float32 score, int32 length, bytes."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"llama2.c tokenizer not found: {path}")
-        raw = path.read_bytes()
-        pieces, scores, pos = [], [], 4
-        while pos < len(raw):
-            if pos + 8 > len(raw):
-                raise ValueError(f"{path}: truncated token record at byte {pos}")
-            score, n = struct.unpack_from("<fi", raw, pos)
-            pos += 8
-            if n < 0 or pos + n > len(raw):
-                raise ValueError(f"{path}: token {len(pieces)} claims {n} bytes at byte {pos}; the file is corrupt")
-            pieces.append(raw[pos : pos + n].decode("utf-8"))
-            scores.append(score)
-            pos += n
-        return cls(pieces, scores, name_or_path=str(path), **kwargs)
+        """Read llama2.c's `tok*.bin`."""
+        return cls(vocab_file=path, name_or_path=str(path), **kwargs)
 
     @property
     def vocab_size(self) -> int:
@@ -271,7 +283,10 @@ class Llama2cTokenizer(PreTrainedTokenizer):
         return self._decode([self.piece_to_id[t] for t in tokens])
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
-        raise NotImplementedError("Llama2cTokenizer is read from tok*.bin; keep that file beside the checkpoint")
+        name = (filename_prefix + "-" if filename_prefix else "") + self.vocab_files_names["vocab_file"]
+        path = Path(save_directory) / name
+        write_tokenizer(path, self.pieces, self.scores)
+        return (str(path),)
 
 
 def _find_tokenizer(checkpoint: Path, vocab_size: int) -> Path:

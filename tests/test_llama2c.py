@@ -204,6 +204,15 @@ def test_hf_tokenizer_interface(tiny_tok):
     assert tok.batch_decode([tok("ab").input_ids, tok("ca").input_ids], skip_special_tokens=True) == ["ab", "ca"]
 
 
+def test_save_pretrained_round_trip(tiny_tok, tmp_path):
+    tok, _ = tiny_tok
+    tok.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "tokenizer.bin").read_bytes() == (tmp_path / "tok.bin").read_bytes()
+    again = Llama2cTokenizer.from_pretrained(tmp_path / "saved")
+    for text in ["cabbage üé", "abc abc"]:
+        assert again(text).input_ids == tok(text).input_ids
+
+
 # ---------------------------------------------------------------- the real stories260K
 
 
@@ -228,6 +237,12 @@ C_GREEDY_ZOO = [
     336, 432, 313, 452, 406, 432, 278, 316, 439, 419, 337, 335, 265, 268, 388, 426, 436, 13, 447, 419, 366, 273,
     421, 355, 432, 366, 394, 261, 370, 268, 388, 426, 291, 268, 388, 286, 399, 393, 426, 317,
 ]  # fmt: skip
+
+
+def test_stories260k_tokenizer_saves_its_file_unchanged(stories, tmp_path):
+    folder, _, tok = stories
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.bin").read_bytes() == (folder / "tok512.bin").read_bytes()
 
 
 def test_stories260k_matches_numpy_reference(stories):
