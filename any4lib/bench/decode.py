@@ -81,7 +81,7 @@ class Attention(nn.Module):
         q = q.reshape(b, self.kv_heads, group * t, self.head_dim)
         mask = mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(1, 1, group * t, -1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.view(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(out.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
