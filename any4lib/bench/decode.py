@@ -7,8 +7,6 @@ length for the whole batch.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -187,14 +185,3 @@ def generate(model: LlamaDecoder, prompt: torch.Tensor, new_tokens: int, step=de
     rest = decode(model, first, prompt.shape[1], new_tokens - 1, step)
     return torch.cat([first[:, None], rest], 1)
 
-
-def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Fill every parameter with seeded random values: N(0, 1/in_features) for matrices, ones for norms."""
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]), generator=generator)
-    return model
