@@ -21,6 +21,10 @@ int sm_count(int device) {  // cached: asked once per device
   return counts[device];
 }
 
+// Integers reach TORCH_CHECK messages as strings: streaming an int64 from this JIT-built library crashed inside
+// libstdc++ on the H100 image (a mismatch between the extension's and torch's C++ runtimes), so we never do.
+std::string str(int64_t v) { return std::to_string(v); }
+
 std::string shape(const at::Tensor& t) {  // "[a, b, c]"
   std::string out = "[";
   for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
@@ -36,22 +40,23 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "tinygemm_4bit: x must be a contiguous [m, k] matrix, got shape ",
               shape(x), x.is_contiguous() ? "" : " (not contiguous)");
   const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(m >= 1 && m <= 16, "tinygemm_4bit: x must have 1..16 rows, got ", m, " (larger m: dequantize + matmul)");
-  TORCH_CHECK(k % 32 == 0, "tinygemm_4bit: k must be a multiple of 32, got ", k);
+  TORCH_CHECK(m >= 1 && m <= 16, "tinygemm_4bit: x must have 1..16 rows, got ", str(m),
+              " (larger m: dequantize + matmul)");
+  TORCH_CHECK(k % 32 == 0, "tinygemm_4bit: k must be a multiple of 32, got ", str(k));
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "tinygemm_4bit: x must be 16-byte aligned");
   TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256,
-              "tinygemm_4bit: group_size must be 32, 64, 128 or 256, got ", group_size);
-  TORCH_CHECK(k % group_size == 0, "tinygemm_4bit: group_size ", group_size, " does not divide k = ", k);
+              "tinygemm_4bit: group_size must be 32, 64, 128 or 256, got ", str(group_size));
+  TORCH_CHECK(k % group_size == 0, "tinygemm_4bit: group_size ", str(group_size), " does not divide k = ", str(k));
   const int64_t n_tiles = (n + 15) / 16, k_chunks = (k + 63) / 64, groups = k_chunks * 64 / group_size;
-  TORCH_CHECK(n >= 1, "tinygemm_4bit: n must be positive, got ", n);
+  TORCH_CHECK(n >= 1, "tinygemm_4bit: n must be positive, got ", str(n));
   TORCH_CHECK(codes.scalar_type() == at::kInt && codes.is_contiguous() && codes.dim() == 4 &&
                   codes.size(0) == n_tiles && codes.size(1) == k_chunks && codes.size(2) == 32 && codes.size(3) == 4,
-              "tinygemm_4bit: codes must be contiguous int32 [", n_tiles, ", ", k_chunks, ", 32, 4] for n = ", n,
-              ", k = ", k, "; got ", codes.scalar_type(), " ", shape(codes));
+              "tinygemm_4bit: codes must be contiguous int32 [", str(n_tiles), ", ", str(k_chunks),
+              ", 32, 4] for n = ", str(n), ", k = ", str(k), "; got ", codes.scalar_type(), " ", shape(codes));
   TORCH_CHECK(scales.scalar_type() == x.scalar_type() && scales.is_contiguous() && scales.dim() == 5 &&
                   scales.size(0) == n_tiles && scales.size(1) == groups && scales.size(2) == 8 &&
                   scales.size(3) == 2 && (scales.size(4) == 1 || scales.size(4) == 2),
-              "tinygemm_4bit: scales must be contiguous ", x.scalar_type(), " [", n_tiles, ", ", groups,
+              "tinygemm_4bit: scales must be contiguous ", x.scalar_type(), " [", str(n_tiles), ", ", str(groups),
               ", 8, 2, 1 or 2]; got ", scales.scalar_type(), " ", shape(scales));
   const bool has_zero = scales.size(4) == 2;
   TORCH_CHECK(!int_codes || has_zero, "tinygemm_4bit: int codes need (scale, zero) pairs: scales.size(4) == 2");
@@ -60,7 +65,7 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
   if (lut.has_value()) {
     TORCH_CHECK(lut->is_cuda() && lut->scalar_type() == at::kInt && lut->is_contiguous() && lut->dim() == 2 &&
                     lut->size(1) == 8 && (lut->size(0) == 1 || lut->size(0) == n_tiles * 16),
-                "tinygemm_4bit: lut must be contiguous CUDA int32 [1 or ", n_tiles * 16, ", 8]; got ",
+                "tinygemm_4bit: lut must be contiguous CUDA int32 [1 or ", str(n_tiles * 16), ", 8]; got ",
                 lut->scalar_type(), " ", shape(*lut), " on ", lut->device());
     lut_per_row = lut->size(0) != 1;
   }
@@ -89,4 +94,4 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(any4lib, CUDA, m) { m.impl("tinygemm_4bit", &tinygemm_4bit); }
+TORCH_LIBRARY_IMPL(any4lib, CUDA, str(m)) { m.impl("tinygemm_4bit", &tinygemm_4bit); }
