@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizer
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizer
 
 HEADER = struct.Struct("<7i")
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -145,7 +145,8 @@ def load_llama2c_model(checkpoint_path: str | Path, dtype: torch.dtype = torch.f
         state[p + "mlp.up_proj.weight"] = t["w3"][i]
     state["lm_head.weight"] = t["tok_embeddings"] if h.shared_classifier else t["wcls"]
 
-    model = LlamaForCausalLM(llama2c_config(h)).to(dtype)
+    # Built in `dtype` rather than cast after: .to(dtype) would also round RoPE's float32 inv_freq buffer.
+    model = AutoModelForCausalLM.from_config(llama2c_config(h), dtype=dtype)
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
     model.config.name_or_path = str(path)
     return model.eval()

@@ -126,6 +126,15 @@ def test_tiny_checkpoint_matches_numpy_reference(tmp_path, shared, kv_heads):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def test_low_precision_load_keeps_rope_frequencies(tmp_path):
+    path = tmp_path / "model.bin"
+    write_checkpoint(path)
+    full, half = load_llama2c_model(path), load_llama2c_model(path, dtype=torch.bfloat16)
+    assert half.model.embed_tokens.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(half.model.rotary_emb.inv_freq, full.model.rotary_emb.inv_freq, rtol=0, atol=0)
+    torch.testing.assert_close(half.model.embed_tokens.weight, full.model.embed_tokens.weight.bfloat16())
+
+
 def test_header_and_truncation_errors(tmp_path):
     path = tmp_path / "model.bin"
     write_checkpoint(path, shared=False)
