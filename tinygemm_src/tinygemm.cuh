@@ -19,7 +19,8 @@
 #include "tinygemm.h"
 
 #ifndef TINYGEMM_UNROLL
-#define TINYGEMM_UNROLL 2  // chunks per batch at m <= 8 (half that at m > 8); measured best of 2 and 4 (docs/KERNELS.md)
+// Chunks per batch at m <= 8 (half that at m > 8); of 2 and 4, 2 measured faster (docs/KERNELS.md).
+#define TINYGEMM_UNROLL 2
 #endif
 
 namespace tinygemm {
@@ -103,7 +104,8 @@ __device__ __forceinline__ void load_codes(const uint4* codes, int c0, int k_chu
 template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(const Problem p) {
   using D = Dtype<T>;
-  constexpr int kUnroll = TINYGEMM_UNROLL / kMTiles > 0 ? TINYGEMM_UNROLL / kMTiles : 1;  // chunks per batch; two batches in flight
+  // Chunks per batch; a warp has two batches of code loads in flight.
+  constexpr int kUnroll = TINYGEMM_UNROLL / kMTiles > 0 ? TINYGEMM_UNROLL / kMTiles : 1;
   constexpr int kStep = kWarps * kUnroll;
   constexpr int kZ = kHasZero ? 2 : 1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;

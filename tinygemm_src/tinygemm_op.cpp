@@ -94,4 +94,4 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(any4lib, CUDA, str(m)) { m.impl("tinygemm_4bit", &tinygemm_4bit); }
+TORCH_LIBRARY_IMPL(any4lib, CUDA, m) { m.impl("tinygemm_4bit", &tinygemm_4bit); }
