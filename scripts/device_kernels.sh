@@ -2,7 +2,8 @@
 # Everything tinygemm needs a GPU for, in one device call (docs/KERNELS.md):
 #   scripts/device_kernels.sh [build] [tests] [sanitizer] [bench] [ncu]    (no argument: these five)
 #   extra steps: tune (bench variants of the TINYGEMM_UNROLL knob), debug (the bad-input test under cuda-gdb)
-# Logs and the benchmark CSV go to $OUT (default /tmp/any4_kernels). Run from the repository root.
+# Logs and the benchmark CSV go to $OUT (default /tmp/any4_kernels). Run from the repository root; set
+# ANY4_COMMIT=<hash> where the tree has no .git (the device copy), so the CSV records which code ran.
 set -uo pipefail
 OUT=${OUT:-/tmp/any4_kernels}
 mkdir -p "$OUT"

@@ -153,7 +153,7 @@ def test_build_key_changes_with_sources(tmp_path, monkeypatch):
 NVCC = shutil.which("nvcc")
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found: the compile-only check of tinygemm_src needs the CUDA toolkit")
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found: compiling tinygemm_src needs the CUDA toolkit")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_sources_compile(arch, tmp_path):
     for source in sorted(build.SOURCE_DIR.glob("*.cu")):

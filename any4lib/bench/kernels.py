@@ -175,7 +175,9 @@ def main(argv=None) -> None:
     copy_bps = copy_bandwidth()
     print(f"device-to-device copy: {copy_bps / 1e12:.2f} TB/s (read + write)")
     provenance = {
-        "commit": git_state()["commit"] or os.environ.get("ANY4_COMMIT"), "torch": torch.__version__, "cuda": torch.version.cuda,
+        # ANY4_COMMIT: the device machine gets a copy of the tree without .git; the caller passes the commit.
+        "commit": git_state()["commit"] or os.environ.get("ANY4_COMMIT"),
+        "torch": torch.__version__, "cuda": torch.version.cuda,
         "device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "copy_tbps": round(copy_bps / 1e12, 3),
     }
