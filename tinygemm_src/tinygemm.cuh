@@ -92,11 +92,12 @@ __device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_ro
   __syncthreads();
 }
 
-template <int kUnroll>
-__device__ __forceinline__ void load_codes(const uint4* codes, int c0, int end, uint4 (&w)[kUnroll]) {
+template <int kWarps, int kUnroll>
+__device__ __forceinline__ void load_codes(const uint4* codes, int c0, int k_chunks, uint4 (&w)[kUnroll]) {
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
-    w[u] = c0 + u < end ? __ldcs(codes + static_cast<size_t>(c0 + u) * 32) : make_uint4(0, 0, 0, 0);
+    const int c = c0 + u * kWarps;
+    w[u] = c < k_chunks ? __ldcs(codes + static_cast<size_t>(c) * 32) : make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -105,21 +106,17 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   using D = Dtype<T>;
   // Chunks per batch; a warp has two batches of code loads in flight.
   constexpr int kUnroll = TINYGEMM_UNROLL / kMTiles > 0 ? TINYGEMM_UNROLL / kMTiles : 1;
+  constexpr int kStep = kWarps * kUnroll;
   constexpr int kZ = kHasZero ? 2 : 1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int tile = blockIdx.x;
   const T* x = static_cast<const T*>(p.x);
   const uint16_t* scales = static_cast<const uint16_t*>(p.scales);
   const bool two_groups = p.group_shift == 5;  // group size 32: a chunk of 64 spans two groups
-  // Each warp takes a contiguous run of whole groups, so scale and zero apply once per group, not per chunk.
-  const int chunks_per_group = two_groups ? 1 : (1 << p.group_shift) / kChunkK;
-  const int groups_per_warp = ((p.k_chunks + kWarps - 1) / kWarps + chunks_per_group - 1) / chunks_per_group;
-  const int begin = min(warp * groups_per_warp * chunks_per_group, p.k_chunks);
-  const int end = min(begin + groups_per_warp * chunks_per_group, p.k_chunks);
 
   const uint4* codes = p.codes + static_cast<size_t>(tile) * p.k_chunks * 32 + lane;
   uint4 w_next[kUnroll];
-  load_codes(codes, begin, end, w_next);
+  load_codes<kWarps>(codes, warp, p.k_chunks, w_next);
 
   // Pair tables: 16 rows x 256 x 4 bytes (one table when the matrix shares its LUT). Built while the first codes load.
   __shared__ uint32_t pairs[kIntCodes ? 1 : 16 * 256];
@@ -131,24 +128,24 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
     if (p.lut_per_row) pairs_g += g * 256, pairs_g8 += (g + 8) * 256;
   }
 
-  float acc[kMTiles][4] = {}, part[kMTiles][4] = {}, xsum[kMTiles][4] = {};
-  for (int c0 = begin; c0 < end; c0 += kUnroll) {
+  float acc[kMTiles][4] = {};
+  for (int c0 = warp; c0 < p.k_chunks; c0 += kStep) {
     uint4 w[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) w[u] = w_next[u];
-    load_codes(codes, c0 + kUnroll, end, w_next);  // the next batch streams in during this one's math
+    load_codes<kWarps>(codes, c0 + kStep, p.k_chunks, w_next);  // the next batch streams in during this one's math
     uint2 xv[kUnroll][kMTiles][4];
     uint2 sz[kUnroll][2];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + u;
+      const int c = c0 + u * kWarps;
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
         const int row = mt * 8 + g;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int k0 = c * kChunkK + 16 * j + 4 * t;
-          const bool ok = c < end && row < p.m && k0 < p.k;
+          const bool ok = c < p.k_chunks && row < p.m && k0 < p.k;
           xv[u][mt][j] = ok ? __ldg(reinterpret_cast<const uint2*>(x + static_cast<size_t>(row) * p.k + k0))
                             : make_uint2(0, 0);
         }
@@ -156,7 +153,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
 #pragma unroll
       for (int s = 0; s < 2; ++s) {
         const int group = ((c * kChunkK) >> p.group_shift) + s;
-        const bool ok = c < end && (s == 0 || two_groups);
+        const bool ok = c < p.k_chunks && (s == 0 || two_groups);
         const uint16_t* at = scales + ((static_cast<size_t>(tile) * p.groups + group) * 8 + g) * 2 * kZ;
         if constexpr (kHasZero) {
           sz[u][s] = ok ? __ldg(reinterpret_cast<const uint2*>(at)) : make_uint2(0, 0);
@@ -168,9 +165,8 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
 
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + u;
-      if (c >= end) break;
-      const bool group_ends = ((c + 1) & (chunks_per_group - 1)) == 0;
+      if (c0 + u * kWarps >= p.k_chunks) break;
+      float part[kMTiles][4] = {}, xsum[kMTiles][4] = {};
       const uint32_t words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -184,7 +180,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
             D::mma(xsum[mt], ones, xv[u][mt][j].x, xv[u][mt][j].y);
           }
         }
-        if ((j == 3 && group_ends) || (j == 1 && two_groups)) {
+        if (j == 3 || (j == 1 && two_groups)) {
           // Rows g and g+8 of this group: (scale, zero) pairs, or scales alone.
           const uint2 v = (j == 3 && two_groups) ? sz[u][1] : sz[u][0];  // select, not index: stays in registers
           float scale[2], zero[2] = {0.f, 0.f};
