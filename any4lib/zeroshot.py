@@ -74,7 +74,7 @@ def evaluate_tasks(
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as err:
-        raise ImportError(f"zero-shot tasks need lm-eval with its HF backend: pip install 'lm-eval[hf]' ({err})") from err
+        raise ImportError(f"zero-shot tasks need lm-eval's HF backend: pip install 'lm-eval[hf]' ({err})") from err
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     out = simple_evaluate(
