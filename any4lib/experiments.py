@@ -191,6 +191,8 @@ def run_profile(name: str, model: str = "ref-en-16m", **overrides):
 def pivot(frame, columns: str = "dataset"):
     """A table of perplexities: rows (format, group size, calibration), one column per `columns` value."""
     index = [c for c in ("format", "group_size", "calibration", "dataset") if c != columns]
+    if frame.duplicated(index + [columns]).any():
+        raise ValueError("several records per cell (e.g. different max_tokens or seq_len): filter the frame first")
     table = frame.pivot_table(index=index, columns=columns, values="ppl", sort=False, dropna=False)
     return table.dropna(how="all")
 

@@ -2,6 +2,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import any4lib.experiments as experiments
@@ -55,6 +56,9 @@ def test_accuracy_records_rerun_computes_nothing(tmp_path, data_root, monkeypatc
     stored = experiments.read_store(tmp_path, model="tiny").sort_values("format", ignore_index=True)
     assert stored[first.columns].equals(first.sort_values("format", ignore_index=True))
     assert set(stored.seq_len) == {64} and experiments.read_store(tmp_path, model="other").empty
+    assert experiments.pivot(first).loc["int4"].iloc[0, 0] == first.ppl[1]
+    with pytest.raises(ValueError, match="several records per cell"):
+        experiments.pivot(pd.concat([first, first]))
     assert first.ppl[1] != first.ppl[0]  # the quantized model is a different model
 
 
