@@ -124,7 +124,7 @@ def _quantize_any(
 ):
     n, g_count, g = groups.shape
     # Rows per k-means batch: bounds the float64 prefix sums (24 bytes per weight) on the CPU; a GPU takes more.
-    row_chunk = row_chunk or (16384 if groups.is_cuda else 2048)
+    row_chunk = row_chunk or (16384 if groups.is_cuda else 512)
     x, scale, zero = _min_max_normalise(groups, fmt.bits)
     weight = torch.ones_like(groups) if sample_weight is None else sample_weight.reshape(n, g_count, g)
     if scale_weighted:
@@ -132,7 +132,7 @@ def _quantize_any(
     x, weight = x.reshape(n, -1), weight.reshape(n, -1)
     k = 2**fmt.bits
     start = torch.arange(k, dtype=torch.float32, device=groups.device)[None] if init == "int" else init
-    settings = {"init": start, "max_iter": max_iter, "tol": tol}
+    settings = {"init": start, "max_iter": max_iter, "tol": tol, "with_inertia": False}
 
     if per_row:
         parts = [

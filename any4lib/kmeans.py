@@ -23,7 +23,7 @@ import torch
 class KMeansResult:
     centers: torch.Tensor  # [R, k] ascending
     labels: torch.Tensor  # [R, M] int64, index into centers
-    inertia: torch.Tensor  # [R] float64: sum of weight * (x - center)^2
+    inertia: torch.Tensor | None  # [R] float64: sum of weight * (x - center)^2 (None unless asked for)
     n_iter: int
 
 
@@ -44,18 +44,25 @@ class _SortedRows:
     @classmethod
     def histogram(cls, x: torch.Tensor, weight: torch.Tensor, bins: int) -> "_SortedRows":
         """Each row pooled into `bins` equal-width bins over its range, a bin standing for one point at its weighted
-        mean (its midpoint when empty, so points stay ascending): O(M) instead of a sort."""
+        mean (its midpoint when empty, so points stay ascending): O(M) instead of a sort. A bin holds a few points,
+        so its own sums are exact enough in float32; the prefix sums over bins are float64."""
         n_rows = x.shape[0]
-        lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+        lo, hi = torch.aminmax(x, dim=1, keepdim=True)
         width = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny) / bins
-        index = ((x - lo) / width).long().clamp_(max=bins - 1)
-        index += torch.arange(n_rows, device=x.device)[:, None] * bins  # one bincount serves every row
-        index, w = index.reshape(-1), weight.double().reshape(-1)
-        mass = torch.bincount(index, w, minlength=n_rows * bins).reshape(n_rows, bins)
-        moment = torch.bincount(index, w * x.double().reshape(-1), minlength=n_rows * bins).reshape(n_rows, bins)
+        index = (x - lo).div_(width).clamp_(0, bins - 1).long()
+        index += torch.arange(0, n_rows * bins, bins, device=x.device)[:, None]  # one bincount serves every row
+        index, w = index.reshape(-1), weight.reshape(-1)
+        mass = torch.bincount(index, w, minlength=n_rows * bins).reshape(n_rows, bins).double()
+        moment = torch.bincount(index, w * x.reshape(-1), minlength=n_rows * bins).reshape(n_rows, bins).double()
         mean = moment / mass.clamp_min(1e-300)
         mid = (lo + width * (torch.arange(bins, device=x.device) + 0.5)).double()
         return cls(torch.where(mass > 0, mean, mid).float(), mass, moment, moment * mean)
+
+    def take(self, keep: torch.Tensor) -> "_SortedRows":
+        """The rows where `keep` ([R] bool) is true."""
+        subset = _SortedRows.__new__(_SortedRows)
+        subset.values, subset.prefix = self.values[keep], self.prefix[keep]
+        return subset
 
     @property
     def length(self) -> int:
@@ -143,6 +150,7 @@ def kmeans_1d(
     tol: float = 0.0,
     seed: int = 0,
     bins: int | None = 2048,
+    with_inertia: bool = True,
 ) -> KMeansResult:
     """Weighted k-means of each row of `x` ([R, M] float) into `k` clusters, Lloyd's algorithm run to convergence.
 
@@ -151,7 +159,8 @@ def kmeans_1d(
     of starting centers (e.g. the integer grid). tol: 0 runs Lloyd until no label changes; > 0 also stops
     on scikit-learn's relative centre-shift rule (its default is 1e-4), trading a little objective for time.
     bins: rows longer than this are clustered through a weighted histogram of that many bins (None: always sort);
-    labels and inertia are then computed on the raw points. Deterministic for a given seed and device.
+    labels and inertia are then computed on the raw points. with_inertia=False skips the objective (one pass over
+    the rows fewer) when only centers and labels are needed. Deterministic for a given seed and device.
     """
     if x.dim() != 2:
         raise ValueError(f"kmeans_1d expects [rows, points], got shape {tuple(x.shape)}")
@@ -170,26 +179,47 @@ def kmeans_1d(
     else:
         raise ValueError(f"unknown k-means init {init!r}: use 'k-means++' or a tensor of starting centers")
 
-    bounds = rows.boundaries(centers)
-    tolerance = tol * x.double().var(1, unbiased=False)
-    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    n_iter = 0
-    for n_iter in range(1, max_iter + 1):
-        runs = rows.run_sums(bounds)
-        mass, moment = runs[..., 0], runs[..., 1]
-        # An empty cluster keeps its center (it may win points back next round).
-        updated = torch.where(mass > 0, moment / mass.clamp_min(1e-300), centers.double()).float()
-        updated = torch.where(done[:, None], centers, torch.sort(updated, 1).values)
-        shift = ((updated.double() - centers.double()) ** 2).sum(1)
-        new_bounds = rows.boundaries(updated)
-        done |= (new_bounds == bounds).all(1) | (shift <= tolerance)
-        centers, bounds = updated, new_bounds
-        if done.all():
-            break
+    tolerance = tol * x.double().var(1, unbiased=False) if tol > 0 else torch.zeros(x.shape[0], device=x.device)
+    centers, n_iter = _lloyd(rows, centers, tolerance, max_iter)
 
     labels = assign_nearest(x, centers)
-    inertia = (weight.double() * (x.double() - centers.gather(1, labels).double()) ** 2).sum(1)
+    inertia = None
+    if with_inertia:
+        inertia = (weight.double() * (x.double() - centers.gather(1, labels).double()) ** 2).sum(1)
     return KMeansResult(centers, labels, inertia, n_iter)
+
+
+def _lloyd(rows: _SortedRows, centers: torch.Tensor, tolerance: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, int]:
+    """Lloyd iterations per row until its runs stop changing (or its centre shift is within `tolerance`).
+
+    A finished row is frozen. Most rows settle in a few dozen iterations while a few take a hundred or more, so
+    the working set is compacted whenever half of it has finished (the copies sum to at most one full pass).
+    """
+    centers = centers.clone()
+    active = torch.arange(centers.shape[0], device=centers.device)  # rows of the working set
+    work, work_tolerance, current = rows, tolerance, centers
+    done = torch.zeros(len(active), dtype=torch.bool, device=centers.device)
+    bounds = work.boundaries(current)
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        runs = work.run_sums(bounds)
+        mass, moment = runs[..., 0], runs[..., 1]
+        # An empty cluster keeps its center (it may win points back next round).
+        updated = torch.where(mass > 0, moment / mass.clamp_min(1e-300), current.double()).float()
+        updated = torch.where(done[:, None], current, torch.sort(updated, 1).values)
+        shift = ((updated.double() - current.double()) ** 2).sum(1)
+        new_bounds = work.boundaries(updated)
+        done = done | (new_bounds == bounds).all(1) | (shift <= work_tolerance)
+        current, bounds = updated, new_bounds
+        if done.all():
+            break
+        if 2 * int(done.sum()) >= len(done):
+            centers[active[done]] = current[done]
+            keep = ~done
+            active, work, work_tolerance = active[keep], work.take(keep), work_tolerance[keep]
+            current, bounds, done = current[keep], bounds[keep], done[keep]
+    centers[active] = current
+    return centers, n_iter
 
 
 def assign_nearest(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
