@@ -28,8 +28,12 @@ _LAZY = {
     "bits_per_weight": "model",
     "perplexity": "evaluate",
     "layer_report": "analyze",
+    "evaluate_perplexity": "evaluate",
     "evaluate_tasks": "zeroshot",
+    "list_tasks": "zeroshot",
     "load_llama2c": "llama2c",
+    "Llama2cTokenizer": "llama2c",
+    "data_root": "paths",
 }
 
 __all__ = [

@@ -69,7 +69,8 @@ def _load(model: str, dtype: torch.dtype, device: str):
         net, tokenizer = tiny_model()
         return net.to(device=device, dtype=dtype), tokenizer
     net, tokenizer = load_model(model, dtype=torch.bfloat16, device=device)  # the weights as released
-    return net.to(dtype), tokenizer
+    # Only upcasts: .to() also casts buffers, and bf16 would round RoPE's float32 inverse frequencies.
+    return (net if dtype == torch.bfloat16 else net.to(dtype)), tokenizer
 
 
 def calibration_stats(net, tokenizer, calibration: str, seq_len: int) -> ActivationStats | None:
