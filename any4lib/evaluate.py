@@ -51,8 +51,16 @@ def evaluate_perplexity(
     max_tokens: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    chunk: int | None = None,
 ) -> PerplexityResult:
-    """Perplexity with its token counts. seq_len is capped at the model's maximum positions."""
+    """Perplexity with its token counts. seq_len is capped at the model's maximum positions.
+
+    chunk: feed each window `chunk` tokens at a time through the KV cache, so every linear layer sees
+    batch_size * chunk rows, as in decoding (on CUDA, QuantLinear serves up to 16 rows with the tinygemm
+    kernels: batch_size=1, chunk=16 measures the kernel path). The logits are the same function either way.
+    """
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be a positive number of tokens or None (whole windows), got {chunk}")
     limit = max_positions(model)
     if limit is not None:
         seq_len = min(seq_len, limit)
@@ -65,13 +73,24 @@ def evaluate_perplexity(
     try:
         for batch in tqdm(windows.split(batch_size), desc=f"ppl {name}", disable=not progress, leave=False):
             batch = batch.to(device)
-            logits = model(batch).logits[:, :-1].float()
+            logits = _window_logits(model, batch, chunk)[:, :-1].float()
             total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
     finally:
         model.train(was_training)
     tokens = windows.shape[0] * (seq_len - 1)
     nll = total / tokens
     return PerplexityResult(math.exp(nll), nll, tokens, windows.shape[0], seq_len)
+
+
+def _window_logits(model: nn.Module, batch: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    if chunk is None:
+        return model(batch).logits
+    cache, parts = None, []
+    for piece in batch.split(chunk, dim=1):
+        out = model(piece, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        parts.append(out.logits)
+    return torch.cat(parts, 1)
 
 
 def perplexity(

@@ -17,6 +17,7 @@ import torch
 from .calibrate import ActivationStats, calibrate
 from .evaluate import evaluate_perplexity, max_positions
 from .model import bits_per_weight, load_model, quantize_model
+from .nn import use_kernels
 from .results import ResultStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,8 @@ DEFAULT_SEQ_LEN = {"ref-en-16m": 512}
 # First tokens of each set the ref-en-16m tables use (64 windows of 512), so all tables fit two hours of a shared
 # 2-core CPU. Formats are compared on the same tokens, so their differences are much surer than the absolute ppl.
 REF_TOKENS = 32768
+# Tokens per forward call on the kernel path: decode-shaped calls (batch 1 x 16 rows) that tinygemm serves.
+KERNEL_CHUNK = 16
 
 COLUMNS = ["format", "group_size", "calibration", "dataset", "ppl", "bits_per_weight", "seconds"]
 FORMATS_MAIN = ["bf16", "int4", "fp4", "nf4", "any4", "int3", "any3", "int2", "any2", "mxfp4", "nvfp4"]
@@ -38,6 +41,9 @@ PROFILES = {
         formats=["any4"], group_sizes=[128], datasets=["heldout"],
         calibration=["prompt", "heldout:64", "wikitext2_valid:64"],
     ),
+    # On a GPU: the same 4-bit models through the tinygemm kernels and as fake-quant (issue 8: within 0.5%).
+    "gpu_fake": dict(formats=["bf16", "int4", "nf4", "any4"], group_sizes=[128], datasets=["heldout"]),
+    "gpu_kernels": dict(formats=["int4", "nf4", "any4"], group_sizes=[128], datasets=["heldout"], kernels=True),
     # The whole held-out set, to check the pipeline against the model's published baseline (ppl 56.1).
     "bf16_full": dict(formats=["bf16"], group_sizes=[128], datasets=["heldout"], max_tokens=None),
 }
@@ -88,14 +94,16 @@ def calibration_stats(net, tokenizer, calibration: str, seq_len: int) -> Activat
     return calibrate(net, tokenizer, dataset, n_samples=int(n), seq_len=seq_len, mode=mode, progress=False)
 
 
-def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, device, dtype) -> dict:
+def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, device, dtype, kernels) -> dict:
     if fmt == UNQUANTIZED:
         group_size, calibration = None, "none"
-    return {
+    config = {
         "task": "perplexity", "model": model, "format": fmt, "group_size": group_size, "calibration": calibration,
         "dataset": dataset, "seq_len": seq_len, "max_tokens": max_tokens, "device": torch.device(device).type,
         "dtype": str(dtype).removeprefix("torch."),
     }
+    # Only kernel-path runs carry the key, so the fake-quant records keep the keys they were stored under.
+    return config | ({"path": f"tinygemm, {KERNEL_CHUNK}-token chunks"} if kernels else {})
 
 
 def accuracy_records(
@@ -110,6 +118,7 @@ def accuracy_records(
     store: str | Path = "results/accuracy",
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    kernels: bool = False,
 ):
     """One row per (format, group_size, calibration, dataset): ppl, bits_per_weight, seconds (of that evaluation).
 
@@ -118,6 +127,8 @@ def accuracy_records(
     seq_len: None -> DEFAULT_SEQ_LEN for the model, else min(2048, its max positions). max_tokens caps the tokens
     read from each set (quick profiles). dtype: compute dtype, float32 on CPU (bf16 matmuls are slow there) and
     bfloat16 on CUDA by default. store: the results folder; a relative path is taken from the checkout root.
+    kernels: run the quantized layers through the tinygemm kernels (CUDA), feeding each window KERNEL_CHUNK
+    tokens at a time; otherwise they multiply by the dequantized weight (fake-quant).
     Computes what the store lacks, reads the rest.
     """
     from tqdm.auto import tqdm
@@ -132,7 +143,9 @@ def accuracy_records(
         if base is None:
             base, tokenizer = _load(model, dtype, device)
             seq_len = seq_len or DEFAULT_SEQ_LEN.get(model) or min(2048, max_positions(base) or 2048)
-        configs = {d: _config(model, fmt, group_size, calib, d, seq_len, max_tokens, device, dtype) for d in datasets}
+        configs = {
+            d: _config(model, fmt, group_size, calib, d, seq_len, max_tokens, device, dtype, kernels) for d in datasets
+        }
         missing = [d for d, c in configs.items() if not store.has(c)]
         if missing:
             net, quantize_seconds = base, 0.0
@@ -142,9 +155,11 @@ def accuracy_records(
                 start = time.perf_counter()
                 net = quantize_model(copy.deepcopy(base), fmt, group_size, stats_cache[calib], progress=False)
                 quantize_seconds = time.perf_counter() - start
+                use_kernels(net, kernels)
+            chunking = {"batch_size": 1, "chunk": KERNEL_CHUNK} if kernels else {}
             for dataset in missing:
                 start = time.perf_counter()
-                result = evaluate_perplexity(net, tokenizer, dataset, seq_len, max_tokens, progress=progress)
+                result = evaluate_perplexity(net, tokenizer, dataset, seq_len, max_tokens, progress=progress, **chunking)
                 metrics = {
                     "ppl": result.ppl, "nll": result.nll, "tokens": result.tokens, "windows": result.windows,
                     "bits_per_weight": bits_per_weight(net), "seconds": time.perf_counter() - start,

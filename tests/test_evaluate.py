@@ -24,6 +24,17 @@ def test_perplexity_matches_float64_reference(tiny, text_file):
     assert result.ppl == pytest.approx(math.exp(total / (n * 63)), rel=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [16, 25])
+def test_chunked_windows_through_the_cache_match_whole_windows(tiny, text_file, chunk):
+    model, tokenizer = tiny
+    whole = evaluate_perplexity(model, tokenizer, text_file, seq_len=64, batch_size=2, progress=False)
+    chunked = evaluate_perplexity(model, tokenizer, text_file, seq_len=64, batch_size=2, progress=False, chunk=chunk)
+    assert chunked.tokens == whole.tokens
+    assert chunked.ppl == pytest.approx(whole.ppl, rel=1e-5)
+    with pytest.raises(ValueError, match="chunk must be a positive"):
+        evaluate_perplexity(model, tokenizer, text_file, seq_len=64, chunk=0)
+
+
 def test_uniform_prediction_gives_vocabulary_size(tiny, text_file):
     model, tokenizer = tiny
     torch.nn.init.zeros_(model.lm_head.weight)  # tied: every logit is 0, so ppl = vocab size exactly
