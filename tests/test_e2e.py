@@ -2,11 +2,18 @@
 multiplies by the dequantized weights, and the bench run itself (CSV, provenance, resume) on a tiny config."""
 
 import csv
+import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from any4lib import quantize
 from any4lib.bench import e2e
+from any4lib.bench.attention import decode_attention, decode_attention_reference, split_plan
 from any4lib.bench.decode import LlamaDecoder, decode, generate, prefill
 
 TINY = e2e.model_config("tiny")
@@ -44,6 +51,140 @@ def test_decoder_matches_transformers_llama():
     assert torch.equal(tokens, recomputed)
 
 
+def test_fused_projections_compute_the_same_model():
+    config = e2e.model_config("tiny")
+    torch.manual_seed(1)
+    ours = LlamaDecoder(config).double()
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.3)
+    fused = LlamaDecoder(config).double()
+    fused.load_state_dict(ours.state_dict())
+    fused.fuse_projections()
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert attn.qkv_proj.split_sizes == [128, 64, 64] and not hasattr(attn, "q_proj")
+    assert [n for n, _ in fused.model.layers[0].named_children()] == [
+        "input_layernorm", "self_attn", "post_attention_layernorm", "mlp"]
+    assert [n for n, _ in attn.named_children()] == ["qkv_proj", "o_proj"]
+    assert [n for n, _ in mlp.named_children()] == ["gate_up_proj", "down_proj"]
+    for m in (ours, fused):
+        m.setup_caches(batch=2, max_len=20)
+    prompt = torch.randint(0, config.vocab_size, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(prompt, torch.arange(7)), ours(prompt, torch.arange(7)), rtol=1e-12,
+                                   atol=1e-12)
+        assert torch.equal(generate(fused, prompt, 6), generate(ours, prompt, 6))
+
+
+@pytest.mark.parametrize("name", ["int4:dequant", "any4:dequant", "nf4:dequant", "torch-int4"])
+def test_fused_quantized_layers_stack_the_separate_ones(name):
+    # Same random parts, each quantized on its own: the fused weight is the separate weights stacked, bit for bit.
+    build = lambda fuse: e2e.build_model(TINY, e2e.method(name, 128), "cpu", seed=3, reuse_budget_s=0.0,  # noqa: E731
+                                         progress=False, fuse=fuse)[0]
+    fused, separate = build(True), build(False)
+    x = torch.randn(3, TINY.hidden_size, dtype=torch.bfloat16)
+    for i in range(TINY.num_hidden_layers):
+        f, s = fused.model.layers[i], separate.model.layers[i]
+        parts = [s.self_attn.q_proj(x), s.self_attn.k_proj(x), s.self_attn.v_proj(x)]
+        assert torch.equal(f.self_attn.qkv_proj(x), torch.cat(parts, -1))
+        assert torch.equal(f.mlp.gate_up_proj(x), torch.cat([s.mlp.gate_proj(x), s.mlp.up_proj(x)], -1))
+    if name != "torch-int4":  # its CPU kernel blocks N, so stacking changes the float rounding order
+        assert torch.equal(greedy_tokens_of(fused), greedy_tokens_of(separate))
+
+
+def greedy_tokens_of(model, batch=2, prompt=12, new=6):
+    return e2e.time_generation(model, batch, prompt, new, "none", "cpu", seed=5)["tokens"]
+
+
+@pytest.mark.parametrize("fmt", ["any4", "nf4", "int4", "mxfp4"])
+def test_cat_quantized_is_exact(fmt):
+    torch.manual_seed(0)
+    parts = [quantize(torch.randn(n, 256), fmt, 128) for n in (32, 16, 48)]
+    q = e2e.cat_quantized(parts)
+    assert q.shape == (96, 256)
+    torch.testing.assert_close(q.dequantize(), torch.cat([p.dequantize() for p in parts]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cannot stack"):
+        e2e.cat_quantized([parts[0], quantize(torch.randn(16, 256), fmt, 64 if fmt != "mxfp4" else 128)]
+                          if fmt != "mxfp4" else [parts[0], quantize(torch.randn(16, 128), fmt, 128)])
+
+
+def test_quantized_lm_head_option():
+    meth = e2e.method("int4:dequant:qhead", 128)
+    assert meth.quant_head and meth.format == "int4" and meth.describe_head() == "int4:dequant"
+    with pytest.raises(ValueError, match="bf16:qhead"):
+        e2e.method("bf16:qhead", 128)
+    model, _ = e2e.build_model(TINY, meth, "cpu", seed=3, progress=False)
+    plain, _ = e2e.build_model(TINY, e2e.method("int4:dequant", 128), "cpu", seed=3, progress=False)
+    assert isinstance(model.lm_head, e2e.DequantizedLinear) and isinstance(plain.lm_head, torch.nn.Linear)
+    # The same random head, quantized: close to the bf16 one, not equal.
+    w_q, w_b = model.lm_head.weight, plain.lm_head.weight.float()
+    assert 0 < (w_q - w_b).abs().max() < 0.2 * w_b.abs().max()
+
+
+def _masked_sdpa(q, k, v, pos):
+    # What the decoder's SDPA path computes for one token: keys 0..pos visible.
+    mask = torch.arange(k.shape[2]) <= int(pos[0])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None, None, :])
+
+
+@pytest.mark.parametrize("p", [0, 5, 39])
+def test_decode_attention_reference_and_cpu_op_match_masked_sdpa(p):
+    torch.manual_seed(p)
+    q, k, v = torch.randn(2, 2, 4, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    pos = torch.tensor([p])
+    expected = _masked_sdpa(q, k, v, pos)
+    torch.testing.assert_close(decode_attention_reference(q, k, v, pos), expected)
+    torch.testing.assert_close(decode_attention(q, k, v, pos), expected)  # the custom op's CPU path
+
+
+def test_split_plan_covers_the_cache():
+    for programs, max_len in [(8, 640), (32, 640), (128, 640), (1, 17), (8, 8192)]:
+        slices, chunk = split_plan(programs, max_len, 132)
+        assert chunk % 32 == 0 and slices * chunk >= max_len and (slices - 1) * chunk < max_len
+    assert split_plan(8, 640, 132)[0] >= 10  # one sequence: the cache is split so that ~all SMs work
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (interpreter mode on CPU)")
+def test_decode_attention_triton_kernel_in_interpreter():
+    # Triton's CPU interpreter runs the kernel's own code (its bf16 dot is broken there: fp32 and fp16 only).
+    code = """
+import torch
+from any4lib.bench.attention import decode_attention_triton, decode_attention_reference
+torch.manual_seed(0)
+for b, hkv, g, d, n, p, dtype, tol in [(1, 2, 4, 64, 100, 70, torch.float32, 1e-5), (2, 2, 4, 32, 64, 0, torch.float32, 1e-5),
+                                       (3, 1, 3, 32, 130, 129, torch.float32, 1e-5), (2, 2, 4, 64, 200, 150, torch.float16, 2e-3)]:
+    q, k, v = (torch.randn(b, hkv, m, d).to(dtype) for m in (g, n, n))
+    pos = torch.tensor([p])
+    out = decode_attention_triton(q, k, v, pos)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), pos)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < tol, (b, hkv, g, d, n, p, dtype, err)
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_profile_smoke_on_cpu(tmp_path):
+    from any4lib.bench.profile import classify
+
+    assert classify("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "rmsnorm (+ residual add)"
+    assert classify("triton_poi_fused_add_cat_index_copy_mul_neg_1") == "rope + kv cache write"
+    assert classify("split_kernel") == "attention" and classify("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"
+    assert classify("void tinygemm::kernel<4, true>(...)") == "gemm" and classify("nvjet_tst_64x8_64x16") == "gemm"
+    assert classify("triton_poi_fused_mul_silu_2") == "silu * up"
+    out = tmp_path / "profile.csv"
+    e2e_args = e2e.parse_args(["--profile", "--model-config", "tiny", "--device", "cpu", "--compile", "none",
+                               "--formats", "bf16", "--peers", "", "--batch", "1", "--prompt", "8", "--new", "16",
+                               "--profile-out", str(out)])
+    from any4lib.bench.profile import run_profile
+
+    rows = run_profile(e2e_args)
+    assert [(r["layout"], r["attention"], r["status"]) for r in rows] == [("separate", "sdpa", "ok"),
+                                                                         ("fused", "triton", "ok")]
+    assert out.is_file() and out.with_suffix(".txt").read_text().startswith("bf16 b=1 separate+sdpa")
+
+
 def test_torch_int4_peer_matches_our_int4_dequantized():
     # Independent kernel (PyTorch's tinygemm layout, CPU build) fed our int4 codes: same greedy tokens.
     assert torch.equal(greedy_tokens("torch-int4"), greedy_tokens("int4:dequant"))
@@ -70,7 +211,7 @@ def test_anyn_codes_shared_across_blocks_when_quantizing_is_slow():
     model, info = e2e.build_model(TINY, e2e.method("any4:dequant", 128), "cpu", seed=3, reuse_budget_s=0.0,
                                   progress=False)
     assert info["codes_reused"]
-    first, second = (model.model.layers[i].self_attn.q_proj.weight for i in (0, 1))
+    first, second = (model.model.layers[i].self_attn.qkv_proj.weight for i in (0, 1))
     assert torch.equal(first, second) and first.data_ptr() != second.data_ptr()
 
 
@@ -84,6 +225,7 @@ def test_run_writes_csv_with_provenance_and_resumes(tmp_path, capsys):
         (m, b) for m in ("bf16", "int4:dequant", "torch-int4") for b in ("1", "2")]
     assert all(r["status"] == "ok" for r in rows)
     assert all(r["git_commit"] and r["torch"] == torch.__version__ and r["date"] for r in rows)
+    assert all((r["layout"], r["attention"], r["lm_head"]) == ("fused", "triton", "bf16") for r in rows)
     assert all(float(r["decode_tok_s"]) > 0 for r in rows)
     bf16 = {r["batch"]: float(r["decode_tok_s"]) for r in rows if r["method"] == "bf16"}
     for r in rows:
@@ -91,6 +233,26 @@ def test_run_writes_csv_with_provenance_and_resumes(tmp_path, capsys):
     assert "torch-int4" in capsys.readouterr().out  # the side-by-side table
     e2e.run(e2e.parse_args(argv))  # everything measured already: nothing is appended
     assert len(list(csv.DictReader(out.open()))) == len(rows)
+    # Another layout in the same CSV is measured anew, its speedups against its own bf16 rows.
+    e2e.run(e2e.parse_args(argv + ["--layout", "separate", "--attention", "sdpa"]))
+    again = list(csv.DictReader(out.open()))
+    assert len(again) == 2 * len(rows) and {r["layout"] for r in again[len(rows):]} == {"separate"}
+
+
+def test_csv_from_before_the_layout_columns_is_rewritten(tmp_path):
+    out = tmp_path / "decode.csv"
+    old_columns = [c for c in e2e.COLUMNS if c not in ("layout", "attention", "lm_head")]
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, old_columns)
+        writer.writeheader()
+        writer.writerow({c: "" for c in old_columns} | {"method": "bf16", "batch": "1", "status": "ok",
+                                                         "decode_tok_s": "100"})
+    e2e.run(e2e.parse_args(["--model-config", "tiny", "--device", "cpu", "--compile", "none", "--formats", "bf16",
+                            "--peers", "", "--batch", "1", "--prompt", "4", "--new", "2", "--out", str(out)]))
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == e2e.COLUMNS
+    assert [(r["method"], r["layout"], r["decode_tok_s"]) for r in rows][0] == ("bf16", "", "100")
+    assert rows[1]["layout"] == "fused" and rows[1]["speedup_vs_bf16"] == "1"  # against its own layout's bf16
 
 
 def test_missing_peer_is_recorded_not_fatal(tmp_path, monkeypatch):
@@ -149,3 +311,35 @@ def test_graphed_and_compiled_quantized_decode_on_gpu(name):
     assert torch.equal(greedy_tokens(name, "cuda", "cudagraph"), eager)
     # Compiled blocks: the first decoded token (after the shared eager prefill) comes from the compiled step.
     assert torch.equal(greedy_tokens(name, "cuda", "blocks")[:, :2], eager[:, :2])
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_decode_attention_kernel_on_gpu(dtype):
+    from any4lib.bench.attention import decode_attention_triton
+
+    torch.manual_seed(0)
+    for b, hkv, g, d, n, p in [(1, 8, 4, 128, 640, 511), (1, 8, 4, 128, 640, 639), (4, 8, 4, 128, 640, 0),
+                               (16, 8, 4, 128, 640, 600), (3, 2, 3, 64, 100, 77), (2, 4, 8, 128, 4096, 3000)]:
+        q, k, v = (torch.randn(b, hkv, m, d, device="cuda", dtype=dtype) for m in (g, n, n))
+        pos = torch.tensor([p], device="cuda")
+        out = torch.full_like(q, float("nan"))
+        out.copy_(decode_attention_triton(q, k, v, pos))
+        ref = decode_attention_reference(q.double(), k.double(), v.double(), pos)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert torch.isfinite(out).all() and err < (1e-5 if dtype == torch.float32 else 1e-2), (b, n, p, err)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_triton_decode_attention_matches_sdpa_in_the_model_on_gpu():
+    # float32: the kernel's ieee dots against SDPA's masked attention, same greedy tokens; and both layouts agree.
+    def tokens(attention, fuse=True, mode="none"):
+        model, _ = e2e.build_model(TINY, e2e.method("bf16", 128), "cuda", seed=3, dtype=torch.float32,
+                                   progress=False, attention=attention, fuse=fuse)
+        return e2e.time_generation(model, 2, 12, 8, mode, "cuda", seed=5)["tokens"]
+
+    expected = tokens("sdpa", fuse=False)
+    assert torch.equal(tokens("triton"), expected)
+    assert torch.equal(tokens("triton", mode="blocks"), expected)

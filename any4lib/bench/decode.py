@@ -3,6 +3,13 @@
 Parameter names follow transformers' LlamaForCausalLM, so its state dict loads as is. The model is built from a
 transformers LlamaConfig (dimensions only) and is meant for speed: default RoPE, no dropout, no padding, one prompt
 length for the whole batch.
+
+Two decode-speed options, both exact rewrites of the same function:
+- `fuse_projections()`: q/k/v become one linear (qkv_proj) and gate/up one (gate_up_proj), their weights stacked
+  by output rows. Per-row and per-group quantized formats quantize row by row, so stacking the quantized parts
+  is the same quantized model with fewer, larger GEMMs.
+- `decode_attention = "triton"`: a one-token step on CUDA reads the cache through a split-K Triton kernel
+  (`attention.py`) that stops at the filled length, instead of SDPA with a boolean mask over the whole cache.
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .attention import decode_attention
 
 
 def rope_theta(config) -> float:
@@ -47,6 +56,18 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def stack_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One bias-free Linear whose output rows are those of `linears` in order (works on the meta device too).
+    Its `split_sizes` attribute keeps the parts' output sizes."""
+    if any(lin.bias is not None for lin in linears):
+        raise ValueError("stack_linears: only bias-free linears")
+    weight = torch.cat([lin.weight for lin in linears])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    fused.split_sizes = [lin.out_features for lin in linears]
+    return fused
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # transformers' Llama convention: the two halves of the head dimension form the rotated pairs.
     half = x.shape[-1] // 2
@@ -65,20 +86,40 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
         self.kv_cache: KVCache | None = None
+        self.fused = False
+        self.decode_attention = "sdpa"  # or "triton": see the module docstring
+
+    def fuse(self) -> None:
+        """q/k/v -> one qkv_proj (rows stacked q, k, v), registered first so module order stays q, k, v, o."""
+        if self.fused:
+            return
+        qkv, o = stack_linears([self.q_proj, self.k_proj, self.v_proj]), self.o_proj
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            delattr(self, name)
+        self.qkv_proj, self.o_proj = qkv, o
+        self.fused = True
 
     def forward(self, x, cos, sin, pos, mask):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split(
+                [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         k, v = self.kv_cache.update(pos, k, v)
         # Grouped-query attention without copying K/V per query head: the `group` query heads that share a KV
         # head become `group` times as many query rows of that head (rows of the mask repeated to match).
         group = self.heads // self.kv_heads
         q = q.reshape(b, self.kv_heads, group * t, self.head_dim)
-        mask = mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(1, 1, group * t, -1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if t == 1 and self.decode_attention == "triton" and q.is_cuda:
+            out = decode_attention(q, k, v, pos)  # keys 0..pos[0]: the causal mask of a one-token step
+        else:
+            mask = mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(1, 1, group * t, -1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1))
 
 
@@ -88,9 +129,24 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fused = False
+
+    def fuse(self) -> None:
+        """gate/up -> one gate_up_proj (rows stacked gate, up), registered before down_proj."""
+        if self.fused:
+            return
+        gate_up, down = stack_linears([self.gate_proj, self.up_proj]), self.down_proj
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            delattr(self, name)
+        self.gate_up_proj, self.down_proj = gate_up, down
+        self.fused = True
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -123,6 +179,21 @@ class LlamaDecoder(nn.Module):
         self.model = Body(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.max_len = 0
+
+    def fuse_projections(self) -> LlamaDecoder:
+        """Stack q/k/v and gate/up of every block into one linear each (exact; see the module docstring)."""
+        for block in self.model.layers:
+            block.self_attn.fuse()
+            block.mlp.fuse()
+        return self
+
+    def set_decode_attention(self, impl: str) -> LlamaDecoder:
+        """'sdpa' (masked SDPA over the whole cache) or 'triton' (split-K kernel over the filled part, CUDA)."""
+        if impl not in ("sdpa", "triton"):
+            raise ValueError(f"decode attention {impl!r}: use 'sdpa' or 'triton'")
+        for block in self.model.layers:
+            block.self_attn.decode_attention = impl
+        return self
 
     def setup_caches(self, batch: int, max_len: int) -> None:
         """Allocate the KV cache and the RoPE / causal-mask tables for `batch` sequences of up to `max_len` tokens."""

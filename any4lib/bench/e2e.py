@@ -27,6 +27,7 @@ from torch import nn
 
 from ..formats import get_format, list_formats
 from ..provenance import provenance
+from ..qtensor import QuantizedTensor
 from ..quant import quantize
 from .decode import LlamaDecoder, decode, decode_step, prefill
 
@@ -138,16 +139,27 @@ class Method:
     group_size: int | None
     learned: bool = False  # anyN: k-means per row, the slow quantizer
     dequantized: bool = False  # multiply by the dequantized weight instead (the kernels' reference in tests)
+    quant_head: bool = False  # lm_head quantized too (NAME:qhead); the paper, and the main rows, keep it bf16
 
-    def make(self, w: torch.Tensor, seed: int) -> nn.Module:
-        """The module standing in for nn.Linear with weight `w` [N, K] (bf16, on the run's device)."""
+    def make(self, w: torch.Tensor | list[torch.Tensor], seed: int) -> nn.Module:
+        """The module standing in for nn.Linear with weight `w` [N, K] (bf16, on the run's device).
+
+        A list of weights is one fused linear of their stacked rows (qkv_proj, gate_up_proj): each part is quantized
+        on its own and the quantized parts are stacked, so the layer is exactly the unfused layers side by side.
+        """
+        parts = [w] if isinstance(w, torch.Tensor) else list(w)
+        w = parts[0] if len(parts) == 1 else torch.cat(parts)
         if self.name == "bf16":
             layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
             layer.weight.data.copy_(w)
             return layer
         if self.name == "bnb-nf4":
+            # Blocks of 64 run along rows (K = 4096 is a multiple of 64): quantizing the stack = stacking the parts.
             return BnbNF4Linear(w)
-        q = quantize(w, self.format, group_size=self.group_size, **({"seed": seed} if self.learned else {}))
+        dtype = w.dtype
+        del w
+        q = cat_quantized([quantize(p, self.format, group_size=self.group_size,
+                                    **({"seed": seed} if self.learned else {})) for p in parts])
         if self.name == "torch-int4":
             return TorchInt4Linear(q)
         if self.name == "gemlite-int4":
@@ -156,10 +168,13 @@ class Method:
 
         if self.dequantized:
             # The weight the kernels stand for: tables rounded to the activation dtype as the packing stores them.
-            exact = kernels.PackedWeight.from_quantized(q, w.dtype).unpack() if kernels.is_supported(q) else q
+            exact = kernels.PackedWeight.from_quantized(q, dtype).unpack() if kernels.is_supported(q) else q
             return DequantizedLinear(exact.dequantize(torch.float32))
         kernels.check_supported(q)
-        return PackedLinear(kernels.PackedWeight.from_quantized(q, w.dtype))
+        return PackedLinear(kernels.PackedWeight.from_quantized(q, dtype))
+
+    def describe_head(self) -> str:
+        return self.name.removesuffix(":qhead") if self.quant_head else "bf16"
 
     def implementation(self) -> str:
         """What runs the matmul, with its version (a peer that is not installed says so)."""
@@ -180,6 +195,11 @@ class Method:
 
 def method(name: str, group_size: int) -> Method:
     """A Method by name: bf16, a peer, an any4lib format (tinygemm kernels) or FORMAT:dequant (dense matmul)."""
+    if name.endswith(":qhead"):
+        base = method(name.removesuffix(":qhead"), group_size)
+        if base.name == "bf16":
+            raise ValueError("bf16:qhead means nothing: bf16's lm_head is bf16 already")
+        return Method(name, base.format, base.group_size, base.learned, base.dequantized, quant_head=True)
     if name.endswith(":dequant"):
         kernel_path = method(name.removesuffix(":dequant"), group_size)
         return Method(name, kernel_path.format, kernel_path.group_size, kernel_path.learned, dequantized=True)
@@ -196,26 +216,50 @@ def method(name: str, group_size: int) -> Method:
     return Method(name, name, spec.fixed_group_size or group_size, learned=spec.learned)
 
 
+def cat_quantized(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    """QuantizedTensors of the same format, K and group size stacked by rows (exact for per-row / per-group formats:
+    each row's codes, LUT, scales and zeros are its own; a shared table must be the same in every part)."""
+    from dataclasses import replace
+
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    for q in parts[1:]:
+        same = (q.format, q.bits, q.group_size, q.shape[1], q.tensor_scale)
+        if same != (first.format, first.bits, first.group_size, first.shape[1], first.tensor_scale):
+            raise ValueError(f"cannot stack {q.format} {tuple(q.shape)} onto {first.format} {tuple(first.shape)}: "
+                             "format, K, group size and tensor scale must match")
+    if all(q.lut.shape[0] == 1 for q in parts) and all(torch.equal(q.lut, first.lut) for q in parts):
+        lut = first.lut
+    else:
+        lut = torch.cat([q.lut.expand(q.shape[0], -1) for q in parts])
+    zero = None if first.zero is None else torch.cat([q.zero for q in parts])
+    return replace(first, codes=torch.cat([q.codes for q in parts]), lut=lut,
+                   scale=torch.cat([q.scale for q in parts]), zero=zero)
+
+
 # ---- building the model -----------------------------------------------------------------------------------------
 
 
-def _block_linears(model: LlamaDecoder) -> list[tuple[int, str]]:
-    return [(i, name) for i, block in enumerate(model.model.layers)
-            for name, m in block.named_modules() if isinstance(m, nn.Linear)]
-
-
 def build_model(config, meth: Method, device, seed: int = 0, reuse_budget_s: float = 60.0,
-                dtype=torch.bfloat16, progress: bool = True) -> tuple[LlamaDecoder, dict]:
+                dtype=torch.bfloat16, progress: bool = True, fuse: bool = True,
+                attention: str = "triton") -> tuple[LlamaDecoder, dict]:
     """The decoder on `device` with seeded random weights, every block Linear replaced by `meth`.
 
     Built on the meta device, so only what each method keeps is ever allocated. If quantizing the first block
     times the rest would exceed `reuse_budget_s`, the later blocks get copies of the first block's quantized
     layers (same codes, separate memory; the timing is unchanged since decode streams every weight once).
+    fuse: q/k/v and gate/up as one linear each, built from the same random parts as the unfused model (so both
+    models compute the same function). attention: the one-token attention on CUDA, 'triton' or 'sdpa'.
+    lm_head stays bf16 unless meth.quant_head.
     """
     from tqdm import tqdm
 
     with torch.device("meta"):
         model = LlamaDecoder(config)
+    if fuse:
+        model.fuse_projections()
+    model.set_decode_attention(attention)
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def random_weight(shape):
@@ -232,7 +276,8 @@ def build_model(config, meth: Method, device, seed: int = 0, reuse_budget_s: flo
             if info["codes_reused"]:
                 layer = copy.deepcopy(model.model.layers[0].get_submodule(name))
             else:
-                layer = meth.make(random_weight(linear.weight.shape), seed + i)
+                sizes = getattr(linear, "split_sizes", [linear.out_features])
+                layer = meth.make([random_weight((n, linear.in_features)) for n in sizes], seed + i)
             block.set_submodule(name, layer)
         sync()
         if i == 0:
@@ -244,6 +289,9 @@ def build_model(config, meth: Method, device, seed: int = 0, reuse_budget_s: flo
             if p.is_meta:
                 value = torch.ones(p.shape, device=device, dtype=dtype) if p.dim() == 1 else random_weight(p.shape)
                 setattr(module, pname, nn.Parameter(value, requires_grad=False))
+    if meth.quant_head:  # the same random head as the bf16 one, quantized by the method
+        model.lm_head = meth.make(model.lm_head.weight, seed + len(blocks))
+    sync()
     return model.eval().requires_grad_(False), info
 
 
@@ -283,8 +331,7 @@ def make_step(model: LlamaDecoder, compile_mode: str, batch: int, device):
     """
     eager_step = lambda *args: _eager(decode_step, *args)  # noqa: E731  (blocks compiled by an earlier mode too)
     if compile_mode == "blocks":
-        for block in model.model.layers:
-            block.compile(fullgraph=True, dynamic=False)
+        compile_blocks(model)
         return graphed_step(decode_step, model, batch, device)
     if compile_mode == "reduce-overhead":
         return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
@@ -293,6 +340,13 @@ def make_step(model: LlamaDecoder, compile_mode: str, batch: int, device):
     if compile_mode == "none":
         return eager_step
     raise ValueError(f"unknown --compile {compile_mode!r}: use blocks, reduce-overhead, cudagraph or none")
+
+
+def compile_blocks(model: LlamaDecoder) -> None:
+    """torch.compile each decoder block and the final norm (one compile serves all blocks: same code)."""
+    for block in model.model.layers:
+        block.compile(fullgraph=True, dynamic=False)
+    model.model.norm.compile(fullgraph=True, dynamic=False)
 
 
 def _eager(fn, *args):
@@ -345,7 +399,7 @@ def time_generation(model: LlamaDecoder, batch: int, prompt_len: int, new: int, 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
 
-COLUMNS = ["method", "format", "group_size", "implementation", "batch", "prompt", "new", "decode_tok_s",
+COLUMNS = ["method", "format", "group_size", "implementation", "layout", "attention", "lm_head", "batch", "prompt", "new", "decode_tok_s",
            "decode_ms_per_step", "speedup_vs_bf16", "prefill_tok_s", "prefill_ms", "model_gb", "peak_mem_gb", "prefill_peak_mem_gb",
            "quantize_s_first_block", "codes_reused", "compile", "warmup_s", "status", "model_config",
            "git_commit", "git_dirty", "torch", "cuda", "device", "date"]
@@ -361,11 +415,25 @@ def _read_rows(path: Path) -> list[dict]:
 def _append_row(path: Path, row: dict) -> None:
     new = not path.is_file()
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not new:
+        with path.open() as f:
+            header = next(csv.reader(f), None)
+        if header != COLUMNS:  # a CSV from an older bench: rewrite it under today's columns (new ones blank)
+            old = _read_rows(path)
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(old)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def _variant(row: dict) -> tuple[str, str]:
+    """(layout, attention) of a CSV row; rows from before these columns existed ran separate + sdpa."""
+    return row.get("layout") or "separate", row.get("attention") or "sdpa"
 
 
 def _fmt(value) -> str:
@@ -399,11 +467,14 @@ def run(args) -> list[dict]:
     config = model_config(args.model_config)
     out = Path(args.out)
     rows = _read_rows(out)
+    variant = ("fused" if args.fuse else "separate", args.attention)
+    rows = [r for r in rows if _variant(r) == variant]  # other layouts in the same CSV: kept, not compared
     done = {(r["method"], int(r["batch"])) for r in rows if r["status"].startswith("ok")}
     prov = provenance(device)
     common = {"prompt": args.prompt, "new": args.new, "compile": args.compile, "model_config": args.model_config,
               "git_commit": (prov["git"]["commit"] or "")[:12], "git_dirty": prov["git"]["dirty"],
-              "torch": torch.__version__, "cuda": torch.version.cuda, "device": prov["device"], "date": prov["date"]}
+              "torch": torch.__version__, "cuda": torch.version.cuda, "device": prov["device"], "date": prov["date"],
+              "layout": variant[0], "attention": variant[1]}
     start = time.perf_counter()
     methods = [method(name, args.group_size) for name in args.methods]
     for meth in methods:
@@ -414,7 +485,7 @@ def run(args) -> list[dict]:
             print(f"deadline of {args.deadline_s:.0f} s passed: skipping {meth.name} (rerun to resume)")
             continue
         base = {**common, "method": meth.name, "format": meth.format or "", "group_size": meth.group_size or "",
-                "implementation": meth.implementation()}
+                "implementation": meth.implementation(), "lm_head": meth.describe_head()}
         try:
             # The last method's model sits in reference cycles (compiled blocks hold their module): free it now, or
             # it would count in this method's memory.
@@ -422,7 +493,8 @@ def run(args) -> list[dict]:
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
             before = torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else 0
-            model, info = build_model(config, meth, device, seed=args.seed, reuse_budget_s=args.reuse_budget_s)
+            model, info = build_model(config, meth, device, seed=args.seed, reuse_budget_s=args.reuse_budget_s,
+                                      fuse=args.fuse, attention=args.attention)
             model_gb = ((torch.cuda.memory_allocated() - before) / 1e9 if torch.device(device).type == "cuda"
                         else float("nan"))
         except Exception as err:  # a peer that is missing or fails: recorded, the run goes on
@@ -488,8 +560,20 @@ def parse_args(argv=None):
     parser.add_argument("--reuse-budget-s", type=float, default=60.0,
                         help="share the first block's anyN codes with later blocks if quantizing all would take longer")
     parser.add_argument("--deadline-s", type=float, default=float("inf"), help="start no new method after this")
+    parser.add_argument("--layout", default="fused", choices=["fused", "separate"],
+                        help="fused: q/k/v and gate/up as one linear each (every method); separate: seven per block")
+    parser.add_argument("--attention", default="triton", choices=["triton", "sdpa"],
+                        help="one-token attention on CUDA: split-K Triton kernel, or masked SDPA over the whole cache")
     parser.add_argument("--out", default="results/e2e/decode.csv")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the bench: profile one decode step per method x --profile-variants x batch")
+    parser.add_argument("--profile-variants", default="separate+sdpa,fused+triton",
+                        help="comma list of LAYOUT+ATTENTION to profile")
+    parser.add_argument("--profile-out", default="results/e2e/profile.csv",
+                        help="profile CSV; the top-kernel tables go beside it (.txt)")
+    parser.add_argument("--trace-dir", default="", help="also write gzipped Chrome traces of anyN profiles here")
     args = parser.parse_args(argv)
+    args.fuse = args.layout == "fused"
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     args.methods = split(args.formats) + split(args.peers)
     args.batch = [int(b) for b in split(args.batch)]
@@ -499,4 +583,10 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    run(parse_args())
+    _args = parse_args()
+    if _args.profile:
+        from .profile import run_profile
+
+        run_profile(_args)
+    else:
+        run(_args)
