@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end decode speed (issue 6) in one device call, from the repository root:
-#   ANY4_GIT_COMMIT=<commit> scripts/device_e2e.sh [bench] [tests] [reduce-overhead] [-- extra bench arguments]
+#   ANY4_GIT_COMMIT=<commit> scripts/device_e2e.sh [profile] [bench] [tests] [reduce-overhead] [-- extra bench arguments]
+# profile: where one decode step's time goes (any4lib/bench/profile.py), old layout (separate q/k/v, gate/up;
+# masked SDPA) against the new (fused; Triton split-K decode attention), b=1: results/e2e/profile.{csv,txt}.
 # Peers travel as an unpacked site folder, .whl/site (bitsandbytes 0.50.2 with only its CPU and CUDA 13.0
 # libraries, to stay small; gemlite 0.6.0.post2, pure Python, built from its sdist): make it once on a machine
 # with the package index (`scripts/device_e2e.sh wheels`, not on the device) and carry it. The CSV is
@@ -27,7 +29,7 @@ steps=() extra=()
 while [ $# -gt 0 ]; do
   case $1 in --) shift; extra=("$@"); break ;; *) steps+=("$1"); shift ;; esac
 done
-[ ${#steps[@]} -gt 0 ] || steps=(bench tests reduce-overhead)
+[ ${#steps[@]} -gt 0 ] || steps=(bench tests)
 status=0
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
@@ -44,19 +46,30 @@ EOF
 for step in "${steps[@]}"; do
   start=$SECONDS
   case $step in
+    profile)
+      timeout 300 python3 -c "from any4lib.kernels import load_kernels; load_kernels(); print('kernels loaded')" \
+        2>&1 | tee "$OUT/build.log"
+      timeout "${PROFILE_LIMIT_S:-300}" python3 -m any4lib.bench.e2e --profile --model-config llama3-8b \
+        --formats "${PROFILE_METHODS:-bf16,any4,int4}" --peers "" --batch "${PROFILE_BATCH:-1}" --prompt 512 --new 128 \
+        --profile-variants "${PROFILE_VARIANTS:-separate+sdpa,fused+triton}" --profile-out results/e2e/profile.csv \
+        --trace-dir "$OUT" --deadline-s "${PROFILE_DEADLINE_S:-240}" 2>&1 | tee "$OUT/profile.log"
+      rc=${PIPESTATUS[0]}
+      cp results/e2e/profile.csv results/e2e/profile.txt "$OUT/" 2>/dev/null ;;
     bench)
       # The tinygemm JIT build first, so it stays out of the first method's warm-up time.
       timeout 300 python3 -c "from any4lib.kernels import load_kernels; load_kernels(); print('kernels loaded')" \
         2>&1 | tee "$OUT/build.log"
       # Leaves room for the later steps; an unfinished run resumes from the CSV in the next call.
       timeout "${BENCH_LIMIT_S:-330}" python3 -m any4lib.bench.e2e --model-config llama3-8b \
-        --formats bf16,any4,int4,torch-int4,nf4,mxfp4,bnb-nf4,gemlite-int4 --peers "" --batch 1,4,16 \
+        --formats "${BENCH_METHODS:-bf16,any4,int4,torch-int4,nf4,mxfp4,bnb-nf4,gemlite-int4,any4:qhead,int4:qhead}" \
+        --peers "" --batch "${BENCH_BATCH:-1,4,16}" \
         --prompt 512 --new 128 --deadline-s "${BENCH_DEADLINE_S:-230}" --out results/e2e/decode.csv "${extra[@]}" \
         2>&1 | tee "$OUT/e2e.log"
       rc=${PIPESTATUS[0]}
       cp results/e2e/decode.csv "$OUT/" 2>/dev/null ;;
     tests)
-      timeout 120 python3 -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_e2e.py 2>&1 | tee "$OUT/tests.log"
+      timeout "${TESTS_LIMIT_S:-200}" python3 -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_e2e.py ${TESTS_K:+-k "$TESTS_K"} \
+        2>&1 | tee "$OUT/tests.log"
       rc=${PIPESTATUS[0]} ;;
     reduce-overhead)
       # Cross-check of the default mode against torch.compile(mode="reduce-overhead") of the whole step, batch 1.
@@ -66,7 +79,7 @@ for step in "${steps[@]}"; do
         --deadline-s $(( limit - 150 )) --out results/e2e/decode_reduce_overhead.csv 2>&1 | tee "$OUT/reduce_overhead.log"
       rc=${PIPESTATUS[0]}
       cp results/e2e/decode_reduce_overhead.csv "$OUT/" 2>/dev/null ;;
-    *) echo "unknown step $step (bench, tests, reduce-overhead)"; rc=2 ;;
+    *) echo "unknown step $step (profile, bench, tests, reduce-overhead)"; rc=2 ;;
   esac
   echo "== $step: exit $rc after $((SECONDS - start)) s"
   [ "$rc" = 0 ] || status=1
