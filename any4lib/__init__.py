@@ -17,8 +17,8 @@ from .quant import dequantize, quantize, valid_group_sizes
 
 # Public name -> the module that defines it, imported when the name is first used.
 _LAZY = {
-    "calibrate": "calibrate",
-    "ActivationStats": "calibrate",
+    "calibrate": "calibration",
+    "ActivationStats": "calibration",
     "QuantLinear": "nn",
     "use_kernels": "nn",
     "quantize_model": "model",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .calibrate import model_device
+from .calibration import model_device
 from .model import quantized_layers
 from .paths import calibration_prompt
 

@@ -90,7 +90,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from .calibrate import calibrate
+    from .calibration import calibrate
     from .model import load_model
 
     if not args.out:

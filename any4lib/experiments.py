@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import ActivationStats, calibrate
+from .calibration import ActivationStats, calibrate
 from .evaluate import evaluate_perplexity, max_positions
 from .model import bits_per_weight, load_model, quantize_model
 from .nn import use_kernels

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import ActivationStats, record_inputs
+from .calibration import ActivationStats, record_inputs
 from .nn import QuantLinear
 from .qtensor import QuantizedTensor
 from .quant import quantize

@@ -14,8 +14,10 @@ PACKAGES = ("any4lib", "torch", "transformers", "numpy", "safetensors", "lm_eval
 
 
 def git_state(repo: Path | None = None) -> dict:
-    """The checkout's commit and whether tracked files differ from it. Outside a git checkout (e.g. a copy of the
-    tree on a GPU host) the commit comes from $ANY4_GIT_COMMIT when set, else None."""
+    """The checkout's commit and whether tracked files differ from it. $ANY4_GIT_COMMIT, when set, names the commit
+    instead (dirty: None): a copy of the tree on a GPU host has no .git, or a stale one."""
+    if os.environ.get("ANY4_GIT_COMMIT"):
+        return {"commit": os.environ["ANY4_GIT_COMMIT"], "dirty": None}
     repo = repo or Path(__file__).resolve().parents[1]
 
     def git(*args):
@@ -27,8 +29,6 @@ def git_state(repo: Path | None = None) -> dict:
         dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         commit = dirty = None
-    if commit is None and os.environ.get("ANY4_GIT_COMMIT"):
-        return {"commit": os.environ["ANY4_GIT_COMMIT"], "dirty": None}
     return {"commit": commit, "dirty": None if dirty is None else bool(dirty)}
 
 

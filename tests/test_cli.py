@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from any4lib.calibrate import ActivationStats
+from any4lib.calibration import ActivationStats
 from any4lib.cli import main
 
 

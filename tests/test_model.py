@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import any4lib
-from any4lib.calibrate import calibrate
+from any4lib.calibration import calibrate
 from any4lib.model import bits_per_weight, load_model, load_quantized, quantize_model, save_quantized, select_linear_layers
 from any4lib.nn import QuantLinear
 

@@ -75,4 +75,9 @@ def test_cuda_kernel_path_matches_dequantized_path(fmt):
         pytest.skip("the kernels do not support this format here")
     y_kernel = layer(x)
     use_kernels(layer, False)
-    torch.testing.assert_close(y_kernel.float(), layer(x).float(), rtol=2e-2, atol=5e-2)
+    y_fake = layer(x)
+    # Against float64: the kernel scales in fp32 while fake-quant rounds each weight to bf16 first, so the two
+    # bf16 outputs differ by about a bf16 ulp of |y| (~0.1 here); both must be within bf16 rounding of the truth.
+    reference = x.double() @ any4lib.dequantize(q).double().cuda().T
+    for y in (y_kernel, y_fake):
+        assert ((y.double() - reference).norm() / reference.norm()).item() < 1e-2

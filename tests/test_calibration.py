@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import any4lib.model as model_mod
-from any4lib.calibrate import ActivationStats, calibrate, calibration_inputs, record_inputs
+from any4lib.calibration import ActivationStats, calibrate, calibration_inputs, record_inputs
 from any4lib.model import quantize_model
 from any4lib.paths import calibration_prompt
 
@@ -84,3 +84,18 @@ def test_errors_say_what_was_wrong(tiny, tmp_path):
         calibrate(model, tokenizer, __file__, n_samples=1, seq_len=10**6, progress=False)
     with pytest.raises(ValueError, match="online calibration needs"):
         quantize_model(model, "any4", calibration=ActivationStats(mode="online"), progress=False)
+
+
+def test_public_names_are_not_shadowed_by_submodules():
+    # Importing a submodule sets it as a package attribute; a public function of the same name would be hidden.
+    import importlib
+    import pkgutil
+    import types
+
+    import any4lib
+
+    for info in pkgutil.iter_modules(any4lib.__path__):
+        if info.name not in ("kernels", "bench"):
+            importlib.import_module(f"any4lib.{info.name}")
+    for name in any4lib.__all__:
+        assert not isinstance(getattr(any4lib, name), types.ModuleType), f"any4lib.{name} is a module"
