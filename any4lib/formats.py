@@ -30,6 +30,8 @@ class Format:
     definition: str
     fixed_group_size: int | None = None  # block formats prescribe theirs
     learned: bool = False  # anyN: uses sample weights and k-means options
+    scale_bits: int = 16  # storage of one group scale / zero (the block formats' scales are 8-bit)
+    tensor_scale_bits: int = 0  # NVFP4 keeps one fp32 scale per tensor
 
     def __call__(self, groups: torch.Tensor, **options) -> QuantizedTensor:
         return self.quantizer(groups, self, **options)
@@ -240,10 +242,13 @@ register(Format(
     "MX-FP4 (OCP Microscaling v1.0): blocks of 32 E2M1 elements sharing an E8M0 scale 2^(floor(log2 amax) - 2); "
     "elements round to nearest E2M1 and saturate at +-6.",
     fixed_group_size=32,
+    scale_bits=8,
 ))
 register(Format(
     "nvfp4", 4, _quantize_nvfp4,
     "NVFP4: blocks of 16 E2M1 elements with an FP8-E4M3 block scale amax_block / (6 * s), under one fp32 tensor "
     "scale s = amax / (6 * 448).",
     fixed_group_size=16,
+    scale_bits=8,
+    tensor_scale_bits=32,
 ))

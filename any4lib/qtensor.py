@@ -52,11 +52,15 @@ class QuantizedTensor:
         return replace(self, **moved)
 
     def bits_per_weight(self) -> float:
-        """Storage cost per weight: the code plus its share of scales, zeros and LUT entries (16-bit each)."""
+        """Storage cost per weight: the code plus its share of scales and zeros (16-bit, or the format's 8-bit block
+        scale), of per-row LUT entries (16-bit) and of an fp32 tensor scale (NVFP4)."""
+        from .formats import get_format
+
+        fmt = get_format(self.format)
         n, k = self.codes.shape
-        side = self.scale.numel() + (0 if self.zero is None else self.zero.numel())
-        side += self.lut.numel() if self.lut.shape[0] > 1 else 0
-        return self.bits + 16 * side / (n * k)
+        side = fmt.scale_bits * (self.scale.numel() + (0 if self.zero is None else self.zero.numel()))
+        side += 16 * self.lut.numel() if self.lut.shape[0] > 1 else 0
+        return self.bits + (side + fmt.tensor_scale_bits) / (n * k)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (safetensors-ready); the format name travels as its UTF-8 bytes."""

@@ -73,6 +73,8 @@ def test_state_dict_round_trip_and_storage_cost():
     # any4 g64: 4 bits + (scale + zero) * 16 / 64 + its 16-entry LUT * 16 bits spread over the row's 256 weights.
     assert quantize(w, "any4", 64).bits_per_weight() == pytest.approx(4 + 32 / 64 + 16 * 16 / 256)
     assert quantize(w, "nf4", 64).bits_per_weight() == pytest.approx(4 + 16 / 64)
+    assert quantize(w, "mxfp4").bits_per_weight() == pytest.approx(4 + 8 / 32)  # E8M0 scale per 32
+    assert quantize(w, "nvfp4").bits_per_weight() == pytest.approx(4 + 8 / 16 + 32 / w.numel())  # E4M3 per 16, fp32
 
 
 def test_constant_groups_do_not_divide_by_zero():
