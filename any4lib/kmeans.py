@@ -197,7 +197,7 @@ def _lloyd(rows: _SortedRows, centers: torch.Tensor, tolerance: torch.Tensor, ma
     """
     centers = centers.clone()
     active = torch.arange(centers.shape[0], device=centers.device)  # rows of the working set
-    work, work_tolerance, current = rows, tolerance, centers
+    work, work_tolerance, current = rows, tolerance, centers.clone()
     done = torch.zeros(len(active), dtype=torch.bool, device=centers.device)
     bounds = work.boundaries(current)
     n_iter = 0

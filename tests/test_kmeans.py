@@ -99,3 +99,12 @@ def test_long_rows_through_the_histogram_stay_within_one_percent_of_sklearn():
     exact = kmeans_1d(x, 16, weight, bins=None).inertia.mean().item()
     assert binned <= 1.01 * sklearn_inertia(x, weight, 16)
     assert binned == pytest.approx(exact, rel=5e-3)
+
+
+def test_max_iter_caps_lloyd_and_zero_keeps_the_start():
+    x = torch.rand(4, 300, generator=torch.Generator().manual_seed(5)) * 15
+    start = torch.arange(16.0)[None]
+    assert torch.equal(kmeans_1d(x, 16, init=start, max_iter=0).centers, start.expand(4, -1))
+    capped, full = kmeans_1d(x, 16, init=start, max_iter=2), kmeans_1d(x, 16, init=start)
+    assert capped.n_iter == 2 and full.n_iter > 2
+    assert (full.inertia <= capped.inertia + 1e-9).all()
