@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from .calibration import ActivationStats, record_inputs
 from .nn import QuantLinear
 from .qtensor import QuantizedTensor
-from .quant import quantize
+from .formats import get_format
+from .quant import quantize, valid_group_sizes
 
 QUANT_CONFIG = "quant.json"
 WEIGHTS = "model.safetensors"
@@ -94,6 +95,7 @@ def quantize_model(
     options: passed to any4lib.quantize (anyN k-means settings).
     """
     names = _order_by_forward(select_linear_layers(model, include, exclude), calibration)
+    _check_group_size(model, names, fmt, group_size)
     online = calibration is not None and calibration.mode == "online"
     if online and not calibration.inputs:
         raise ValueError("online calibration needs the calibration token windows; calibrate(..., mode='online')")
@@ -111,6 +113,21 @@ def quantize_model(
             raise ValueError(f"layer {name!r} ({tuple(linear.weight.shape)}): {err}") from err
         set_submodule(model, name, QuantLinear(q, linear.bias).to(linear.weight.device))
     return model
+
+
+def _check_group_size(model: nn.Module, names: list[str], fmt: str, group_size: int | None) -> None:
+    """Fail before quantizing anything when group_size does not divide every chosen layer's input width."""
+    if not isinstance(group_size, int) or group_size < 2 or get_format(fmt).fixed_group_size is not None:
+        return  # per-row, or invalid (quantize says why), or a block format with its own size
+    widths = {model.get_submodule(name).in_features for name in names}
+    bad = sorted(k for k in widths if k % group_size)
+    if bad:
+        common = [g for g in valid_group_sizes(min(widths)) if all(k % g == 0 for k in widths)]
+        raise ValueError(
+            f"group_size={group_size} does not divide the input width K={', '.join(map(str, bad))} of some layers; "
+            f"group sizes valid for every layer: {', '.join(map(str, common))}; or group_size=None for one group "
+            "per row"
+        )
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:

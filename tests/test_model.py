@@ -48,10 +48,13 @@ def test_include_exclude_patterns(tiny):
         select_linear_layers(model, include="*.conv")
 
 
-def test_group_size_error_names_the_layer(tiny):
-    model, _ = tiny
-    with pytest.raises(ValueError, match=r"layer 'model.layers.0.self_attn.q_proj'.*does not divide"):
+def test_group_size_error_names_the_sizes_valid_for_every_layer(tiny):
+    model, _ = tiny  # K = 128 (attention, up/gate) and 256 (down)
+    with pytest.raises(ValueError, match=r"K=128, 256 of some layers; group sizes valid for every layer: 2, 4, 8, 16, 32, 64, 128;"):
         quantize_model(model, "int4", 96, progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())  # failed before touching a layer
+    with pytest.raises(ValueError, match=r"K=128 of some layers; .* 2, 4, 8, 16, 32, 64, 128;"):
+        quantize_model(model, "int4", 256, progress=False)
     per_row = quantize_model(model, "int3", None, progress=False)
     assert per_row.model.layers[0].mlp.down_proj.group_size == 256
 
