@@ -169,7 +169,9 @@ def test_profile_smoke_on_cpu(tmp_path):
     from any4lib.bench.profile import classify
 
     assert classify("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "rmsnorm (+ residual add)"
-    assert classify("triton_poi_fused_add_cat_index_copy_mul_neg_1") == "rope + kv cache write"
+    assert classify("triton_poi_fused_add_cat_index_copy_mul_neg_1") == "kv cache writes (+ rope k)"
+    assert classify("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_tinygemm_4bit_view_5") == "rmsnorm (+ residual add)"
+    assert classify("triton_poi_fused__to_copy_add_cat_decode_attention_mul_neg_slice") == "rope q"
     assert classify("split_kernel") == "attention" and classify("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"
     assert classify("void tinygemm::kernel<4, true>(...)") == "gemm" and classify("nvjet_tst_64x8_64x16") == "gemm"
     assert classify("triton_poi_fused_mul_silu_2") == "silu * up"
@@ -183,6 +185,26 @@ def test_profile_smoke_on_cpu(tmp_path):
     assert [(r["layout"], r["attention"], r["status"]) for r in rows] == [("separate", "sdpa", "ok"),
                                                                          ("fused", "triton", "ok")]
     assert out.is_file() and out.with_suffix(".txt").read_text().startswith("bf16 b=1 separate+sdpa")
+
+
+@pytest.mark.parametrize("vocab", [128256, 256, 80, 7, 1])
+def test_greedy_is_argmax_ties_included(vocab):
+    from any4lib.bench.decode import greedy
+
+    torch.manual_seed(vocab)
+    for logits in (torch.randn(5, vocab), torch.randint(0, 3, (5, vocab)).float(), torch.zeros(2, vocab),
+                   torch.randn(3, vocab).bfloat16()):
+        assert torch.equal(greedy(logits), logits.argmax(-1))
+
+
+def test_kv_cache_holds_k_and_v_in_one_buffer():
+    from any4lib.bench.decode import KVCache
+
+    cache = KVCache(2, 3, 10, 4, torch.float32, "cpu")
+    k, v = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4)
+    ks, vs = cache.update(torch.tensor([5, 6]), k, v)
+    assert torch.equal(ks[:, :, 5:7], k) and torch.equal(vs[:, :, 5:7], v) and ks.abs()[:, :, :5].sum() == 0
+    assert ks.data_ptr() == cache.kv.data_ptr() and torch.equal(cache.v, vs)
 
 
 def test_torch_int4_peer_matches_our_int4_dequantized():

@@ -29,23 +29,29 @@ from torch import nn
 from .decode import decode, decode_step, prefill
 
 REGIONS = ("block", "embed", "final_norm", "lm_head")
-# First match wins: attention before GEMMs (flash / cutlass attention kernel names mention gemm-like words).
-CATEGORIES = (
+# Library kernels, by name; first match wins (attention before GEMMs: attention kernels mention gemm-like words).
+LIBRARY = (
     ("attention", r"split_kernel|combine_kernel|fmha|flash|attention|efficient|sdpa"),
-    ("gemm", r"tinygemm|gemv|gemm|nvjet|xmma|int4pack|splitk|cublas|kgemm|matmul|cutlass|mm_|_mm"),
+    ("gemm", r"tinygemm|gemv|gemm|nvjet|xmma|int4pack|splitk|cublas|kgemm|matmul|cutlass"),
+    ("memset", r"memset"),
+    ("memcpy", r"memcpy"),
+)
+# Inductor's kernels (triton_poi_/triton_red_/triton_per_fused_...) are named after every aten op they fuse,
+# including the extern op their output feeds (e.g. `..._rsqrt_tinygemm_4bit_view`): these are never GEMMs or
+# attention themselves, so they are told apart by their own ops.
+INDUCTOR = (
     ("rmsnorm (+ residual add)", r"rsqrt|rms"),
-    ("rope + kv cache write", r"index_copy|index_put|scatter"),
-    ("rope", r"cat|neg"),
+    ("kv cache writes (+ rope k)", r"index_copy|index_put|scatter"),
+    ("rope q", r"cat|neg"),
     ("silu * up", r"silu|sigmoid"),
     ("residual add", r"add"),
-    ("memcpy / memset", r"memcpy|memset"),
-    ("copies / casts", r"copy|clone|elementwise|_to_copy|convert"),
 )
 
 
 def classify(kernel: str) -> str:
     name = kernel.lower()
-    for category, pattern in CATEGORIES:
+    table = INDUCTOR if name.startswith("triton_") and "fused" in name else LIBRARY
+    for category, pattern in table:
         if re.search(pattern, name):
             return category
     return "other"
@@ -151,41 +157,77 @@ def profile_one(config, meth, batch: int, fuse: bool, attention: str, prompt_len
     if is_cuda:
         torch.cuda.empty_cache()
 
-    per_step = lambda us: us / steps  # noqa: E731
+    per_step = {key: (calls / steps, us / steps) for key, (calls, us) in table.items()}
     attributed = sum(us for _, us in table.values())
     row = {"method": meth.name, "layout": "fused" if fuse else "separate", "attention": attention, "batch": batch,
            "lm_head": meth.describe_head(), "graphed_ms_per_step": graphed_ms,
-           "graphed_tok_s": batch * 1e3 / graphed_ms, "kernel_ms_per_step": per_step(attributed) / 1e3,
-           "gap_ms_per_step": graphed_ms - per_step(attributed) / 1e3,
-           "kernels_per_step": sum(c for c, _ in table.values()) / steps,
            "attributed_pct": 100 * attributed / device_total if device_total else float("nan"),
            "codes_reused": info["codes_reused"]}
+    return summarize(row, per_step, layers)
+
+
+def summarize(row: dict, per_step: dict, layers: int) -> tuple[dict, list[str]]:
+    """CSV row and text from {(region, kernel name): (calls per step, us per step)} and the graphed ms/step."""
+    row = dict(row)
+    graphed_ms = float(row["graphed_ms_per_step"])
+    kernel_us = sum(us for _, us in per_step.values())
+    row.update(graphed_tok_s=int(row["batch"]) * 1e3 / graphed_ms, kernel_ms_per_step=kernel_us / 1e3,
+               gap_ms_per_step=graphed_ms - kernel_us / 1e3,
+               kernels_per_step=sum(calls for calls, _ in per_step.values()))
     sums: dict = defaultdict(float)
     counts: dict = defaultdict(float)
-    for (region, name), (calls, us) in table.items():
+    for (region, name), (calls, us) in per_step.items():
         key = f"block: {classify(name)}" if region == "block" else region
-        sums[key] += per_step(us)
-        counts[key] += calls / steps
+        sums[key] += us
+        counts[key] += calls
+    block_us = sum(v for k, v in sums.items() if k.startswith("block"))
+    row["us/layer block gemm"] = sums.get("block: gemm", 0.0) / layers
+    row["us/layer block non-gemm"] = (block_us - sums.get("block: gemm", 0.0)) / layers
     for key in sorted(sums):
         row[f"us/step {key}"] = sums[key]
         row[f"kernels/step {key}"] = counts[key]
-    block_us = sum(v for k, v in sums.items() if k.startswith("block"))
-    row["us/layer all block kernels"] = block_us / layers
-    row["us/layer block non-gemm"] = (block_us - sums.get("block: gemm", 0.0)) / layers
 
-    title = (f"{meth.name} b={batch} {row['layout']}+{attention} lm_head={row['lm_head']}: graphed {graphed_ms:.3f} "
-             f"ms/step ({row['graphed_tok_s']:.1f} tok/s); kernels {row['kernel_ms_per_step']:.3f} ms/step, "
-             f"{row['kernels_per_step']:.0f} kernels/step ({row['attributed_pct']:.1f}% of device time attributed)")
+    title = (f"{row['method']} b={row['batch']} {row['layout']}+{row['attention']} lm_head={row['lm_head']}: "
+             f"graphed {graphed_ms:.3f} ms/step ({row['graphed_tok_s']:.1f} tok/s); kernels "
+             f"{row['kernel_ms_per_step']:.3f} ms/step, {row['kernels_per_step']:.0f} kernels/step, idle in the "
+             f"graph {1e3 * row['gap_ms_per_step']:.0f} us/step")
     lines = [title, f"  {'region / category':<34}{'us/step':>10}{'us/layer':>10}{'kernels/step':>14}"]
     for key in sorted(sums, key=lambda k: -sums[k]):
         per_layer = f"{sums[key] / layers:10.2f}" if key.startswith("block") else f"{'':>10}"
         lines.append(f"  {key:<34}{sums[key]:10.1f}{per_layer}{counts[key]:14.1f}")
-    lines.append(f"  {'top kernels (region, category)':<60}{'us/step':>10}{'calls/step':>12}{'us/call':>9}")
-    for (region, name), (calls, us) in sorted(table.items(), key=lambda kv: -kv[1][1])[:25]:
+    lines.append(f"  {'top kernels':<88} {'region':<15}{'category':<26}{'us/step':>9}{'calls':>8}{'us/call':>9}")
+    for (region, name), (calls, us) in sorted(per_step.items(), key=lambda kv: -kv[1][1])[:25]:
         short = name if len(name) <= 88 else name[:85] + "..."
-        lines.append(f"  {short:<88} {region:<10} {classify(name):<24}{per_step(us):9.1f}{calls / steps:8.1f}"
-                     f"{us / calls:9.2f}")
+        lines.append(f"  {short:<88} {region:<15}{classify(name):<26}{us:9.1f}{calls:8.1f}{us / calls:9.2f}")
     return row, lines
+
+
+def parse_text(text: str) -> list[tuple[dict, dict]]:
+    """Read profile .txt sections back: [(header fields, {(region, kernel name): (calls/step, us/step)})].
+    The kernel lists are complete when a section lists fewer than 25 kernels (checked)."""
+    sections = []
+    header = re.compile(r"^(\S+) b=(\d+) (\w+)\+(\w+) lm_head=(\S+): graphed ([\d.]+) ms/step")
+    current, in_top = None, False
+    for line in text.splitlines():
+        m = header.match(line)
+        if m:
+            method, batch, layout, attention, head, ms = m.groups()
+            current = ({"method": method, "batch": int(batch), "layout": layout, "attention": attention,
+                        "lm_head": head, "graphed_ms_per_step": float(ms)}, {})
+            sections.append(current)
+            in_top = False
+        elif line.strip().startswith("top kernels"):
+            in_top = True
+        elif in_top and line.startswith("  ") and current is not None:
+            name, rest = line[2:90].strip(), line[90:].split()
+            us, calls = float(rest[-3]), float(rest[-2])
+            region = "outside blocks" if rest[:2] == ["outside", "blocks"] else rest[0]
+            before = current[1].get((region, name), (0.0, 0.0))  # names cut to 88 characters can coincide
+            current[1][(region, name)] = (before[0] + calls, before[1] + us)
+    for meta, kernels in sections:
+        if len(kernels) >= 25:
+            raise ValueError(f"{meta}: the top-25 list may be cut; rerun the profile instead")
+    return sections
 
 
 def run_profile(args) -> list[dict]:
@@ -237,3 +279,24 @@ def _write(path: Path, rows: list[dict]) -> None:
         writer.writeheader()
         for r in rows:
             writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in r.items()})
+
+
+def resummarize(raw: Path, out: Path, layers: int = 32) -> list[dict]:
+    """Recompute a profile's categories from its .txt (e.g. after a change to classify()) into out (.csv + .txt)."""
+    rows, text = [], []
+    for meta, kernels in parse_text(Path(raw).read_text()):
+        row, lines = summarize(meta, kernels, layers)
+        rows.append(row)
+        text += lines + [""]
+    _write(Path(out), rows)
+    Path(out).with_suffix(".txt").write_text("\n".join(text))
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python -m any4lib.bench.profile RAW_PROFILE.txt OUT.csv  (re-categorize a profile)")
+    for r in resummarize(Path(sys.argv[1]), Path(sys.argv[2])):
+        print(r["method"], r["layout"], r["attention"], r["batch"], f"{r['graphed_tok_s']:.1f} tok/s")
