@@ -3,6 +3,10 @@
 #   ANY4_GIT_COMMIT=<commit> scripts/device_e2e.sh [profile] [bench] [tests] [reduce-overhead] [-- extra bench arguments]
 # profile: where one decode step's time goes (any4lib/bench/profile.py), old layout (separate q/k/v, gate/up;
 # masked SDPA) against the new (fused; Triton split-K decode attention), b=1: results/e2e/profile.{csv,txt}.
+# qhead: optional rows with lm_head quantized too. sdpa-control: the new layout with masked SDPA attention.
+# With ANY4_RESTORE_CLEAN=1 (on the device only: it overwrites files), .carry/clean (files of a committed tree, laid
+# out as in the repository) is copied over the tree first, so that a run measures committed kernels even when the
+# working tree it was sent from holds someone's unfinished edits.
 # Peers travel as an unpacked site folder, .whl/site (bitsandbytes 0.50.2 with only its CPU and CUDA 13.0
 # libraries, to stay small; gemlite 0.6.0.post2, pure Python, built from its sdist): make it once on a machine
 # with the package index (`scripts/device_e2e.sh wheels`, not on the device) and carry it. The CSV is
@@ -21,6 +25,7 @@ if [ "${1:-}" = wheels ]; then
   du -sh .whl/site
   exit 0
 fi
+[ "${ANY4_RESTORE_CLEAN:-0}" = 1 ] && [ -d .carry/clean ] && cp -r .carry/clean/. . && echo "restored committed files: $(cd .carry/clean && find . -type f | tr '\n' ' ')"
 OUT=${OUT:-/tmp/any4_e2e}
 mkdir -p "$OUT" results/e2e
 export PYTHONUNBUFFERED=1 ANY4_CACHE=${ANY4_CACHE:-/tmp/any4_cache}
@@ -61,12 +66,26 @@ for step in "${steps[@]}"; do
         2>&1 | tee "$OUT/build.log"
       # Leaves room for the later steps; an unfinished run resumes from the CSV in the next call.
       timeout "${BENCH_LIMIT_S:-330}" python3 -m any4lib.bench.e2e --model-config llama3-8b \
-        --formats "${BENCH_METHODS:-bf16,any4,int4,torch-int4,nf4,mxfp4,bnb-nf4,gemlite-int4,any4:qhead,int4:qhead}" \
+        --formats "${BENCH_METHODS:-bf16,any4,int4,torch-int4,gemlite-int4,bnb-nf4,nf4,mxfp4}" \
         --peers "" --batch "${BENCH_BATCH:-1,4,16}" \
         --prompt 512 --new 128 --deadline-s "${BENCH_DEADLINE_S:-230}" --out results/e2e/decode.csv "${extra[@]}" \
         2>&1 | tee "$OUT/e2e.log"
       rc=${PIPESTATUS[0]}
       cp results/e2e/decode.csv "$OUT/" 2>/dev/null ;;
+    qhead)
+      # Optional rows, apart from the main ones (the paper keeps lm_head bf16): lm_head quantized by the method too.
+      timeout "${QHEAD_LIMIT_S:-60}" python3 -m any4lib.bench.e2e --model-config llama3-8b --formats any4:qhead,int4:qhead \
+        --peers "" --batch "${QHEAD_BATCH:-1}" --prompt 512 --new 128 --deadline-s "${QHEAD_DEADLINE_S:-40}" \
+        --out results/e2e/decode.csv "${extra[@]}" 2>&1 | tee "$OUT/qhead.log"
+      rc=${PIPESTATUS[0]}
+      cp results/e2e/decode.csv "$OUT/" 2>/dev/null ;;
+    sdpa-control)
+      # The new layout with the old attention (masked SDPA over the whole cache), to isolate the attention kernel.
+      timeout "${CONTROL_LIMIT_S:-60}" python3 -m any4lib.bench.e2e --model-config llama3-8b --formats "${CONTROL_METHODS:-bf16}" \
+        --peers "" --batch "${CONTROL_BATCH:-16}" --prompt 512 --new 128 --attention sdpa \
+        --deadline-s "${CONTROL_DEADLINE_S:-40}" --out results/e2e/decode_sdpa_control.csv "${extra[@]}" 2>&1 | tee "$OUT/control.log"
+      rc=${PIPESTATUS[0]}
+      cp results/e2e/decode_sdpa_control.csv "$OUT/" 2>/dev/null ;;
     tests)
       timeout "${TESTS_LIMIT_S:-200}" python3 -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_e2e.py ${TESTS_K:+-k "$TESTS_K"} \
         2>&1 | tee "$OUT/tests.log"
@@ -79,7 +98,7 @@ for step in "${steps[@]}"; do
         --deadline-s $(( limit - 150 )) --out results/e2e/decode_reduce_overhead.csv 2>&1 | tee "$OUT/reduce_overhead.log"
       rc=${PIPESTATUS[0]}
       cp results/e2e/decode_reduce_overhead.csv "$OUT/" 2>/dev/null ;;
-    *) echo "unknown step $step (profile, bench, tests, reduce-overhead)"; rc=2 ;;
+    *) echo "unknown step $step (profile, bench, qhead, sdpa-control, tests, reduce-overhead)"; rc=2 ;;
   esac
   echo "== $step: exit $rc after $((SECONDS - start)) s"
   [ "$rc" = 0 ] || status=1

@@ -3,11 +3,15 @@
     python -m any4lib.bench.e2e --model-config llama3-8b --formats bf16,int4,any4,nf4,mxfp4 \
         --peers torch-int4,gemlite-int4,bnb-nf4 --batch 1,4,16 --prompt 512 --new 128
 
-Each method replaces every Linear of the decoder blocks (lm_head stays bf16) and is timed on: prefill of the prompt
-(eager), then greedy decode of the new tokens with a static KV cache, the per-token step compiled (by default each
-block through torch.compile and the whole step in one CUDA graph; --compile reduce-overhead compiles the whole step
-with torch.compile(mode="reduce-overhead") instead, minutes per shape on an 8B model). One CSV row per (method, batch),
-written as soon as it is measured; rows already in the CSV are skipped, so an interrupted run resumes.
+Each method replaces every Linear of the decoder blocks (lm_head stays bf16; METHOD:qhead quantizes it too) and is
+timed on: prefill of the prompt (eager), then greedy decode of the new tokens with a static KV cache, the per-token
+step compiled (by default each block through torch.compile and the whole step in one CUDA graph; --compile
+reduce-overhead compiles the whole step with torch.compile(mode="reduce-overhead") instead, minutes per shape on an 8B
+model). Every method runs the same decoder: by default q/k/v and gate/up fused into one linear each (--layout
+separate: seven per block) and the one-token attention through the split-K Triton kernel (--attention sdpa: masked
+SDPA over the whole cache); the CSV records both. One CSV row per (method, batch, layout, attention), written as soon
+as it is measured; rows already in the CSV are skipped, so an interrupted run resumes. --profile: where one step's
+time goes (profile.py).
 """
 
 from __future__ import annotations
