@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything tinygemm needs a GPU for, in one device call (docs/KERNELS.md):
 #   scripts/device_kernels.sh [build] [tests] [sanitizer] [bench] [ncu]    (no argument: these five)
-#   extra steps: tune (bench variants of the TINYGEMM_UNROLL knob), debug (the bad-input test under cuda-gdb)
+#   extra steps: variants (a -DTINYGEMM_TUNING build: GPU tests with the chosen variant, then every variant in
+#   $VARIANTS checked and timed side by side on three Llama shapes, then the candidate's bench there),
+#   debug (the bad-input test under cuda-gdb)
 # Logs and the benchmark CSV go to $OUT (default /tmp/any4_kernels). Run from the repository root; set
 # ANY4_COMMIT=<hash> where the tree has no .git (the device copy), so the CSV records which code ran.
 set -uo pipefail
@@ -49,10 +51,16 @@ for fmt, m in (('int4', 1), ('any4', 1), ('any4', 16)):
     w = PackedWeight.from_quantized(random_quantized(fmt, 28672, 8192, 128), torch.bfloat16)
     linear(torch.randn(m, 8192, device='cuda', dtype=torch.bfloat16), w)
 torch.cuda.synchronize()" ;;
-    tune) for flags in "-DTINYGEMM_UNROLL=2" "-DTINYGEMM_UNROLL=4"; do  # variants of the knob, same process order
-            run "tune${flags##*=}" 300 env ANY4_TINYGEMM_CUDA_FLAGS="$flags" python3 -m any4lib.bench.kernels \
-              --out "$OUT/tune${flags##*=}" --shapes 28672x8192,4096x14336,4096x4096 --rows 1,8,16
-          done ;;
+    variants) export ANY4_TINYGEMM_CUDA_FLAGS=-DTINYGEMM_TUNING
+        run variants_build 300 python3 -c "from any4lib.kernels import load_kernels; load_kernels(); print('loaded')"
+        find "$ANY4_CACHE" -name "*.so" -newer "$OUT/device.txt" -exec cuobjdump --dump-resource-usage {} \; \
+          > "$OUT/variants_build_resources.log" 2>&1
+        run variants_tests 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_gpu.py
+        run variants 400 python3 -m any4lib.bench.kernels --out "$OUT" --rows "${ROWS:-1,4,16}" \
+          --shapes "${SHAPES:-28672x8192,4096x14336,14336x4096}" --variants "${VARIANTS:-base:}"
+        [ "${CANDIDATE:-1}" = 0 ] || run variants_bench 300 python3 -m any4lib.bench.kernels --out "$OUT/candidate" \
+          --rows "${ROWS:-1,4,16}" --shapes "${SHAPES:-28672x8192,4096x14336,14336x4096}"
+        unset ANY4_TINYGEMM_CUDA_FLAGS ;;
     debug) run debug 200 cuda-gdb -batch -ex run -ex bt --args python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_kernels_gpu.py -k bad_inputs ;;
     *) echo "unknown step $step"; status=1 ;;

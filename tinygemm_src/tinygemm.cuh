@@ -1,15 +1,23 @@
 // tinygemm: y = x @ W^T for 1 <= m <= 16 rows of x and a 4-bit weight W [n, k] (int4, any4, nf4/fp4, MX-FP4).
 //
 // The weight is the A operand of mma.sync m16n8k16 (16 rows of W by 16 of k) and x is B (k16 by n8), so m <= 8
-// fills the n = 8 side of one mma; 9..16 take a second. A CTA owns one 16-row tile of W; its warps split k.
-// Every lane reads its codes with one 16-byte load per 64 k, straight from global memory into registers: the
-// packing (any4lib/kernels/packing.py, docs/KERNELS.md) stores the codes in mma fragment order.
+// fills the n = 8 side of one mma; 9..16 take a second. A CTA owns kTiles 16-row tiles of W; its warps split k in
+// chunks of 64 (warp w takes chunks w, w + kWarps, ...: the CTA streams contiguous bytes). The packing
+// (any4lib/kernels/packing.py, docs/KERNELS.md) stores the codes in mma fragment order, 16 bytes per lane per chunk.
+//
+// Loads (v6): each warp owns a ring of kStages shared-memory slots. A slot holds one unit of k = 128 (two chunks):
+// its codes (per tile), scales/zeros and the x columns they multiply, copied with cp.async kStages - 1 units ahead
+// of the math. The copies hold no registers, so a warp keeps several KB in flight (v4 held one prefetch batch in
+// registers, and loaded scales and x in the iteration that used them, exposing their latency); the x-fragment
+// reads become fixed-address shared loads without bounds predicates (the copy zero-fills past k); and the
+// per-unit work (issuing copies, applying scales at g >= 128) is paid once per 128 k.
 //
 // Dequantization is w = lut[code] * scale + zero. The mma runs on the raw LUT values; scale and zero are applied
 // to the fp32 partial sums once per group: acc += scale * sum(x * lut[c]) + zero * sum(x). sum(x) comes from a
-// second mma against a matrix of ones. This keeps the per-weight work to the table lookup alone: for int4 a
-// mask and an OR (the value is built under a float exponent), for LUT formats one shared-memory load per pair of
-// codes from a 256-entry table of value pairs that each CTA builds from its rows' 16-entry LUTs.
+// second mma against a matrix of ones (shared by all tiles of the CTA). The per-weight work is only the table
+// lookup: for int4 a mask and an OR (the value is built under a float exponent), for LUT formats one shared-memory
+// load per pair of codes from a 256-entry table of value pairs that each CTA builds from its rows' 16-entry LUTs,
+// replicated kRepl times so lanes that would hit the same bank read different copies (bank conflicts, v4's limit).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -17,11 +25,6 @@
 #include <cstdint>
 
 #include "tinygemm.h"
-
-#ifndef TINYGEMM_UNROLL
-// Chunks per batch at m <= 8 (half that at m > 8); of 2 and 4, 2 measured faster (docs/KERNELS.md).
-#define TINYGEMM_UNROLL 2
-#endif
 
 namespace tinygemm {
 
@@ -56,173 +59,310 @@ struct Dtype<__half> {
   }
 };
 
+constexpr int kUnitK = 2 * kChunkK;  // k per ring slot: two 16-byte code loads per lane
+
+// Shared-memory carve-up of one CTA, computed the same way on the host (launch size) and the device:
+//   [pair tables (LUT formats)] [kWarps rings of kStages slots], later reused for the cross-warp sums.
+// A slot: kTiles x 1 KB of codes (2 chunks x 32 lanes x 16 B), kTiles x the unit's scales (1 to 4 groups x 8 lane
+// groups x 2 rows x (scale[, zero]) x 2 B), then m rows x 256 B of x (128 bf16/fp16 of k each).
+template <bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages, int kRepl>
+struct Smem {
+  static constexpr int kZ = kHasZero ? 2 : 1;
+  __host__ __device__ static int groups_per_unit(const Problem& p) {
+    return p.group_shift >= 7 ? 1 : 1 << (7 - p.group_shift);
+  }
+  __host__ __device__ static int scale_bytes(const Problem& p) { return groups_per_unit(p) * 32 * kZ; }
+  __host__ __device__ static int stage_bytes(const Problem& p) { return kTiles * (1024 + scale_bytes(p)) + 256 * p.m; }
+  // Per tile: 256 pairs x 8 lane groups x kRepl copies for rows g and g + 8 (h = 0, 1), or one h when the matrix
+  // shares a LUT.
+  __host__ __device__ static int table_bytes(const Problem& p) {
+    return kIntCodes ? 0 : (p.lut_per_row ? kTiles * 2 : 1) * 256 * 8 * kRepl * 4;
+  }
+  __host__ __device__ static int bytes(const Problem& p) {
+    const int pipeline = table_bytes(p) + kWarps * kStages * stage_bytes(p);
+    const int sums = kWarps * kTiles * kMTiles * 4 * 32 * 4;
+    return pipeline > sums ? pipeline : sums;
+  }
+  static int max_bytes() {  // the largest any problem of this variant asks for: all rows, g32, a LUT per row
+    Problem p{};
+    p.m = 8 * kMTiles, p.group_shift = 5, p.lut_per_row = 1;
+    return bytes(p);
+  }
+};
+
+__device__ __forceinline__ uint32_t shared_address(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// 16-byte global -> shared copy that bypasses L1 (.cg). With valid false it reads nothing and writes zeros
+// (src-size 0): the x columns past k.
+__device__ __forceinline__ void copy16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+
+// The same for the codes, marked evict-first in L2: they are read once, and x and the scales should stay.
+__device__ __forceinline__ void copy16_stream(uint32_t dst, const void* src, bool valid, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0), "l"(policy)
+               : "memory");
+}
+
+__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int kPending>
+__device__ __forceinline__ void copy_wait() {  // until at most kPending of this thread's newest groups are in flight
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
 // The A fragment (4 registers of 2 values: rows g, g+8, g, g+8; k pairs 0-1, 0-1, 2-3, 2-3) from one word of codes.
-// pairs_g / pairs_g8: the 256-entry pair tables of rows g and g + 8 (LUT codes only).
-template <typename T, bool kIntCodes>
-__device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_t* pairs_g, const uint32_t* pairs_g8,
+// tab_g / tab_g8: this lane's copy of the pair tables of rows g and g + 8 (LUT codes only); consecutive pairs are
+// kStride words apart (8 lane groups x kRepl copies).
+template <typename T, bool kIntCodes, int kStride>
+__device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_t* tab_g, const uint32_t* tab_g8,
                                                     uint32_t (&a)[4]) {
   if constexpr (kIntCodes) {
     // Int layout: register p takes nibbles p and p + 4; OR-ing them under a float's exponent gives 128 + c exactly.
+    // One lop3 per register ((w & mask) | magic; the compiler otherwise emits an AND and an OR).
 #pragma unroll
-    for (int p = 0; p < 4; ++p) a[p] = ((word >> (4 * p)) & 0x000F000Fu) | Dtype<T>::kIntMagic;
+    for (int p = 0; p < 4; ++p) {
+      asm("lop3.b32 %0, %1, %2, %3, 0xEA;"
+          : "=r"(a[p])
+          : "r"(word >> (4 * p)), "n"(0x000F000F), "r"(Dtype<T>::kIntMagic));
+    }
   } else {
     // LUT layout: byte b of the word is the code pair of one register (rows g, g, g+8, g+8 for b = 0..3), so one
     // shared-memory load of the pair table gives both values, already packed as the mma wants them.
-    a[0] = pairs_g[word & 0xFFu];
-    a[2] = pairs_g[(word >> 8) & 0xFFu];
-    a[1] = pairs_g8[(word >> 16) & 0xFFu];
-    a[3] = pairs_g8[word >> 24];
+    a[0] = tab_g[(word & 0xFFu) * kStride];
+    a[2] = tab_g[((word >> 8) & 0xFFu) * kStride];
+    a[1] = tab_g8[((word >> 16) & 0xFFu) * kStride];
+    a[3] = tab_g8[(word >> 24) * kStride];
   }
 }
 
-// Fills pairs[r][c0 | c1 << 4] = (lut[c0], lut[c1]) for the tile's rows (or the one shared table), going through
-// `entries` (rows x 16 values) so each byte of the packed LUT is read from global memory once.
+// Pair tables: word ((h * 256 + pair) * 8 + g) * kRepl + r of tile tt holds (lut[c0], lut[c1]) of row g + 8 h for
+// pair = c0 | c1 << 4. Lane (g, t) reads copy r = t % kRepl, so its bank is (8 pair + g) * kRepl + r mod 32:
+// kRepl = 4 gives every lane its own bank (no conflicts), 2 leaves lanes t and t + 2 sharing one, 1 lets the 4
+// lanes of a lane group collide (v4 put all 8 groups in the same banks: ~3.5-way conflicts on random codes).
+// One global read per LUT byte, staged through `entries`.
+template <int kRepl>
 __device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_row, int rows, uint16_t* entries,
-                                                  uint32_t* pairs, int threads) {
+                                                  uint32_t* tables, int threads) {
   const uint8_t* bytes = reinterpret_cast<const uint8_t*>(lut) + static_cast<size_t>(first_row) * 32;
   for (int i = threadIdx.x; i < rows * 16; i += threads) {  // per row: 16 low bytes, then 16 high bytes
     const uint8_t* row = bytes + (i >> 4) * 32;
     entries[i] = static_cast<uint16_t>(row[i & 15] | (row[16 + (i & 15)] << 8));
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < rows * 256; i += threads) {
-    const uint16_t* row = entries + (i >> 8) * 16;
-    pairs[i] = row[i & 15] | (static_cast<uint32_t>(row[(i >> 4) & 15]) << 16);
+  const int halves = rows == 1 ? 1 : rows / 8;  // (tile, h) pairs; a shared LUT has one
+  for (int i = threadIdx.x; i < halves * 256 * 8; i += threads) {
+    const int g = i & 7, pair = (i >> 3) & 255, half = i >> 11;  // half = 2 tt + h
+    const uint16_t* row = entries + (rows == 1 ? 0 : (half * 8 + g) * 16);
+    const uint32_t v = row[pair & 15] | (static_cast<uint32_t>(row[pair >> 4]) << 16);
+    uint32_t* at = tables + static_cast<size_t>(i) * kRepl;  // i == (half * 256 + pair) * 8 + g
+    if constexpr (kRepl == 4) {
+      *reinterpret_cast<uint4*>(at) = make_uint4(v, v, v, v);  // one 16-byte store for the 4 copies
+    } else if constexpr (kRepl == 2) {
+      *reinterpret_cast<uint2*>(at) = make_uint2(v, v);
+    } else {
+      *at = v;
+    }
   }
   __syncthreads();
 }
 
-template <int kWarps, int kUnroll>
-__device__ __forceinline__ void load_codes(const uint4* codes, int c0, int k_chunks, uint4 (&w)[kUnroll]) {
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int c = c0 + u * kWarps;
-    w[u] = c < k_chunks ? __ldcs(codes + static_cast<size_t>(c) * 32) : make_uint4(0, 0, 0, 0);
-  }
-}
-
-template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kWarps>
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages, int kRepl>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(const Problem p) {
   using D = Dtype<T>;
-  // Chunks per batch; a warp has two batches of code loads in flight.
-  constexpr int kUnroll = TINYGEMM_UNROLL / kMTiles > 0 ? TINYGEMM_UNROLL / kMTiles : 1;
-  constexpr int kStep = kWarps * kUnroll;
+  using S = Smem<kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl>;
   constexpr int kZ = kHasZero ? 2 : 1;
+  constexpr int kStride = 8 * kRepl;  // words between consecutive pairs of one lane's table copy
+  extern __shared__ __align__(16) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int tile = blockIdx.x;
+  const int tile0 = blockIdx.x * kTiles;  // the dispatch launches only grids where n_tiles % kTiles == 0
+  const int scale_bytes = S::scale_bytes(p), stage_bytes = S::stage_bytes(p);
+  uint8_t* const ring = smem + S::table_bytes(p) + warp * kStages * stage_bytes;
+  const uint32_t ring_at = shared_address(ring);
+
+  const uint4* codes = p.codes + static_cast<size_t>(tile0) * p.k_chunks * 32 + lane;
+  const uint8_t* scales = static_cast<const uint8_t*>(p.scales) + static_cast<size_t>(tile0) * p.groups * 32 * kZ;
   const T* x = static_cast<const T*>(p.x);
-  const uint16_t* scales = static_cast<const uint16_t*>(p.scales);
-  const bool two_groups = p.group_shift == 5;  // group size 32: a chunk of 64 spans two groups
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  const int k_units = (p.k_chunks + 1) >> 1;
+  const int n_mine = warp < k_units ? (k_units - 1 - warp) / kWarps + 1 : 0;  // units of this warp
 
-  const uint4* codes = p.codes + static_cast<size_t>(tile) * p.k_chunks * 32 + lane;
-  uint4 w_next[kUnroll];
-  load_codes<kWarps>(codes, warp, p.k_chunks, w_next);
+  // The per-lane parts of the copies, fixed for the whole k loop.
+  // Scales: kTiles x scale_bytes, 16-byte piece per lane (at most 2 tiles x 16 pieces); a group past the end
+  // (the unit's second chunk beyond k) is zero-filled: scale 0, zero 0.
+  const int group_piece_log2 = kZ == 2 ? 2 : 1;  // 16-byte pieces per group: 64 or 32 bytes
+  const int scale_pieces_log2 = group_piece_log2 + (p.group_shift >= 7 ? 0 : 7 - p.group_shift);
+  const bool scale_lane = lane < (kTiles << scale_pieces_log2);
+  const int scale_piece = lane & ((1 << scale_pieces_log2) - 1);
+  const int scale_group = scale_piece >> group_piece_log2;  // within the unit
+  const int scale_src = (lane >> scale_pieces_log2) * p.groups * 32 * kZ + scale_piece * 16;
+  const int scale_dst = kTiles * 1024 + (lane >> scale_pieces_log2) * scale_bytes + scale_piece * 16;
+  // x rows < m: 16 pieces of 8 values per row; lane l copies piece l % 16 of rows l / 16, l / 16 + 2, ... Piece q
+  // of row r goes to position q ^ 2 (r & 3) (inside its 128-byte half), so the fragment reads below (lane (g, t),
+  // half h, k-tile j: piece 8 h + 2 j + t / 2) of each 16 lanes cover all 32 banks once.
+  constexpr int kXCopies = kMTiles * 4;  // rows 8 kMTiles / 2 per lane
+  const int x_row0 = lane >> 4, x_k = (lane & 15) * 8;
+  const int x_src = x_row0 * p.k + x_k;
+  const int x_base = kTiles * (1024 + scale_bytes);
+  const int x_dst = x_base + x_row0 * 256 + (((lane & 15) ^ (x_row0 << 1)) << 4);  // rows r0 + 4i
+  const int x_dst2 = x_base + (x_row0 + 2) * 256 + (((lane & 15) ^ ((x_row0 + 2) << 1)) << 4);  // rows r0 + 2 + 4i
 
-  // Pair tables: 16 rows x 256 x 4 bytes (one table when the matrix shares its LUT). Built while the first codes load.
-  __shared__ uint32_t pairs[kIntCodes ? 1 : 16 * 256];
-  __shared__ uint16_t entries[kIntCodes ? 1 : 16 * 16];
-  const uint32_t* pairs_g = pairs;
-  const uint32_t* pairs_g8 = pairs;
-  if constexpr (!kIntCodes) {
-    build_pair_tables(p.lut, p.lut_per_row ? tile * 16 : 0, p.lut_per_row ? 16 : 1, entries, pairs, kWarps * 32);
-    if (p.lut_per_row) pairs_g += g * 256, pairs_g8 += (g + 8) * 256;
-  }
-
-  float acc[kMTiles][4] = {};
-  for (int c0 = warp; c0 < p.k_chunks; c0 += kStep) {
-    uint4 w[kUnroll];
+  // Copies this warp's i-th unit (k = 128 (warp + i kWarps) ..) into slot i % kStages, as one commit group (empty
+  // past the end, so the group count stays in step with the wait below).
+  auto issue = [&](int i) {
+    if (i < n_mine) {
+      const int u = warp + i * kWarps;
+      const uint32_t slot = ring_at + (static_cast<unsigned>(i) % kStages) * stage_bytes;
+      const bool second = 2 * u + 1 < p.k_chunks;  // an odd chunk count leaves the last unit one chunk
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) w[u] = w_next[u];
-    load_codes<kWarps>(codes, c0 + kStep, p.k_chunks, w_next);  // the next batch streams in during this one's math
-    uint2 xv[kUnroll][kMTiles][4];
-    uint2 sz[kUnroll][2];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + u * kWarps;
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        const int row = mt * 8 + g;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int k0 = c * kChunkK + 16 * j + 4 * t;
-          const bool ok = c < p.k_chunks && row < p.m && k0 < p.k;
-          xv[u][mt][j] = ok ? __ldg(reinterpret_cast<const uint2*>(x + static_cast<size_t>(row) * p.k + k0))
-                            : make_uint2(0, 0);
-        }
+      for (int tt = 0; tt < kTiles; ++tt) {
+        const uint4* src = codes + (static_cast<size_t>(tt) * p.k_chunks + 2 * u) * 32;
+        copy16_stream(slot + tt * 1024 + lane * 16, src, true, policy);
+        copy16_stream(slot + tt * 1024 + 512 + lane * 16, second ? src + 32 : src, second, policy);
       }
+      if (scale_lane) {
+        const int group = ((u * kUnitK) >> p.group_shift) + scale_group;
+        const bool ok = group < p.groups;
+        // A zero-fill still names a valid address (the CTA's first scales), though it reads nothing.
+        copy16(slot + scale_dst, ok ? scales + scale_src + (group - scale_group) * 32 * kZ : scales, ok);
+      }
+      const bool ok = u * kUnitK + x_k < p.k;  // k is a multiple of 32: a piece is all in or all out
+      const T* src = x + x_src + u * kUnitK;
 #pragma unroll
-      for (int s = 0; s < 2; ++s) {
-        const int group = ((c * kChunkK) >> p.group_shift) + s;
-        const bool ok = c < p.k_chunks && (s == 0 || two_groups);
-        const uint16_t* at = scales + ((static_cast<size_t>(tile) * p.groups + group) * 8 + g) * 2 * kZ;
-        if constexpr (kHasZero) {
-          sz[u][s] = ok ? __ldg(reinterpret_cast<const uint2*>(at)) : make_uint2(0, 0);
-        } else {
-          sz[u][s] = make_uint2(ok ? __ldg(reinterpret_cast<const uint32_t*>(at)) : 0u, 0u);
-        }
+      for (int it = 0; it < kXCopies; ++it) {
+        if (x_row0 + 2 * it >= p.m) break;
+        copy16(slot + (it & 1 ? x_dst2 : x_dst) + (it >> 1) * 1024, ok ? src + 2 * it * p.k : x, ok);
       }
     }
+    copy_commit();
+  };
+#pragma unroll 1
+  for (int i = 0; i < kStages - 1; ++i) issue(i);  // the first units stream in while the tables are built
 
+  const uint32_t* tab_g = nullptr;
+  const uint32_t* tab_g8 = nullptr;
+  if constexpr (!kIntCodes) {
+    __shared__ uint16_t entries[kTiles * 16 * 16];
+    uint32_t* tables = reinterpret_cast<uint32_t*>(smem);
+    build_pair_tables<kRepl>(p.lut, p.lut_per_row ? tile0 * 16 : 0, p.lut_per_row ? kTiles * 16 : 1, entries, tables,
+                             kWarps * 32);
+    tab_g = tables + g * kRepl + t % kRepl;
+    tab_g8 = tab_g + (p.lut_per_row ? 256 * kStride : 0);
+  }
+  const int tile_words = p.lut_per_row ? 2 * 256 * kStride : 0;  // table words between tiles of the CTA
+
+  // Byte offsets of this lane's x fragment reads inside a row's 128-byte half (see the swizzle above); rows >= m
+  // are never copied and read as zero.
+  int x_at[4];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (c0 + u * kWarps >= p.k_chunks) break;
-      float part[kMTiles][4] = {}, xsum[kMTiles][4] = {};
-      const uint32_t words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
+  for (int j = 0; j < 4; ++j) x_at[j] = g * 256 + (((2 * j + (t >> 1)) ^ ((g & 3) << 1)) << 4) + 8 * (t & 1);
+  bool row_ok[kMTiles];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) row_ok[mt] = mt * 8 + g < p.m;
+  // Scales apply at the end of each group inside the unit: after k-tile jj when (jj + 1) % (group / 16) == 0
+  // (g32: 1, 3, 5, 7; g64: 3, 7; g >= 128: 7, where g256 applies its half group).
+  const int group_tiles_log2 = p.group_shift - 4;
+  const int apply_mask = (1 << (group_tiles_log2 < 3 ? group_tiles_log2 : 3)) - 1;
+
+  float acc[kTiles][kMTiles][4] = {};
+#pragma unroll 1
+  for (int i = 0; i < n_mine; ++i) {
+    copy_wait<kStages - 2>();  // unit i's group has landed (this lane's copies)
+    __syncwarp();  // ... and the other lanes' too; all lanes are done reading slot (i - 1) % kStages
+    issue(i + kStages - 1);  // refill that slot kStages - 1 units ahead, before this unit's math
+    const uint8_t* slot = ring + (static_cast<unsigned>(i) % kStages) * stage_bytes;
+    const uint8_t* unit_scales = slot + kTiles * 1024 + g * 4 * kZ;
+    const uint8_t* xs = slot + x_base;
+    float part[kTiles][kMTiles][4] = {}, xsum[kMTiles][4] = {};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint4 w[kTiles];
+#pragma unroll
+      for (int tt = 0; tt < kTiles; ++tt) {
+        w[tt] = *reinterpret_cast<const uint4*>(slot + tt * 1024 + h * 512 + lane * 16);
+      }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        uint32_t a[4];
-        dequantize_fragment<T, kIntCodes>(words[j], pairs_g, pairs_g8, a);
+        const int jj = 4 * h + j;
+        uint2 xv[kMTiles];
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-          D::mma(part[mt], a, xv[u][mt][j].x, xv[u][mt][j].y);
+          xv[mt] = row_ok[mt] ? *reinterpret_cast<const uint2*>(xs + mt * 2048 + h * 128 + x_at[j]) : make_uint2(0, 0);
           if constexpr (kHasZero) {
             const uint32_t ones[4] = {D::kOnes, D::kOnes, D::kOnes, D::kOnes};
-            D::mma(xsum[mt], ones, xv[u][mt][j].x, xv[u][mt][j].y);
+            D::mma(xsum[mt], ones, xv[mt].x, xv[mt].y);
           }
         }
-        if (j == 3 || (j == 1 && two_groups)) {
-          // Rows g and g+8 of this group: (scale, zero) pairs, or scales alone.
-          const uint2 v = (j == 3 && two_groups) ? sz[u][1] : sz[u][0];  // select, not index: stays in registers
-          float scale[2], zero[2] = {0.f, 0.f};
-          if constexpr (kHasZero) {
-            scale[0] = D::to_float(v.x & 0xFFFFu), zero[0] = D::to_float(v.x >> 16);
-            scale[1] = D::to_float(v.y & 0xFFFFu), zero[1] = D::to_float(v.y >> 16);
-            if constexpr (kIntCodes) {
-              zero[0] -= D::kIntOffset * scale[0];
-              zero[1] -= D::kIntOffset * scale[1];
+#pragma unroll
+        for (int tt = 0; tt < kTiles; ++tt) {
+          const uint32_t words[4] = {w[tt].x, w[tt].y, w[tt].z, w[tt].w};
+          uint32_t a[4];
+          dequantize_fragment<T, kIntCodes, kStride>(words[j], tab_g + tt * tile_words, tab_g8 + tt * tile_words, a);
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) D::mma(part[tt][mt], a, xv[mt].x, xv[mt].y);
+        }
+        if (jj == 7 || (jj % 2 == 1 && ((jj + 1) & apply_mask) == 0)) {  // jj odd: groups span >= 2 k-tiles
+          const int s = jj >> group_tiles_log2;  // the group within the unit
+#pragma unroll
+          for (int tt = 0; tt < kTiles; ++tt) {
+            // Rows g and g + 8 of this group: (scale, zero) pairs, or scales alone.
+            const uint8_t* at = unit_scales + tt * scale_bytes + s * 32 * kZ;
+            float scale[2], zero[2] = {0.f, 0.f};
+            if constexpr (kHasZero) {
+              const uint2 v = *reinterpret_cast<const uint2*>(at);
+              scale[0] = D::to_float(v.x & 0xFFFFu), zero[0] = D::to_float(v.x >> 16);
+              scale[1] = D::to_float(v.y & 0xFFFFu), zero[1] = D::to_float(v.y >> 16);
+              if constexpr (kIntCodes) {
+                zero[0] -= D::kIntOffset * scale[0];
+                zero[1] -= D::kIntOffset * scale[1];
+              }
+            } else {
+              const uint32_t v = *reinterpret_cast<const uint32_t*>(at);
+              scale[0] = D::to_float(v & 0xFFFFu), scale[1] = D::to_float(v >> 16);
             }
-          } else {
-            scale[0] = D::to_float(v.x & 0xFFFFu), scale[1] = D::to_float(v.x >> 16);
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                acc[tt][mt][e] += scale[e >> 1] * part[tt][mt][e];
+                if constexpr (kHasZero) acc[tt][mt][e] += zero[e >> 1] * xsum[mt][e];
+                part[tt][mt][e] = 0.f;
+              }
+            }
           }
 #pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) {
+          for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              acc[mt][e] += scale[e >> 1] * part[mt][e];
-              if constexpr (kHasZero) acc[mt][e] += zero[e >> 1] * xsum[mt][e];
-              part[mt][e] = 0.f;
-              xsum[mt][e] = 0.f;
-            }
-          }
+            for (int e = 0; e < 4; ++e) xsum[mt][e] = 0.f;
         }
       }
     }
   }
 
-  // Sum the warps' k-slices. Accumulator e of lane l holds row (l / 4) + 8 * (e / 2), column 2 * (l % 4) + e % 2.
-  __shared__ float partial[kWarps][kMTiles * 4][32];
+  // Sum the warps' k-slices through shared memory (the rings and tables are free once every copy has landed).
+  // Accumulator e of lane l holds row (l / 4) + 8 * (e / 2), column 2 * (l % 4) + e % 2 of its (tile, m-tile).
+  constexpr int kOut = kTiles * kMTiles * 4;
+  copy_wait<0>();
+  __syncthreads();
+  float* partial = reinterpret_cast<float*>(smem);  // [kWarps][kOut][32]
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
+  for (int tt = 0; tt < kTiles; ++tt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) partial[warp][mt * 4 + e][lane] = acc[mt][e];
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) partial[(warp * kOut + (tt * kMTiles + mt) * 4 + e) * 32 + lane] = acc[tt][mt][e];
   __syncthreads();
   T* y = static_cast<T*>(p.y);
-  for (int i = threadIdx.x; i < kMTiles * 4 * 32; i += kWarps * 32) {
-    const int l = i & 31, e = (i >> 5) & 3, mt = i >> 7;
+  for (int i = threadIdx.x; i < kOut * 32; i += kWarps * 32) {
+    const int l = i & 31, e = (i >> 5) & 3, mt = (i >> 7) % kMTiles, tt = (i >> 7) / kMTiles;
     float sum = 0.f;
 #pragma unroll
-    for (int v = 0; v < kWarps; ++v) sum += partial[v][i >> 5][l];
-    const int row = tile * 16 + (l >> 2) + 8 * (e >> 1);
+    for (int v = 0; v < kWarps; ++v) sum += partial[v * kOut * 32 + i];
+    const int row = (tile0 + tt) * 16 + (l >> 2) + 8 * (e >> 1);
     const int col = mt * 8 + 2 * (l & 3) + (e & 1);
     if (row < p.n && col < p.m) y[static_cast<size_t>(col) * p.n + row] = D::from_float(sum);
   }

@@ -1,41 +1,130 @@
 // The kernel variants and their dispatch. No torch headers here, so CI can compile this file quickly for every
 // target architecture (tests/test_kernels.py); the torch binding lives in tinygemm_op.cpp.
+//
+// Tuning: built with -DTINYGEMM_TUNING (ANY4_TINYGEMM_CUDA_FLAGS), every variant below is compiled and the
+// environment picks one at each launch (TINYGEMM_STAGES, TINYGEMM_LUT_STAGES, TINYGEMM_REPL, TINYGEMM_TILES16,
+// TINYGEMM_WARPS, TINYGEMM_LUT_WARPS; see Config). The normal build compiles only the measured best (kChosen),
+// so the tests cover what ships.
+#include <atomic>
+#include <cstdlib>
+
 #include "tinygemm.cuh"
 
 namespace tinygemm {
 
-template <typename T, bool kIntCodes, bool kHasZero, int kMTiles>
-static void launch_for_warps(const Problem& p, cudaStream_t stream) {
-  // Fewer warps per tile when there are many tiles: longer k-slices per warp, fewer CTA start-ups. With few
-  // tiles (small n), 8 warps per tile keep enough loads in flight to fill the memory system.
-  if (p.n_tiles >= 4 * p.sm_count) {  // at 4 warps a tile, still 16 warps per SM
-    tinygemm_kernel<T, kIntCodes, kHasZero, kMTiles, 4><<<p.n_tiles, 4 * 32, 0, stream>>>(p);
-  } else {
-    tinygemm_kernel<T, kIntCodes, kHasZero, kMTiles, 8><<<p.n_tiles, 8 * 32, 0, stream>>>(p);
-  }
-}
+struct Config {
+  int stages;      // int codes: ring slots (units of k = 128) per warp at m <= 8, 2 or 4 (at m > 8, where a slot
+                   // holds twice the x: half of it, at least 2)
+  int lut_stages;  // the same for LUT formats, whose tables share the shared memory
+  int repl;        // copies of the pair tables when a CTA has one tile (1, 2 or 4; 1 with two tiles)
+  int tiles16;     // at m > 8: 1 tile per CTA; 2: two tiles (each x fragment serves both, half the x traffic)
+                   // when that leaves >= 1 CTA per SM; 3: two tiles when it leaves >= 1 CTA per 2 SMs
+  int warps;       // warps per CTA for int codes: 0 picks by CTA count, 4 or 8 forces it
+  int lut_warps;   // the same for LUT formats
+};
 
-template <typename T, bool kIntCodes, bool kHasZero>
-static cudaError_t launch_for_rows(const Problem& p, cudaStream_t stream) {
-  if (p.m <= 8) {
-    launch_for_warps<T, kIntCodes, kHasZero, 1>(p, stream);
-  } else {
-    launch_for_warps<T, kIntCodes, kHasZero, 2>(p, stream);
+// The measured best on the H100 (docs/KERNELS.md, v6; results/kernels/kernels_v6_variants*.csv): 4 slots for int
+// codes (2 lost 3-7%); 2 slots and 2 table copies for LUT formats (4 copies = 64 KB of tables left 2 CTAs per SM:
+// any4 88 us at 28672 x 8192, m = 1, vs 64 with 2 slots x 2 copies); two tiles per CTA at m > 8 (one: int4 82 vs
+// 52 us at 28672 x 8192, m = 16), also when that leaves 128 CTAs for 132 SMs (4096 x 14336: 18 vs 23 us).
+constexpr Config kChosen{4, 2, 2, 3, 0, 0};
+
+#ifdef TINYGEMM_TUNING
+#define TG_IF if
+static int env_or(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atoi(v) : fallback;
+}
+static Config config() {  // read at every launch: a benchmark switches variants between CUDA-graph captures
+  return {env_or("TINYGEMM_STAGES", kChosen.stages),   env_or("TINYGEMM_LUT_STAGES", kChosen.lut_stages),
+          env_or("TINYGEMM_REPL", kChosen.repl),       env_or("TINYGEMM_TILES16", kChosen.tiles16),
+          env_or("TINYGEMM_WARPS", kChosen.warps),     env_or("TINYGEMM_LUT_WARPS", kChosen.lut_warps)};
+}
+#else
+#define TG_IF if constexpr  // only the chosen variant is instantiated
+static constexpr Config config() { return kChosen; }
+#endif
+
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages, int kRepl>
+static cudaError_t run(const Problem& p, cudaStream_t stream) {
+  using S = Smem<kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl>;
+  auto* kernel = tinygemm_kernel<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl>;
+  // Opt in to more than 48 KB of shared memory (static + dynamic) once per device, for the variant's largest need.
+  static std::atomic<uint64_t> raised{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = 1ull << (device & 63);
+  if (!(raised.load() & bit)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::max_bytes());
+    if (err != cudaSuccess) return err;
+    raised.fetch_or(bit);
   }
+  const int bytes = S::bytes(p);
+  kernel<<<p.n_tiles / kTiles, kWarps * 32, bytes, stream>>>(p);
   return cudaGetLastError();
 }
 
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages>
+static cudaError_t for_repl(const Problem& p, cudaStream_t stream) {
+  // Int codes have no tables; two tiles keep one copy (2 x 16 KB) so the x-heavy rings still fit.
+  if constexpr (kIntCodes || kTiles > 1) {
+    return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 1>(p, stream);
+  } else {
+    TG_IF (config().repl == 4) {
+      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 4>(p, stream);
+    } else TG_IF (config().repl == 2) {
+      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 2>(p, stream);
+    } else {
+      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 1>(p, stream);
+    }
+  }
+}
+
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps>
+static cudaError_t for_stages(const Problem& p, cudaStream_t stream) {
+  // At m > 8 a slot carries 16 rows of x (4 KB): fewer slots keep the shared memory per CTA in bounds.
+  TG_IF ((kIntCodes ? config().stages : config().lut_stages) == 4) {
+    return for_repl<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, 4 / kMTiles>(p, stream);
+  } else {
+    return for_repl<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, 2>(p, stream);
+  }
+}
+
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles>
+static cudaError_t for_warps(const Problem& p, cudaStream_t stream) {
+  // Fewer warps per CTA when there are many CTAs: longer k-slices per warp, fewer CTA start-ups (and table
+  // builds). With few CTAs (small n), 8 warps per CTA keep enough loads in flight to fill the memory system.
+  const int forced = kIntCodes ? config().warps : config().lut_warps;
+  const int warps = forced ? forced : (p.n_tiles / kTiles >= 3 * p.sm_count ? 4 : 8);
+  if (warps == 4) return for_stages<T, kIntCodes, kHasZero, kMTiles, kTiles, 4>(p, stream);
+  return for_stages<T, kIntCodes, kHasZero, kMTiles, kTiles, 8>(p, stream);
+}
+
+template <typename T, bool kIntCodes, bool kHasZero>
+static cudaError_t for_rows(const Problem& p, cudaStream_t stream) {
+  if (p.m <= 8) return for_warps<T, kIntCodes, kHasZero, 1, 1>(p, stream);
+  // Two tiles per CTA at m > 8 when the tile count splits evenly and still gives (nearly) every SM a CTA.
+  TG_IF (config().tiles16 >= 2) {
+    const int min_ctas = config().tiles16 == 2 ? p.sm_count : p.sm_count / 2;
+    if (p.n_tiles % 2 == 0 && p.n_tiles / 2 >= min_ctas) return for_warps<T, kIntCodes, kHasZero, 2, 2>(p, stream);
+    return for_warps<T, kIntCodes, kHasZero, 2, 1>(p, stream);
+  } else {
+    return for_warps<T, kIntCodes, kHasZero, 2, 1>(p, stream);
+  }
+}
+
 template <typename T>
-static cudaError_t launch_for_dtype(const Problem& p, bool int_codes, bool has_zero, cudaStream_t stream) {
-  if (int_codes) return launch_for_rows<T, true, true>(p, stream);  // int codes always carry a zero point
-  if (has_zero) return launch_for_rows<T, false, true>(p, stream);
-  return launch_for_rows<T, false, false>(p, stream);
+static cudaError_t for_dtype(const Problem& p, bool int_codes, bool has_zero, cudaStream_t stream) {
+  if (int_codes) return for_rows<T, true, true>(p, stream);  // int codes always carry a zero point
+  if (has_zero) return for_rows<T, false, true>(p, stream);
+  return for_rows<T, false, false>(p, stream);
 }
 
 cudaError_t launch(const Problem& p, bool bf16, bool int_codes, bool has_zero, cudaStream_t stream) {
   if (p.m < 1 || p.m > 16 || (int_codes && !has_zero)) return cudaErrorInvalidValue;
-  return bf16 ? launch_for_dtype<__nv_bfloat16>(p, int_codes, has_zero, stream)
-              : launch_for_dtype<__half>(p, int_codes, has_zero, stream);
+  return bf16 ? for_dtype<__nv_bfloat16>(p, int_codes, has_zero, stream)
+              : for_dtype<__half>(p, int_codes, has_zero, stream);
 }
 
 }  // namespace tinygemm

@@ -146,6 +146,57 @@ def bench_shape(n: int, k: int, copy_bps: float, rows=ROWS) -> list[dict]:
     return results
 
 
+def parse_variants(spec: str) -> dict[str, dict[str, str]]:
+    """"a:TINYGEMM_STAGES=2,TINYGEMM_REPL=1;b:..." -> {"a": {"TINYGEMM_STAGES": "2", ...}, "b": ...}."""
+    out = {}
+    for part in filter(None, spec.split(";")):
+        name, _, assignments = part.partition(":")
+        out[name] = dict(a.split("=", 1) for a in filter(None, assignments.split(",")))
+    return out
+
+
+def bench_variants(n: int, k: int, copy_bps: float, rows, variants: dict, formats=("int4", "any4")) -> list[dict]:
+    """Kernel variants of a TINYGEMM_TUNING build side by side (each picked by environment variables that the
+    launcher reads at every launch): per m and format, each variant is checked against float64 and then timed, so
+    all variants see the same weights, inputs and device state."""
+    results = []
+    for fmt in formats:
+        q = random_quantized(fmt, n, k, 128)
+        packed = PackedWeight.from_quantized(q, torch.bfloat16)
+        del q
+        weights = _clones(packed, packed.nbytes())
+        weight64 = packed.dequantize(torch.float64)
+        for m in rows:
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+            exact = xs[0].double() @ weight64.T
+            for name, env in variants.items():
+                saved = {key: os.environ.get(key) for key in env}
+                os.environ.update(env)
+                try:
+                    y = linear(xs[0], packed)
+                    err = ((y.double() - exact).norm() / exact.norm()).item()
+                    finite = bool(torch.isfinite(y).all())
+                    us = time_us(lambda i: linear(xs[i % len(xs)], weights[i % len(weights)]), CALLS_PER_GRAPH)
+                finally:
+                    for key, value in saved.items():
+                        if value is None:
+                            os.environ.pop(key, None)
+                        else:
+                            os.environ[key] = value
+                moved = packed.nbytes() + 2 * m * (k + n)
+                results.append({
+                    "n": n, "k": k, "m": m, "method": f"ours_{fmt}", "variant": name, "median_us": round(us, 2),
+                    "bytes": moved, "gbps": round(moved / us / 1e3, 1),
+                    "fraction_of_copy": round(moved / (us * 1e-6) / copy_bps, 3), "rel_err": f"{err:.2e}",
+                    "ok": finite and err < 1e-2,
+                })
+                print(f"{n}x{k} m={m:>2} {fmt} {name:>10}: {us:8.2f} us  {100 * moved / (us * 1e-6) / copy_bps:5.1f}% "
+                      f"copy  err {err:.1e}{'' if results[-1]['ok'] else '  WRONG'}", flush=True)
+        del weights, weight64
+        torch.cuda.empty_cache()
+    return results
+
+
 def print_table(rows: list[dict]) -> None:
     names = ["cublas_bf16", "torch_int4", "ours_int4", "ours_any4", "ours_nf4", "ours_mxfp4"]
     by_key = {(r["n"], r["k"], r["m"], r["method"]): r for r in rows}
@@ -166,6 +217,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/kernels"))
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="e.g. 4096x4096,28672x8192")
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="m values, e.g. 1,2,4,8,16")
+    parser.add_argument("--variants", default="", help="kernel variants of a TINYGEMM_TUNING build to compare, "
+                        "e.g. 'base:;s2:TINYGEMM_STAGES=2' (writes kernels_variants_<device>.csv)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the kernel benchmark needs a CUDA device")
@@ -182,6 +235,17 @@ def main(argv=None) -> None:
         "copy_tbps": round(copy_bps / 1e12, 3),
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.variants:
+        path = args.out / f"kernels_variants_{provenance['device'].replace(' ', '_')}.csv"
+        rows = []
+        for n, k in shapes:
+            rows += bench_variants(n, k, copy_bps, rows_m, parse_variants(args.variants))
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=[*rows[0], *provenance])
+                writer.writeheader()
+                writer.writerows({**r, **provenance} for r in rows)
+        print(f"wrote {path}")
+        return
     path = args.out / f"kernels_{provenance['device'].replace(' ', '_')}.csv"
     rows = []
     for n, k in shapes:
