@@ -2,7 +2,7 @@
 # End-to-end decode speed (issue 6) in one device call, from the repository root:
 #   ANY4_GIT_COMMIT=<commit> scripts/device_e2e.sh [profile] [bench] [tests] [reduce-overhead] [-- extra bench arguments]
 # profile: where one decode step's time goes (any4lib/bench/profile.py), old layout (separate q/k/v, gate/up;
-# masked SDPA) against the new (fused; Triton split-K decode attention), b=1: results/e2e/profile.{csv,txt}.
+# masked SDPA) against the new (fused; Triton split-K decode attention), b=1: results/e2e/profile/profile.{csv,txt}.
 # qhead: optional rows with lm_head quantized too. sdpa-control: the new layout with masked SDPA attention.
 # With ANY4_RESTORE_CLEAN=1 (on the device only: it overwrites files), .carry/clean (files of a committed tree, laid
 # out as in the repository) is copied over the tree first, so that a run measures committed kernels even when the
@@ -56,10 +56,10 @@ for step in "${steps[@]}"; do
         2>&1 | tee "$OUT/build.log"
       timeout "${PROFILE_LIMIT_S:-300}" python3 -m any4lib.bench.e2e --profile --model-config llama3-8b \
         --formats "${PROFILE_METHODS:-bf16,any4,int4}" --peers "" --batch "${PROFILE_BATCH:-1}" --prompt 512 --new 128 \
-        --profile-variants "${PROFILE_VARIANTS:-separate+sdpa,fused+triton}" --profile-out results/e2e/profile.csv \
+        --profile-variants "${PROFILE_VARIANTS:-separate+sdpa,fused+triton}" --profile-out results/e2e/profile/profile.csv \
         --trace-dir "$OUT" --deadline-s "${PROFILE_DEADLINE_S:-240}" 2>&1 | tee "$OUT/profile.log"
       rc=${PIPESTATUS[0]}
-      cp results/e2e/profile.csv results/e2e/profile.txt "$OUT/" 2>/dev/null ;;
+      cp results/e2e/profile/profile.csv results/e2e/profile/profile.txt "$OUT/" 2>/dev/null ;;
     bench)
       # The tinygemm JIT build first, so it stays out of the first method's warm-up time.
       timeout 300 python3 -c "from any4lib.kernels import load_kernels; load_kernels(); print('kernels loaded')" \
@@ -83,9 +83,9 @@ for step in "${steps[@]}"; do
       # The new layout with the old attention (masked SDPA over the whole cache), to isolate the attention kernel.
       timeout "${CONTROL_LIMIT_S:-60}" python3 -m any4lib.bench.e2e --model-config llama3-8b --formats "${CONTROL_METHODS:-bf16}" \
         --peers "" --batch "${CONTROL_BATCH:-16}" --prompt 512 --new 128 --attention sdpa \
-        --deadline-s "${CONTROL_DEADLINE_S:-40}" --out results/e2e/decode_sdpa_control.csv "${extra[@]}" 2>&1 | tee "$OUT/control.log"
+        --deadline-s "${CONTROL_DEADLINE_S:-40}" --out results/e2e/controls/decode_sdpa_control.csv "${extra[@]}" 2>&1 | tee "$OUT/control.log"
       rc=${PIPESTATUS[0]}
-      cp results/e2e/decode_sdpa_control.csv "$OUT/" 2>/dev/null ;;
+      cp results/e2e/controls/decode_sdpa_control.csv "$OUT/" 2>/dev/null ;;
     tests)
       timeout "${TESTS_LIMIT_S:-200}" python3 -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_e2e.py ${TESTS_K:+-k "$TESTS_K"} \
         2>&1 | tee "$OUT/tests.log"
@@ -95,9 +95,9 @@ for step in "${steps[@]}"; do
       limit=$(( ${CALL_LIMIT_S:-585} - SECONDS ))
       timeout "$limit" python3 -m any4lib.bench.e2e --model-config llama3-8b --formats bf16,any4 --peers "" \
         --batch 1 --prompt 512 --new 128 --compile reduce-overhead --reuse-budget-s 0 \
-        --deadline-s $(( limit - 150 )) --out results/e2e/decode_reduce_overhead.csv 2>&1 | tee "$OUT/reduce_overhead.log"
+        --deadline-s $(( limit - 150 )) --out results/e2e/controls/decode_reduce_overhead.csv 2>&1 | tee "$OUT/reduce_overhead.log"
       rc=${PIPESTATUS[0]}
-      cp results/e2e/decode_reduce_overhead.csv "$OUT/" 2>/dev/null ;;
+      cp results/e2e/controls/decode_reduce_overhead.csv "$OUT/" 2>/dev/null ;;
     *) echo "unknown step $step (profile, bench, qhead, sdpa-control, tests, reduce-overhead)"; rc=2 ;;
   esac
   echo "== $step: exit $rc after $((SECONDS - start)) s"

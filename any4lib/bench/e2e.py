@@ -573,7 +573,7 @@ def parse_args(argv=None):
                         help="instead of the bench: profile one decode step per method x --profile-variants x batch")
     parser.add_argument("--profile-variants", default="separate+sdpa,fused+triton",
                         help="comma list of LAYOUT+ATTENTION to profile")
-    parser.add_argument("--profile-out", default="results/e2e/profile.csv",
+    parser.add_argument("--profile-out", default="results/e2e/profile/profile.csv",
                         help="profile CSV; the top-kernel tables go beside it (.txt)")
     parser.add_argument("--trace-dir", default="", help="also write gzipped Chrome traces of anyN profiles here")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Where one decode step's time goes: torch.profiler over compiled, not graphed, decode steps.
 
     python -m any4lib.bench.e2e --profile --formats bf16,any4,int4 --peers "" --batch 1 \
-        --profile-variants separate+sdpa,fused+triton --profile-out results/e2e/profile.csv
+        --profile-variants separate+sdpa,fused+triton --profile-out results/e2e/profile/profile.csv
 
 Each block runs through torch.compile as in the bench, but the step is launched eagerly so every kernel shows up
 in the trace (inside a CUDA graph the profiler may see one graph launch). Each kernel is charged to the region
