@@ -125,8 +125,6 @@ def _quantize_any(
     row_chunk: int | None = None,
 ):
     n, g_count, g = groups.shape
-    # Rows per k-means batch: bounds the float64 prefix sums (24 bytes per weight) on the CPU; a GPU takes more.
-    row_chunk = row_chunk or (16384 if groups.is_cuda else 512)
     x, scale, zero = _min_max_normalise(groups, fmt.bits)
     weight = torch.ones_like(groups) if sample_weight is None else sample_weight.reshape(n, g_count, g)
     if scale_weighted:
@@ -134,15 +132,11 @@ def _quantize_any(
     x, weight = x.reshape(n, -1), weight.reshape(n, -1)
     k = 2**fmt.bits
     start = torch.arange(k, dtype=torch.float32, device=groups.device)[None] if init == "int" else init
-    settings = {"init": start, "max_iter": max_iter, "tol": tol, "with_inertia": False}
+    settings = {"init": start, "max_iter": max_iter, "tol": tol, "with_inertia": False, "row_chunk": row_chunk}
 
     if per_row:
-        parts = [
-            kmeans_1d(x[i : i + row_chunk], k, weight[i : i + row_chunk], seed=seed + i, **settings)
-            for i in range(0, n, row_chunk)
-        ]
-        centers = torch.cat([p.centers for p in parts])
-        codes = torch.cat([p.labels for p in parts])
+        result = kmeans_1d(x, k, weight, seed=seed, **settings)
+        centers, codes = result.centers, result.labels
     else:
         centers = kmeans_1d(x.reshape(1, -1), k, weight.reshape(1, -1), seed=seed, **settings).centers
         codes = assign_nearest(x, centers)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .native import kmeans_module
+
 
 @dataclass
 class KMeansResult:
@@ -151,6 +153,7 @@ def kmeans_1d(
     seed: int = 0,
     bins: int | None = 2048,
     with_inertia: bool = True,
+    row_chunk: int | None = None,
 ) -> KMeansResult:
     """Weighted k-means of each row of `x` ([R, M] float) into `k` clusters, Lloyd's algorithm run to convergence.
 
@@ -161,6 +164,9 @@ def kmeans_1d(
     bins: rows longer than this are clustered through a weighted histogram of that many bins (None: always sort);
     labels and inertia are then computed on the raw points. with_inertia=False skips the objective (one pass over
     the rows fewer) when only centers and labels are needed. Deterministic for a given seed and device.
+
+    On a CPU the compiled version (any4lib.native) runs when it builds, one row at a time over threads; elsewhere
+    the tensor version runs `row_chunk` rows at a time (None: 512 on a CPU, 16384 on a GPU).
     """
     if x.dim() != 2:
         raise ValueError(f"kmeans_1d expects [rows, points], got shape {tuple(x.shape)}")
@@ -168,25 +174,45 @@ def kmeans_1d(
     weight = torch.ones_like(x) if weight is None else weight.float().expand_as(x)
     dead = weight.sum(1, keepdim=True) <= 0
     weight = torch.where(dead, torch.ones_like(weight), weight)
-    rows = _SortedRows.histogram(x, weight, bins) if bins and x.shape[1] > bins else _SortedRows.exact(x, weight)
-
-    if isinstance(init, torch.Tensor):
-        centers = torch.sort(init.to(x).expand(x.shape[0], k), 1).values
-    elif init == "k-means++":
-        generator = torch.Generator(device=x.device).manual_seed(seed)
-        trials = n_local_trials if n_local_trials is not None else 2 + int(math.log(k))
-        centers = _kmeans_plus_plus(rows, k, trials, generator)
-    else:
+    if isinstance(init, str) and init != "k-means++":
         raise ValueError(f"unknown k-means init {init!r}: use 'k-means++' or a tensor of starting centers")
+    trials = n_local_trials if n_local_trials is not None else 2 + int(math.log(k))
+    start = torch.sort(init.to(x).expand(x.shape[0], k), 1).values if isinstance(init, torch.Tensor) else None
 
-    tolerance = tol * x.double().var(1, unbiased=False) if tol > 0 else torch.zeros(x.shape[0], device=x.device)
-    centers, n_iter = _lloyd(rows, centers, tolerance, max_iter)
+    native = kmeans_module() if x.device.type == "cpu" and k <= 256 else None
+    if native is not None:
+        empty = torch.empty(0, k)
+        centers, labels, iterations = native.kmeans_rows(
+            x.contiguous(), weight.contiguous(), k, bins or 0, empty if start is None else start.contiguous(),
+            trials, max_iter, tol, seed,
+        )
+        labels, n_iter = labels.long(), int(iterations.max())
+    else:
+        # The tensor version holds float64 prefix sums (24 bytes a point): rows go through in chunks.
+        row_chunk = row_chunk or (16384 if x.is_cuda else 512)
+        parts = [
+            _kmeans_tensor(
+                x[i : i + row_chunk], k, weight[i : i + row_chunk], None if start is None else start[i : i + row_chunk],
+                trials, max_iter, tol, seed + i, bins,
+            )
+            for i in range(0, x.shape[0], row_chunk)
+        ]
+        centers, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        n_iter = max(p[2] for p in parts)
 
-    labels = assign_nearest(x, centers)
     inertia = None
     if with_inertia:
         inertia = (weight.double() * (x.double() - centers.gather(1, labels).double()) ** 2).sum(1)
     return KMeansResult(centers, labels, inertia, n_iter)
+
+
+def _kmeans_tensor(x, k, weight, start, trials, max_iter, tol, seed, bins) -> tuple[torch.Tensor, torch.Tensor, int]:
+    rows = _SortedRows.histogram(x, weight, bins) if bins and x.shape[1] > bins else _SortedRows.exact(x, weight)
+    if start is None:
+        start = _kmeans_plus_plus(rows, k, trials, torch.Generator(device=x.device).manual_seed(seed))
+    tolerance = tol * x.double().var(1, unbiased=False) if tol > 0 else torch.zeros(x.shape[0], device=x.device)
+    centers, n_iter = _lloyd(rows, start, tolerance, max_iter)
+    return centers, assign_nearest(x, centers), n_iter
 
 
 def _lloyd(rows: _SortedRows, centers: torch.Tensor, tolerance: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, int]:

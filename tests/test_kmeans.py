@@ -5,9 +5,16 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
-from any4lib import kmeans_1d
+from any4lib import kmeans_1d, native
 from any4lib.formats import _min_max_normalise
 from real_weights import real_weight
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def backend(request, monkeypatch):
+    """Every test runs on both CPU implementations: the compiled one and the tensor one (the GPU's)."""
+    monkeypatch.setenv("ANY4_KMEANS", request.param)
+    return request.param
 
 
 def sklearn_inertia(x: torch.Tensor, weight: torch.Tensor, k: int) -> float:
@@ -108,3 +115,46 @@ def test_max_iter_caps_lloyd_and_zero_keeps_the_start():
     capped, full = kmeans_1d(x, 16, init=start, max_iter=2), kmeans_1d(x, 16, init=start)
     assert capped.n_iter == 2 and full.n_iter > 2
     assert (full.inertia <= capped.inertia + 1e-9).all()
+
+
+@pytest.mark.parametrize("bins, tol", [(None, 0.0), (256, 0.0), (256, 1e-4)], ids=["exact", "histogram", "tol"])
+def test_both_implementations_agree_from_the_same_start(monkeypatch, bins, tol):
+    g = torch.Generator().manual_seed(11)
+    x, weight = torch.rand(16, 1000, generator=g) * 15, torch.rand(16, 1000, generator=g)
+    start = torch.sort(torch.rand(16, 16, generator=g) * 15, 1).values
+    results = {}
+    for name in ("native", "torch"):
+        monkeypatch.setenv("ANY4_KMEANS", name)
+        results[name] = kmeans_1d(x, 16, weight, init=start, bins=bins, tol=tol)
+    assert torch.equal(results["native"].centers, results["torch"].centers)
+    assert torch.equal(results["native"].labels, results["torch"].labels)
+    assert results["native"].n_iter == results["torch"].n_iter
+
+
+def test_compiled_rows_do_not_depend_on_the_rows_beside_them(backend):
+    if backend != "native":
+        pytest.skip("the tensor version draws one random stream for the whole batch")
+    x = torch.rand(16, 700, generator=torch.Generator().manual_seed(12)) * 15
+    whole, half = kmeans_1d(x, 16, seed=5), kmeans_1d(x[:8].contiguous(), 16, seed=5)
+    assert torch.equal(whole.centers[:8], half.centers)
+
+
+def test_backend_choice_and_fallback(monkeypatch):
+    monkeypatch.setenv("ANY4_KMEANS", "fastest")
+    with pytest.raises(ValueError, match="ANY4_KMEANS='fastest': choose one of auto, native, torch"):
+        kmeans_1d(torch.rand(2, 10), 4)
+
+    def broken():
+        raise OSError("no C++ compiler")
+
+    monkeypatch.setattr(native, "_build", broken)
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setenv("ANY4_KMEANS", "native")
+    with pytest.raises(RuntimeError, match="did not build: OSError: no C\\+\\+ compiler"):
+        kmeans_1d(torch.rand(2, 10), 4)
+    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setenv("ANY4_KMEANS", "auto")
+    with pytest.warns(UserWarning, match="slower tensor version"):
+        result = kmeans_1d(torch.rand(2, 10), 4)
+    assert result.centers.shape == (2, 4)
