@@ -5,7 +5,8 @@
 #   $VARIANTS checked and timed side by side on three Llama shapes, then the candidate's bench there),
 #   debug (the bad-input test under cuda-gdb)
 # Logs and the benchmark CSV go to $OUT (default /tmp/any4_kernels). Run from the repository root; set
-# ANY4_COMMIT=<hash> where the tree has no .git (the device copy), so the CSV records which code ran.
+# ANY4_GIT_COMMIT=<hash> on the device (its copy of the tree has a stale .git or none), so the CSV records which
+# code ran.
 set -uo pipefail
 OUT=${OUT:-/tmp/any4_kernels}
 mkdir -p "$OUT"

@@ -228,8 +228,7 @@ def main(argv=None) -> None:
     copy_bps = copy_bandwidth()
     print(f"device-to-device copy: {copy_bps / 1e12:.2f} TB/s (read + write)")
     provenance = {
-        # ANY4_COMMIT: the device machine gets a copy of the tree without .git; the caller passes the commit.
-        "commit": git_state()["commit"] or os.environ.get("ANY4_COMMIT"),
+        "commit": git_state()["commit"],  # $ANY4_GIT_COMMIT names it on the device (its copy's .git is stale)
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "copy_tbps": round(copy_bps / 1e12, 3),
