@@ -158,3 +158,15 @@ def test_backend_choice_and_fallback(monkeypatch):
     with pytest.warns(UserWarning, match="slower tensor version"):
         result = kmeans_1d(torch.rand(2, 10), 4)
     assert result.centers.shape == (2, 4)
+
+
+def test_lut_benchmark_writes_its_record(tmp_path, backend):
+    import json
+
+    from any4lib.bench import lut
+
+    rows = lut.main(["--shapes", "64x256", "--sample-rows", "2", "--group-size", "64", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "any4_cpu.json").read_text())
+    assert record["rows"] == rows and rows[0]["shape"] == "64x256" and rows[0]["kmeans"] == {"native": "compiled", "torch": "tensor"}[backend]
+    assert rows[0]["seconds"] > 0 and rows[0]["speedup"] == pytest.approx(rows[0]["sklearn_seconds_extrapolated"] / rows[0]["seconds"])
+    assert 0.75 < rows[0]["objective_ratio"] < 1.25 and record["provenance"]["packages"]["torch"]
