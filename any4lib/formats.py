@@ -93,7 +93,10 @@ def _min_max_normalise(groups: torch.Tensor, bits: int):
     hi = groups.amax(-1, keepdim=True)
     scale = (hi - lo) / (2**bits - 1)
     zero = lo + 2 ** (bits - 1) * scale
-    return _safe_divide(groups - lo, scale).clamp(0, 2**bits - 1), scale, zero
+    # A constant group (scale 0) has groups - lo = 0 exactly, so dividing it by 1 gives its codes 0. In place: the
+    # per-element passes dominate the cost of quantizing.
+    x = (groups - lo).div_(torch.where(scale > 0, scale, torch.ones_like(scale)))
+    return x.clamp_(0, 2**bits - 1), scale, zero
 
 
 def _quantize_int_asymmetric(groups, fmt):

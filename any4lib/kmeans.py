@@ -24,7 +24,7 @@ from .native import kmeans_module
 @dataclass
 class KMeansResult:
     centers: torch.Tensor  # [R, k] ascending
-    labels: torch.Tensor  # [R, M] int64, index into centers
+    labels: torch.Tensor  # [R, M] index into centers: uint8 when k <= 256 (the codes' own type), else int64
     inertia: torch.Tensor | None  # [R] float64: sum of weight * (x - center)^2 (None unless asked for)
     n_iter: int
 
@@ -173,7 +173,8 @@ def kmeans_1d(
     x = x.float()
     weight = torch.ones_like(x) if weight is None else weight.float().expand_as(x)
     dead = weight.sum(1, keepdim=True) <= 0
-    weight = torch.where(dead, torch.ones_like(weight), weight)
+    if dead.any():
+        weight = torch.where(dead, torch.ones_like(weight), weight)
     if isinstance(init, str) and init != "k-means++":
         raise ValueError(f"unknown k-means init {init!r}: use 'k-means++' or a tensor of starting centers")
     trials = n_local_trials if n_local_trials is not None else 2 + int(math.log(k))
@@ -186,7 +187,7 @@ def kmeans_1d(
             x.contiguous(), weight.contiguous(), k, bins or 0, empty if start is None else start.contiguous(),
             trials, max_iter, tol, seed,
         )
-        labels, n_iter = labels.long(), int(iterations.max())
+        n_iter = int(iterations.max())
     else:
         # The tensor version holds float64 prefix sums (24 bytes a point): rows go through in chunks.
         row_chunk = row_chunk or (16384 if x.is_cuda else 512)
@@ -198,11 +199,12 @@ def kmeans_1d(
             for i in range(0, x.shape[0], row_chunk)
         ]
         centers, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        labels = labels.to(torch.uint8) if k <= 256 else labels
         n_iter = max(p[2] for p in parts)
 
     inertia = None
     if with_inertia:
-        inertia = (weight.double() * (x.double() - centers.gather(1, labels).double()) ** 2).sum(1)
+        inertia = (weight.double() * (x.double() - centers.gather(1, labels.long()).double()) ** 2).sum(1)
     return KMeansResult(centers, labels, inertia, n_iter)
 
 

@@ -43,9 +43,10 @@ def _check_weight(w: torch.Tensor) -> None:
         raise ValueError(f"expected a 2-D weight [out_features, in_features], got shape {tuple(w.shape)}{hint}")
     if w.numel() == 0:
         raise ValueError(f"cannot quantize an empty weight of shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
+    if not torch.isfinite(w.sum()):  # one cheap reduction; counting only when something is off (or it overflowed)
         bad = (~torch.isfinite(w)).sum().item()
-        raise ValueError(f"weight has {bad} NaN/Inf entries; quantization needs finite values")
+        if bad:
+            raise ValueError(f"weight has {bad} NaN/Inf entries; quantization needs finite values")
 
 
 def _check_sample_weight(sample_weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -56,7 +57,7 @@ def _check_sample_weight(sample_weight: torch.Tensor, shape: torch.Size) -> torc
             f"sample_weight of shape {tuple(sample_weight.shape)} does not broadcast to the weight's {tuple(shape)}; "
             f"pass [K] (one value per input feature) or [N, K]"
         ) from None
-    if not torch.isfinite(expanded).all() or (expanded < 0).any():
+    if not torch.isfinite(sample_weight).all() or (sample_weight < 0).any():  # before expanding: K values, not N*K
         raise ValueError("sample_weight must be finite and non-negative (e.g. |mean activation| per input feature)")
     return expanded
 

@@ -57,14 +57,15 @@ def test_result_is_a_lloyd_fixed_point_computed_in_float64():
     result = kmeans_1d(x, 16, weight, tol=0.0)
     xd, wd, c = x.double(), weight.double(), result.centers.double()
     nearest = (xd[..., None] - c[:, None, :]).abs().argmin(-1)
-    assert torch.equal(nearest, result.labels)  # every point sits with its nearest centre
+    assert result.labels.dtype == torch.uint8
+    assert torch.equal(nearest, result.labels.long())  # every point sits with its nearest centre
     for r in range(8):
         for j in range(16):
             members = result.labels[r] == j
             if members.any():  # every centre is the weighted mean of its points
                 mean = (wd[r, members] * xd[r, members]).sum() / wd[r, members].sum()
                 assert abs(mean.item() - c[r, j].item()) < 1e-5
-    inertia = (wd * (xd - c.gather(1, result.labels)) ** 2).sum(1)
+    inertia = (wd * (xd - c.gather(1, result.labels.long())) ** 2).sum(1)
     torch.testing.assert_close(result.inertia, inertia)
 
 

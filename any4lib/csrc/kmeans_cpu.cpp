@@ -83,22 +83,38 @@ struct SortedRow {
     }
   }
 
+  // First point at or above `mid` (std::lower_bound), galloping out from `guess`: between Lloyd steps a run's
+  // boundary moves a few points, so this costs O(log distance) instead of O(log n).
+  int seek(float mid, int guess) const {
+    const int n = size();
+    const float* v = value.data();
+    if (guess < n && v[guess] < mid) {  // the answer is right of guess: every index below lo is < mid
+      int lo = guess + 1, step = 1;
+      while (lo + step <= n && v[lo + step - 1] < mid) {
+        lo += step;
+        step *= 2;
+      }
+      return static_cast<int>(std::lower_bound(v + lo, v + std::min(lo + step - 1, n), mid) - v);
+    }
+    int hi = guess, step = 1;  // the answer is at or left of guess: every index from hi on is >= mid
+    while (hi - step >= 0 && v[hi - step] >= mid) {
+      hi -= step;
+      step *= 2;
+    }
+    return static_cast<int>(std::lower_bound(v + std::max(hi - step + 1, 0), v + hi, mid) - v);
+  }
+
   // start[j] = first point of center j's run for ascending centers c[0..k): a point goes to its nearest center,
-  // so runs split at the midpoints (computed in float, like the tensor version).
-  void boundaries(const float* c, int k, int* start) const {
+  // so runs split at the midpoints (computed in float, like the tensor version). `guess` (optional): boundaries
+  // of nearby centers to start the searches from.
+  void boundaries(const float* c, int k, int* start, const int* guess = nullptr) const {
     start[0] = 0;
     for (int j = 1; j < k; ++j) {
       const float mid = (c[j - 1] + c[j]) / 2;
-      start[j] = static_cast<int>(std::lower_bound(value.begin(), value.end(), mid) - value.begin());
+      start[j] = guess ? seek(mid, guess[j])
+                       : static_cast<int>(std::lower_bound(value.begin(), value.end(), mid) - value.begin());
     }
     start[k] = size();
-  }
-
-  double potential(const float* c, int k, std::vector<int>& start) const {
-    boundaries(c, k, start.data());
-    double total = 0;
-    for (int j = 0; j < k; ++j) total += cost(start[j], start[j + 1], c[j]);
-    return total;
   }
 };
 
@@ -107,8 +123,7 @@ double uniform(std::mt19937_64& gen) { return 1.0 - std::generate_canonical<doub
 
 // Greedy k-means++ (Arthur & Vassilvitskii, with local trials as scikit-learn does) on one sorted row.
 void kmeans_plus_plus(const SortedRow& row, int k, int trials, std::mt19937_64& gen, float* centers,
-                      std::vector<int>& start, std::vector<int>& trial_start, std::vector<double>& cum,
-                      std::vector<float>& trial, std::vector<float>& best) {
+                      std::vector<int>& start, std::vector<double>& cum, std::vector<float>& best) {
   const int n = row.size();
   // First center: a point drawn with probability proportional to its weight.
   const double target = uniform(gen) * row.p0[n];
@@ -133,12 +148,27 @@ void kmeans_plus_plus(const SortedRow& row, int k, int trials, std::mt19937_64& 
         else lo = mid + 1;
       }
       const float candidate = row.value[std::clamp(hi - 1, 0, n - 1)];
-      trial.assign(centers, centers + i);
-      trial.insert(std::upper_bound(trial.begin(), trial.end(), candidate), candidate);
-      const double p = row.potential(trial.data(), i + 1, trial_start);  // `start` still serves the next trial
+      // Inserted at a, the candidate takes points only from its neighbours' runs (clusters a-1 and a), so the
+      // trial's potential is the current one with those two runs re-split at the two new midpoints.
+      const int a = static_cast<int>(std::upper_bound(centers, centers + i, candidate) - centers);
+      const int first = a > 0 ? start[a - 1] : 0, last = a < i ? start[a + 1] : n;
+      double before = 0, after = 0;
+      int m1 = first, m2 = last;
+      if (a > 0) {
+        before += row.cost(start[a - 1], start[a], centers[a - 1]);
+        m1 = row.seek((centers[a - 1] + candidate) / 2, start[a]);
+        after += row.cost(first, m1, centers[a - 1]);
+      }
+      if (a < i) {
+        before += row.cost(start[a], start[a + 1], centers[a]);
+        m2 = row.seek((candidate + centers[a]) / 2, start[a]);
+        after += row.cost(m2, last, centers[a]);
+      }
+      const double p = running - before + after + row.cost(m1, m2, candidate);
       if (p < best_potential) {  // the first of equal potentials, as argmin does
         best_potential = p;
-        best = trial;
+        best.assign(centers, centers + i);
+        best.insert(best.begin() + a, candidate);
       }
     }
     std::copy(best.begin(), best.end(), centers);
@@ -161,7 +191,7 @@ int lloyd(const SortedRow& row, int k, int max_iter, double tolerance, float* ce
     std::sort(updated.begin(), updated.end());
     double shift = 0;
     for (int j = 0; j < k; ++j) shift += (static_cast<double>(updated[j]) - centers[j]) * (updated[j] - centers[j]);
-    row.boundaries(updated.data(), k, next_start.data());
+    row.boundaries(updated.data(), k, next_start.data(), start.data());
     const bool settled = std::equal(start.begin(), start.end(), next_start.begin()) || shift <= tolerance;
     std::copy(updated.begin(), updated.end(), centers);
     start.swap(next_start);
@@ -201,10 +231,10 @@ std::vector<torch::Tensor> kmeans_rows(torch::Tensor x, torch::Tensor weight, in
 
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     SortedRow row;  // scratch, reused across this thread's rows
-    std::vector<int> order, start(k + 1), next_start(k + 1);
+    std::vector<int> order, start(k + 1), next_start(k + 1), count;
     std::vector<float> mass, moment;
     std::vector<double> cum;
-    std::vector<float> trial, best, updated, mids(k > 1 ? k - 1 : 0);
+    std::vector<float> best, updated;
     for (int64_t r = begin; r < end; ++r) {
       const float *xr = xs + r * m, *wr = ws + r * m;
       float* c = cs + r * k;
@@ -216,7 +246,7 @@ std::vector<torch::Tensor> kmeans_rows(torch::Tensor x, torch::Tensor weight, in
         std::seed_seq mix{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), static_cast<uint32_t>(r),
                           static_cast<uint32_t>(r >> 32)};
         std::mt19937_64 gen(mix);
-        kmeans_plus_plus(row, k, trials, gen, c, start, next_start, cum, trial, best);
+        kmeans_plus_plus(row, k, trials, gen, c, start, cum, best);
       }
       double tolerance = 0;
       if (tol > 0) {  // scikit-learn's rule: tol times the row's variance (unweighted, as it computes it)
@@ -227,14 +257,15 @@ std::vector<torch::Tensor> kmeans_rows(torch::Tensor x, torch::Tensor weight, in
         tolerance = tol * square / m;
       }
       its[r] = lloyd(row, k, max_iter, tolerance, c, start, next_start, updated);
-      // Labels on the raw points: the number of midpoints at or below x (branch-free, so it vectorizes).
-      for (int j = 0; j + 1 < k; ++j) mids[j] = (c[j] + c[j + 1]) / 2;
-      uint8_t* lr = ls + r * m;
-      for (int64_t i = 0; i < m; ++i) {
-        int label = 0;
-        for (int j = 0; j + 1 < k; ++j) label += xr[i] >= mids[j];
-        lr[i] = static_cast<uint8_t>(label);
+      // Labels on the raw points: the number of midpoints at or below x, one midpoint at a time over the whole
+      // row (branch-free and contiguous, so each pass vectorizes).
+      // Counted in int32 (a float comparison mask adds to it lane for lane), narrowed to uint8 once.
+      count.assign(m, 0);
+      for (int j = 0; j + 1 < k; ++j) {
+        const float mid = (c[j] + c[j + 1]) / 2;
+        for (int64_t i = 0; i < m; ++i) count[i] += xr[i] >= mid;
       }
+      std::copy(count.begin(), count.end(), ls + r * m);
     }
   });
   return {centers, labels, iterations};
