@@ -16,6 +16,7 @@ import torch
 
 from .calibration import ActivationStats, calibrate
 from .evaluate import evaluate_perplexity, max_positions
+from .formats import get_format
 from .model import bits_per_weight, load_model, quantize_model
 from .nn import use_kernels
 from .results import ResultStore
@@ -30,7 +31,7 @@ REF_TOKENS = 32768
 # Tokens per forward call on the kernel path: decode-shaped calls (batch 1 x 16 rows) that tinygemm serves.
 KERNEL_CHUNK = 16
 
-COLUMNS = ["format", "group_size", "calibration", "dataset", "ppl", "bits_per_weight", "seconds"]
+COLUMNS = ["format", "group_size", "calibration", "seed", "dataset", "ppl", "bits_per_weight", "seconds"]
 FORMATS_MAIN = ["bf16", "int4", "fp4", "nf4", "any4", "int3", "any3", "int2", "any2", "mxfp4", "nvfp4"]
 PROFILES = {
     "main": dict(formats=FORMATS_MAIN, group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"]),
@@ -44,6 +45,9 @@ PROFILES = {
     # On a GPU: the same 4-bit models through the tinygemm kernels and as fake-quant (issue 8: within 0.5%).
     "gpu_fake": dict(formats=["bf16", "int4", "nf4", "any4"], group_sizes=[128], datasets=["heldout"]),
     "gpu_kernels": dict(formats=["int4", "nf4", "any4"], group_sizes=[128], datasets=["heldout"], kernels=True),
+    # k-means seed noise of the learned formats (seed 0 is in "main").
+    "seeds": dict(formats=["any4", "any3", "any2"], group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"],
+                  seeds=[1, 2]),
     # The whole held-out set, to check the pipeline against the model's published baseline (ppl 56.1).
     "bf16_full": dict(formats=["bf16"], group_sizes=[128], datasets=["heldout"], max_tokens=None),
 }
@@ -94,7 +98,7 @@ def calibration_stats(net, tokenizer, calibration: str, seq_len: int) -> Activat
     return calibrate(net, tokenizer, dataset, n_samples=int(n), seq_len=seq_len, mode=mode, progress=False)
 
 
-def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, device, dtype, kernels) -> dict:
+def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, device, dtype, kernels, seed) -> dict:
     if fmt == UNQUANTIZED:
         group_size, calibration = None, "none"
     config = {
@@ -102,8 +106,12 @@ def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, d
         "dataset": dataset, "seq_len": seq_len, "max_tokens": max_tokens, "device": torch.device(device).type,
         "dtype": str(dtype).removeprefix("torch."),
     }
-    # Only kernel-path runs carry the key, so the fake-quant records keep the keys they were stored under.
-    return config | ({"path": f"tinygemm, {KERNEL_CHUNK}-token chunks"} if kernels else {})
+    # Keys only where they are not the default, so earlier records keep the keys they were stored under.
+    if kernels:
+        config["path"] = f"tinygemm, {KERNEL_CHUNK}-token chunks"
+    if seed:
+        config["seed"] = seed
+    return config
 
 
 def accuracy_records(
@@ -119,6 +127,7 @@ def accuracy_records(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     kernels: bool = False,
+    seeds: list[int] = [0],
 ):
     """One row per (format, group_size, calibration, dataset): ppl, bits_per_weight, seconds (of that evaluation).
 
@@ -128,7 +137,8 @@ def accuracy_records(
     read from each set (quick profiles). dtype: compute dtype, float32 on CPU (bf16 matmuls are slow there) and
     bfloat16 on CUDA by default. store: the results folder; a relative path is taken from the checkout root.
     kernels: run the quantized layers through the tinygemm kernels (CUDA), feeding each window KERNEL_CHUNK
-    tokens at a time; otherwise they multiply by the dequantized weight (fake-quant).
+    tokens at a time; otherwise they multiply by the dequantized weight (fake-quant). seeds: k-means seeds of the
+    learned formats (one row per seed; other formats run once).
     Computes what the store lacks, reads the rest.
     """
     from tqdm.auto import tqdm
@@ -137,14 +147,19 @@ def accuracy_records(
     store = ResultStore(store if Path(store).is_absolute() else REPO_ROOT / store)
     calibrations = [calibration] if isinstance(calibration, str) else list(calibration)
     base = tokenizer = None
-    runs = [(f, g, c) for f in formats for g in group_sizes for c in calibrations]
+    runs = [
+        (f, g, c, seed)
+        for f in formats for g in group_sizes for c in calibrations
+        for seed in (seeds if f != UNQUANTIZED and get_format(f).learned else [0])
+    ]
     rows, stats_cache = [], {}
-    for fmt, group_size, calib in tqdm(runs, desc="accuracy", disable=not progress):
+    for fmt, group_size, calib, seed in tqdm(runs, desc="accuracy", disable=not progress):
         if base is None:
             base, tokenizer = _load(model, dtype, device)
             seq_len = seq_len or DEFAULT_SEQ_LEN.get(model) or min(2048, max_positions(base) or 2048)
         configs = {
-            d: _config(model, fmt, group_size, calib, d, seq_len, max_tokens, device, dtype, kernels) for d in datasets
+            d: _config(model, fmt, group_size, calib, d, seq_len, max_tokens, device, dtype, kernels, seed)
+            for d in datasets
         }
         missing = [d for d, c in configs.items() if not store.has(c)]
         if missing:
@@ -153,7 +168,8 @@ def accuracy_records(
                 if calib not in stats_cache:
                     stats_cache[calib] = calibration_stats(base, tokenizer, calib, seq_len)
                 start = time.perf_counter()
-                net = quantize_model(copy.deepcopy(base), fmt, group_size, stats_cache[calib], progress=False)
+                options = {"seed": seed} if get_format(fmt).learned else {}
+                net = quantize_model(copy.deepcopy(base), fmt, group_size, stats_cache[calib], progress=False, **options)
                 quantize_seconds = time.perf_counter() - start
                 use_kernels(net, kernels)
             chunking = {"batch_size": 1, "chunk": KERNEL_CHUNK} if kernels else {}
@@ -168,9 +184,14 @@ def accuracy_records(
                 store.put(configs[dataset], metrics, device)
         for dataset, config in configs.items():
             record = store.get(config)
-            row = {k: record["config"][k] for k in ("format", "group_size", "calibration", "dataset")}
-            rows.append(row | {k: record["metrics"][k] for k in ("ppl", "bits_per_weight", "seconds")})
+            rows.append(_row(record))
     return _frame(rows)
+
+
+def _row(record: dict) -> dict:
+    config = record["config"]
+    row = {k: config[k] for k in ("format", "group_size", "calibration", "dataset")} | {"seed": config.get("seed", 0)}
+    return row | {k: record["metrics"][k] for k in ("ppl", "bits_per_weight", "seconds")}
 
 
 def _frame(rows: list[dict]):
@@ -186,8 +207,7 @@ def read_store(store: str | Path = "results/accuracy", **match):
     rows plus the config's model, seq_len and max_tokens; computes nothing."""
     store = ResultStore(store if Path(store).is_absolute() else REPO_ROOT / store)
     rows = [
-        {k: r["config"][k] for k in ("format", "group_size", "calibration", "dataset", "model", "seq_len", "max_tokens")}
-        | {k: r["metrics"][k] for k in ("ppl", "bits_per_weight", "seconds")}
+        _row(r) | {k: r["config"][k] for k in ("model", "seq_len", "max_tokens")}
         for r in store.find(task="perplexity", **match)
     ]
     frame = _frame(rows)
@@ -205,8 +225,8 @@ def run_profile(name: str, model: str = "ref-en-16m", **overrides):
 
 
 def pivot(frame, columns: str = "dataset"):
-    """A table of perplexities: rows (format, group size, calibration), one column per `columns` value."""
-    index = [c for c in ("format", "group_size", "calibration", "dataset") if c != columns]
+    """A table of perplexities: rows (format, group size, calibration, seed), one column per `columns` value."""
+    index = [c for c in ("format", "group_size", "calibration", "seed", "dataset") if c != columns]
     if frame.duplicated(index + [columns]).any():
         raise ValueError("several records per cell (e.g. different max_tokens or seq_len): filter the frame first")
     table = frame.pivot_table(index=index, columns=columns, values="ppl", sort=False, dropna=False)

@@ -151,9 +151,10 @@ def perplexity_axis(ax, values, label: str = "perplexity") -> None:
 
 
 def stored_accuracy(model: str, formats, group_sizes, datasets, calibration="prompt", max_tokens=None,
-                    store="results/accuracy"):
+                    store="results/accuracy", device="cpu"):
     """The rows of experiments.accuracy_records already in the results store, computing nothing: for drawing
-    figures while a long sweep is still filling the store. Missing configurations are simply absent."""
+    figures while a long sweep is still filling the store. Missing configurations are simply absent. Only the
+    default runs count: fake-quant on `device`, k-means seed 0."""
     import pandas as pd
 
     from .experiments import REPO_ROOT, UNQUANTIZED
@@ -162,12 +163,16 @@ def stored_accuracy(model: str, formats, group_sizes, datasets, calibration="pro
     calibrations = [calibration] if isinstance(calibration, str) else list(calibration)
     root = store if os.path.isabs(store) else REPO_ROOT / store
     rows = {}
-    for record in ResultStore(root).find(task="perplexity", model=model, max_tokens=max_tokens):
+    for record in ResultStore(root).find(task="perplexity", model=model, max_tokens=max_tokens, device=device):
         c = record["config"]
+        if c.get("seed", 0) or "path" in c:
+            continue
         unquantized = c["format"] == UNQUANTIZED
         if (c["format"] in formats and c["dataset"] in datasets
                 and (unquantized or (c["group_size"] in group_sizes and c["calibration"] in calibrations))):
             key = (c["format"], c["group_size"], c["calibration"], c["dataset"])
             rows.setdefault(key, {k: record["metrics"][k] for k in ("ppl", "bits_per_weight", "seconds")})
     columns = ["format", "group_size", "calibration", "dataset", "ppl", "bits_per_weight", "seconds"]
-    return pd.DataFrame([dict(zip(columns, key)) | metrics for key, metrics in rows.items()], columns=columns)
+    frame = pd.DataFrame([dict(zip(columns, key)) | metrics for key, metrics in rows.items()], columns=columns)
+    frame.insert(3, "seed", 0)
+    return frame

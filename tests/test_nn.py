@@ -41,7 +41,8 @@ def test_dtype_cast_keeps_tables_in_float32_and_refreshes_the_cache():
     assert layer.lut.dtype == layer.scale.dtype == layer.zero.dtype == torch.float32
     y16 = layer(x.bfloat16())
     assert y16.dtype == torch.bfloat16
-    torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=2e-2)
+    # bf16 rounds x, the weight and y: |y| ~ 11 here, so elements differ by ~0.04; the whole output by < 1%.
+    assert ((y16.float() - y32).norm() / y32.norm()).item() < 1e-2
     # Loading new codes must not serve the old cached weight.
     other = QuantLinear(any4lib.quantize(torch.randn(16, 128), "any4", 32))
     layer.load_state_dict(other.state_dict())

@@ -43,7 +43,7 @@ def test_a_record_that_cannot_be_written_leaves_nothing(tmp_path):
 def test_accuracy_records_rerun_computes_nothing(tmp_path, data_root, monkeypatch):
     kwargs = dict(formats=["bf16", "int4"], datasets=["heldout"], seq_len=64, store=tmp_path, progress=False)
     first = experiments.accuracy_records("tiny", **kwargs)
-    assert list(first.columns) == ["format", "group_size", "calibration", "dataset", "ppl", "bits_per_weight", "seconds"]
+    assert list(first.columns) == ["format", "group_size", "calibration", "seed", "dataset", "ppl", "bits_per_weight", "seconds"]
     assert first.bits_per_weight.tolist() == [16.0, 4.25] and len(list(tmp_path.glob("*.json"))) == 2
 
     def fail(*args, **kwargs):
@@ -67,3 +67,13 @@ def test_calibration_spec_errors(tiny):
     with pytest.raises(ValueError, match="use 'prompt', 'none' or '<set>:<N>'"):
         experiments.calibration_stats(model, tokenizer, "heldout:many", 64)
     assert experiments.calibration_stats(model, tokenizer, "none", 64) is None
+
+
+def test_learned_formats_run_once_per_seed(tmp_path, data_root):
+    kwargs = dict(datasets=["heldout"], seq_len=64, store=tmp_path, progress=False)
+    frame = experiments.accuracy_records("tiny", formats=["int4", "any4"], seeds=[0, 3], **kwargs)
+    assert frame[["format", "seed"]].values.tolist() == [["int4", 0], ["any4", 0], ["any4", 3]]
+    assert frame.ppl[1] != frame.ppl[2]  # another k-means seed, another quantized model
+    configs = sorted(json.loads(p.read_text())["config"].get("seed", 0) for p in tmp_path.glob("*.json"))
+    assert configs == [0, 0, 3]  # seed 0 keeps the key-less config every earlier record has
+    assert experiments.pivot(frame).shape == (3, 1)
