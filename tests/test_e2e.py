@@ -19,6 +19,13 @@ from any4lib.bench.decode import LlamaDecoder, decode, generate, prefill
 TINY = e2e.model_config("tiny")
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Dynamo caches compiled graphs per code object (Block.forward), so blocks compiled by earlier tests would
+    count toward its recompile limit; the bench resets it per run the same way."""
+    torch._dynamo.reset()
+
+
 def greedy_tokens(name: str, device="cpu", compile_mode="none", batch=2, prompt=12, new=6, dtype=torch.bfloat16):
     # reuse_budget_s=0: later blocks copy the first one's anyN codes, which halves the k-means time here.
     model, _ = e2e.build_model(TINY, e2e.method(name, 128), device, seed=3, reuse_budget_s=0.0, dtype=dtype,
