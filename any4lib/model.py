@@ -1,7 +1,8 @@
 """Quantize a model's linear layers in place, and save / reload the quantized model without re-quantizing.
 
-A saved model is a folder: `model.safetensors` (every tensor, QuantLinear codes and tables included), `quant.json`
-(format, bits, group size and shape of each quantized layer) and the Hugging Face `config.json`.
+A saved model is a folder: `model.safetensors` (every tensor, QuantLinear codes and tables included; codes of at
+most 4 bits two to a byte), `quant.json` (format, bits, group size and shape of each quantized layer) and the Hugging
+Face `config.json`. Version 1 folders (one code per byte) still load.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .calibration import ActivationStats, record_inputs
 from .nn import QuantLinear
-from .qtensor import QuantizedTensor
+from .qtensor import QuantizedTensor, unpack_nibbles
 from .formats import get_format
 from .quant import quantize, valid_group_sizes
 
@@ -163,7 +164,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) ->
         }
         for name, m in quantized_layers(model).items()
     }
-    (path / QUANT_CONFIG).write_text(json.dumps({"version": 1, "layers": layers}, indent=2) + "\n")
+    (path / QUANT_CONFIG).write_text(json.dumps({"version": 2, "layers": layers}, indent=2) + "\n")
     model.config.save_pretrained(path)
     save_file(_unshared_state(model), os.fspath(path / WEIGHTS), metadata={"format": "pt"})
     if tokenizer is not None:
@@ -184,9 +185,12 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
     tensors = load_file(os.fspath(path / WEIGHTS))
     for name, spec in layers.items():
+        codes = tensors[f"{name}.codes"]
+        if codes.shape[-1] != spec["in_features"]:  # two to a byte (version 2)
+            codes = unpack_nibbles(codes, spec["in_features"])
         q = QuantizedTensor(
             format=spec["format"], bits=spec["bits"], group_size=spec["group_size"],
-            codes=tensors[f"{name}.codes"], lut=tensors[f"{name}.lut"], scale=tensors[f"{name}.scale"],
+            codes=codes, lut=tensors[f"{name}.lut"], scale=tensors[f"{name}.scale"],
             zero=tensors.get(f"{name}.zero"), tensor_scale=float(tensors[f"{name}.tensor_scale"]),
         )
         set_submodule(model, name, QuantLinear(q, tensors.get(f"{name}.bias")))

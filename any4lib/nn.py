@@ -12,20 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .qtensor import QuantizedTensor
+from .qtensor import QuantizedTensor, pack_nibbles, unpack_nibbles
 
 
 _TABLES = ("lut", "scale", "zero", "tensor_scale")
 
 
 class QuantLinear(nn.Module):
-    """y = x @ dequantize(codes)^T + bias, with the codes, LUT, scales and zeros held as buffers."""
+    """y = x @ dequantize(codes)^T + bias, with the codes, LUT, scales and zeros held as buffers.
+
+    Codes of at most 4 bits are stored two to a byte (`codes` is [out, ceil(in / 2)] uint8, see pack_nibbles), so
+    memory and checkpoints cost what the format's bits say; wider codes take a byte each ([out, in]).
+    """
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.format, self.bits, self.group_size = q.format, q.bits, q.group_size
-        self.register_buffer("codes", q.codes)
+        self.register_buffer("codes", pack_nibbles(q.codes) if self.nibbles else q.codes)
         self.register_buffer("lut", q.lut)
         self.register_buffer("scale", q.scale)
         self.register_buffer("zero", q.zero)
@@ -41,12 +45,16 @@ class QuantLinear(nn.Module):
             format=self.format,
             bits=self.bits,
             group_size=self.group_size,
-            codes=self.codes,
+            codes=unpack_nibbles(self.codes, self.in_features) if self.nibbles else self.codes,
             lut=self.lut.float(),
             scale=self.scale.float(),
             zero=None if self.zero is None else self.zero.float(),
             tensor_scale=float(self.tensor_scale),
         )
+
+    @property
+    def nibbles(self) -> bool:
+        return self.bits <= 4
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The [out, in] weight in `dtype` (cached until the buffers move or are reloaded)."""
@@ -84,9 +92,12 @@ class QuantLinear(nn.Module):
                 setattr(self, name, before.to(after.device))
         return self
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._cache = {}
-        return super()._load_from_state_dict(*args, **kwargs)
+        codes = state_dict.get(prefix + "codes")
+        if self.nibbles and codes is not None and codes.shape[-1] == self.in_features != self.codes.shape[-1]:
+            state_dict[prefix + "codes"] = pack_nibbles(codes)  # one code per byte, as checkpoints of version 1 hold
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (

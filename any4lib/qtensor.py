@@ -91,3 +91,16 @@ class QuantizedTensor:
             zero=state.get("zero"),
             tensor_scale=float(state["tensor_scale"]),
         )
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Codes of at most 4 bits ([N, K] uint8, one per byte) two to a byte: [N, ceil(K / 2)], column 2j in the low
+    nibble and 2j + 1 in the high one (an odd K is padded with a zero code)."""
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of pack_nibbles for a K-column tensor."""
+    return torch.stack([packed & 0xF, packed >> 4], -1).flatten(-2)[..., :k]

@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import torch
@@ -71,6 +72,27 @@ def test_save_then_load_gives_identical_logits(tiny, tmp_path, fmt):
     layer = back.model.layers[1].self_attn.o_proj
     assert isinstance(layer, QuantLinear) and layer.format == fmt
     assert torch.equal(layer.codes, model.model.layers[1].self_attn.o_proj.codes)
+
+
+def test_checkpoint_stores_4_bit_codes_two_to_a_byte_and_reads_version_1(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from any4lib.qtensor import unpack_nibbles
+
+    model, _ = tiny
+    quantize_model(model, "any4", 64, progress=False)
+    folder = save_quantized(model, tmp_path / "q")
+    tensors = load_file(folder / "model.safetensors")
+    layers = json.loads((folder / "quant.json").read_text())["layers"]
+    for name, spec in layers.items():
+        assert tensors[f"{name}.codes"].shape == (spec["out_features"], spec["in_features"] // 2)
+    # The same model as a version 1 folder (one code per byte) loads to the same logits.
+    for name, spec in layers.items():
+        tensors[f"{name}.codes"] = unpack_nibbles(tensors[f"{name}.codes"], spec["in_features"])
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "quant.json").write_text(json.dumps({"version": 1, "layers": layers}))
+    ids = torch.randint(0, 258, (2, 17))
+    assert torch.equal(logits(load_quantized(folder), ids), logits(model, ids))
 
 
 def test_load_errors_name_the_path(tmp_path, tiny_folder):

@@ -28,7 +28,19 @@ def test_forward_matches_float64_reference(fmt):
     expected = x.double() @ reference_weight(q).T + bias.double()
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-4, atol=1e-4)
     assert {"codes", "lut", "scale", "tensor_scale", "bias"} <= set(layer.state_dict())
-    assert layer.codes.dtype == torch.uint8 and layer.codes.shape == (48, 256)
+    assert layer.codes.dtype == torch.uint8 and layer.codes.shape == (48, 128)  # two codes a byte
+    assert torch.equal(layer.quantized.codes, q.codes)
+
+
+@pytest.mark.parametrize("fmt, k, stored", [("any4", 99, 50), ("int3", 64, 32), ("fp6_e3m2", 64, 64), ("int8", 33, 33)])
+def test_codes_stored_two_to_a_byte_up_to_4_bits(fmt, k, stored):
+    q = any4lib.quantize(torch.randn(8, k), fmt, None)
+    layer = QuantLinear(q)
+    assert layer.codes.shape == (8, stored) and torch.equal(layer.quantized.codes, q.codes)
+    # A state dict with one code per byte (checkpoint version 1) loads into the packed buffer.
+    other = any4lib.quantize(torch.randn(8, k), fmt, None)
+    layer.load_state_dict(QuantLinear(other).state_dict() | {"codes": other.codes})
+    assert torch.equal(layer.quantized.codes, other.codes)
 
 
 def test_dtype_cast_keeps_tables_in_float32_and_refreshes_the_cache():
