@@ -20,9 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import ActivationStats, record_inputs
-from .nn import QuantLinear
-from .qtensor import QuantizedTensor, unpack_nibbles
 from .formats import get_format
+from .nn import QuantLinear
+from .qtensor import QuantizedTensor
 from .quant import quantize, valid_group_sizes
 
 QUANT_CONFIG = "quant.json"
@@ -185,9 +185,9 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
     tensors = load_file(os.fspath(path / WEIGHTS))
     for name, spec in layers.items():
-        codes = tensors[f"{name}.codes"]
-        if codes.shape[-1] != spec["in_features"]:  # two to a byte (version 2)
-            codes = unpack_nibbles(codes, spec["in_features"])
+        # Placeholder codes of the right shape: load_state_dict below fills the buffer from either layout (QuantLinear
+        # packs a version 1 folder's one-code-a-byte tensor as it loads).
+        codes = torch.zeros(spec["out_features"], spec["in_features"], dtype=torch.uint8)
         q = QuantizedTensor(
             format=spec["format"], bits=spec["bits"], group_size=spec["group_size"],
             codes=codes, lut=tensors[f"{name}.lut"], scale=tensors[f"{name}.scale"],

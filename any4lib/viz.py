@@ -155,9 +155,7 @@ def stored_accuracy(model: str, formats, group_sizes, datasets, calibration="pro
     """The rows of experiments.accuracy_records already in the results store, computing nothing: for drawing
     figures while a long sweep is still filling the store. Missing configurations are simply absent. Only the
     default runs count: fake-quant on `device`, k-means seed 0."""
-    import pandas as pd
-
-    from .experiments import REPO_ROOT, UNQUANTIZED
+    from .experiments import REPO_ROOT, UNQUANTIZED, _frame, _row
     from .results import ResultStore
 
     calibrations = [calibration] if isinstance(calibration, str) else list(calibration)
@@ -170,9 +168,5 @@ def stored_accuracy(model: str, formats, group_sizes, datasets, calibration="pro
         unquantized = c["format"] == UNQUANTIZED
         if (c["format"] in formats and c["dataset"] in datasets
                 and (unquantized or (c["group_size"] in group_sizes and c["calibration"] in calibrations))):
-            key = (c["format"], c["group_size"], c["calibration"], c["dataset"])
-            rows.setdefault(key, {k: record["metrics"][k] for k in ("ppl", "bits_per_weight", "seconds")})
-    columns = ["format", "group_size", "calibration", "dataset", "ppl", "bits_per_weight", "seconds"]
-    frame = pd.DataFrame([dict(zip(columns, key)) | metrics for key, metrics in rows.items()], columns=columns)
-    frame.insert(3, "seed", 0)
-    return frame
+            rows.setdefault((c["format"], c["group_size"], c["calibration"], c["dataset"]), _row(record))
+    return _frame(list(rows.values()))
