@@ -61,53 +61,6 @@ def _fragment_values(word: int, lut_words: list[list[int]], int_codes: bool, dty
     return [pair(0, word & 0xFF), pair(1, (word >> 16) & 0xFF), pair(0, (word >> 8) & 0xFF), pair(1, word >> 24)]
 
 
-def _prmt(a: torch.Tensor, b: torch.Tensor, selector) -> torch.Tensor:
-    """PTX prmt.b32 in its default mode on int64 tensors of 32-bit values: output byte i is byte (s & 7) of
-    {b, a} for selector nibble s, or that byte's msb copied to all 8 bits when s & 8."""
-    a, b, selector = torch.broadcast_tensors(a, b, torch.as_tensor(selector))
-    pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
-    out = torch.zeros_like(a)
-    for i in range(4):
-        s = (selector >> (4 * i)) & 0xF
-        byte = torch.stack(pool).gather(0, (s & 7).unsqueeze(0)).squeeze(0)
-        byte = torch.where((s & 8) != 0, torch.where(byte >= 0x80, 0xFF, 0), byte)
-        out |= byte << (8 * i)
-    return out
-
-
-def _lookup_registers(word: torch.Tensor, lut_words: list[int], half: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's lookup_registers<half>, op for op (lop3 0xE4 is a bitwise select)."""
-    lo = [torch.tensor(w) for w in lut_words[:4]]
-    hi = [torch.tensor(w) for w in lut_words[4:]]
-    entry = ((word >> 16) if half else word) & 0x7777
-    upper = _prmt((word << 4) & 0xFFFFFFFF, word, 0xFBEA if half else 0xD9C8)
-    select = lambda mask, a, b: (a & mask) | (b & ~mask & 0xFFFFFFFF)  # noqa: E731
-    lo_v = select(upper, _prmt(lo[2], lo[3], entry), _prmt(lo[0], lo[1], entry))
-    hi_v = select(upper, _prmt(hi[2], hi[3], entry), _prmt(hi[0], hi[1], entry))
-    return _prmt(lo_v, hi_v, 0x5140), _prmt(lo_v, hi_v, 0x7362)
-
-
-def test_register_lut_lookup_matches_the_pair_tables():
-    """Every pattern of four codes, in both halves of a word, looked up the register way (prmt byte picks and a
-    bit-3 select) gives the same fragment registers as the pair tables; the LUT's bytes have their msb both set and
-    clear, which the sign-replicating selector must not leak into the values."""
-    gen = torch.Generator().manual_seed(0)
-    luts = [torch.randint(0, 1 << 16, (16,), generator=gen).tolist(), [0x8080 | (c * 0x0101) for c in range(16)]]
-    patterns = torch.arange(1 << 16, dtype=torch.int64)
-    noise = torch.randint(0, 1 << 16, (1 << 16,), generator=gen, dtype=torch.int64)
-    for entries in luts:
-        planes = [entries[c] & 0xFF for c in range(16)] + [entries[c] >> 8 for c in range(16)]
-        lut_words = [sum(planes[4 * q + i] << (8 * i) for i in range(4)) for q in range(8)]
-        table = torch.tensor(entries, dtype=torch.int64)
-        pair = lambda byte: table[byte & 15] | table[(byte >> 4) & 15] << 16  # noqa: E731
-        for half in (0, 1):
-            word = (patterns << 16 | noise) if half else (noise << 16 | patterns)
-            r01, r23 = _lookup_registers(word, lut_words, half)
-            codes = (word >> (16 * half)) & 0xFFFF
-            assert torch.equal(r01, pair(codes & 0xFF))
-            assert torch.equal(r23, pair(codes >> 8))
-
-
 @pytest.mark.parametrize("group_size", [32, 128])
 @pytest.mark.parametrize("fmt", ["int4", "any4", "nf4"])
 def test_packed_layout_as_the_kernel_reads_it(fmt, group_size):

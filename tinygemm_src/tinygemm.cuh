@@ -65,7 +65,7 @@ constexpr int kUnitK = 2 * kChunkK;  // k per ring slot: two 16-byte code loads 
 //   [pair tables (LUT formats)] [kWarps rings of kStages slots], later reused for the cross-warp sums.
 // A slot: kTiles x 1 KB of codes (2 chunks x 32 lanes x 16 B), kTiles x the unit's scales (1 to 4 groups x 8 lane
 // groups x 2 rows x (scale[, zero]) x 2 B), then m rows x 256 B of x (128 bf16/fp16 of k each).
-template <bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages, int kRepl, int kRegSlots>
+template <bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages, int kRepl>
 struct Smem {
   static constexpr int kZ = kHasZero ? 2 : 1;
   __host__ __device__ static int groups_per_unit(const Problem& p) {
@@ -74,10 +74,9 @@ struct Smem {
   __host__ __device__ static int scale_bytes(const Problem& p) { return groups_per_unit(p) * 32 * kZ; }
   __host__ __device__ static int stage_bytes(const Problem& p) { return kTiles * (1024 + scale_bytes(p)) + 256 * p.m; }
   // Per tile: 256 pairs x 8 lane groups x kRepl copies for rows g and g + 8 (h = 0, 1), or one h when the matrix
-  // shares a LUT or row g is looked up in registers alone; none when both rows are.
-  static constexpr int kTableHalves = kRegSlots == 8 ? 0 : kRegSlots == 4 ? 1 : 2;
+  // shares a LUT.
   __host__ __device__ static int table_bytes(const Problem& p) {
-    return kIntCodes ? 0 : (p.lut_per_row ? kTiles * kTableHalves : kTableHalves > 0) * 256 * 8 * kRepl * 4;
+    return kIntCodes ? 0 : (p.lut_per_row ? kTiles * 2 : 1) * 256 * 8 * kRepl * 4;
   }
   __host__ __device__ static int bytes(const Problem& p) {
     const int pipeline = table_bytes(p) + kWarps * kStages * stage_bytes(p);
@@ -115,48 +114,12 @@ __device__ __forceinline__ void copy_wait() {  // until at most kPending of this
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(selector));
-  return d;
-}
-
-__device__ __forceinline__ uint32_t select_bits(uint32_t mask, uint32_t if_set, uint32_t if_clear) {
-  uint32_t d;  // (if_set & mask) | (if_clear & ~mask) in one lop3
-  asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(d) : "r"(if_set), "r"(if_clear), "r"(mask));
-  return d;
-}
-
-// One row's 16-entry LUT held in registers, as packed: byte j of lo.{x,y,z,w} is the low byte of entry 4q + j
-// (q = 0..3), hi the same for the high bytes.
-struct RegisterLut {
-  uint4 lo, hi;
-};
-
-// Codes 0..3 of one row (nibbles 4 kHalf .. 4 kHalf + 3 of the word) -> the fragment registers of codes (0, 1) and
-// (2, 3), from a LUT in registers: 11 integer ops and no shared memory (the pair tables' bank traffic is what limits
-// the LUT formats, so some of the lookups move here; kRegSlots). prmt picks bytes out of 8, so each byte plane takes
-// a lookup in entries 0-7 and one in 8-15, and bit 3 of the code chooses.
-template <int kHalf>
-__device__ __forceinline__ void lookup_registers(uint32_t word, const RegisterLut& lut, uint32_t& r01,
-                                                 uint32_t& r23) {
-  const uint32_t entry = (kHalf ? word >> 16 : word) & 0x7777u;  // prmt reads the low 4 nibbles, msb clear: copy
-  // Byte i all ones when bit 3 of code i is set: a selector nibble with its msb set replicates the msb of the byte it
-  // names, and bit 3 of the even codes is bit 7 of a byte of word << 4, bit 3 of the odd codes of a byte of word.
-  const uint32_t upper = prmt(word << 4, word, kHalf ? 0xFBEAu : 0xD9C8u);
-  const uint32_t lo = select_bits(upper, prmt(lut.lo.z, lut.lo.w, entry), prmt(lut.lo.x, lut.lo.y, entry));
-  const uint32_t hi = select_bits(upper, prmt(lut.hi.z, lut.hi.w, entry), prmt(lut.hi.x, lut.hi.y, entry));
-  r01 = prmt(lo, hi, 0x5140u);  // (lo0, hi0, lo1, hi1): the values of codes 0 and 1
-  r23 = prmt(lo, hi, 0x7362u);
-}
-
 // The A fragment (4 registers of 2 values: rows g, g+8, g, g+8; k pairs 0-1, 0-1, 2-3, 2-3) from one word of codes.
-// LUT codes: row g (row g + 8) is looked up in lut_g (lut_g8) when reg_g (reg_g8), else in this lane's copy of the
-// row's pair table, tab_g (tab_g8), whose consecutive pairs are kStride words apart (8 lane groups x kRepl copies).
+// tab_g / tab_g8: this lane's copy of the pair tables of rows g and g + 8 (LUT codes only); consecutive pairs are
+// kStride words apart (8 lane groups x kRepl copies).
 template <typename T, bool kIntCodes, int kStride>
 __device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_t* tab_g, const uint32_t* tab_g8,
-                                                    const RegisterLut& lut_g, const RegisterLut& lut_g8, bool reg_g,
-                                                    bool reg_g8, uint32_t (&a)[4]) {
+                                                    uint32_t (&a)[4]) {
   if constexpr (kIntCodes) {
     // Int layout: register p takes nibbles p and p + 4; OR-ing them under a float's exponent gives 128 + c exactly.
     // One lop3 per register ((w & mask) | magic; the compiler otherwise emits an AND and an OR).
@@ -169,18 +132,10 @@ __device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_
   } else {
     // LUT layout: byte b of the word is the code pair of one register (rows g, g, g+8, g+8 for b = 0..3), so one
     // shared-memory load of the pair table gives both values, already packed as the mma wants them.
-    if (reg_g) {
-      lookup_registers<0>(word, lut_g, a[0], a[2]);
-    } else {
-      a[0] = tab_g[(word & 0xFFu) * kStride];
-      a[2] = tab_g[((word >> 8) & 0xFFu) * kStride];
-    }
-    if (reg_g8) {
-      lookup_registers<1>(word, lut_g8, a[1], a[3]);
-    } else {
-      a[1] = tab_g8[((word >> 16) & 0xFFu) * kStride];
-      a[3] = tab_g8[(word >> 24) * kStride];
-    }
+    a[0] = tab_g[(word & 0xFFu) * kStride];
+    a[2] = tab_g[((word >> 8) & 0xFFu) * kStride];
+    a[1] = tab_g8[((word >> 16) & 0xFFu) * kStride];
+    a[3] = tab_g8[(word >> 24) * kStride];
   }
 }
 
@@ -215,17 +170,10 @@ __device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_ro
   __syncthreads();
 }
 
-// kRegSlots (LUT formats, one tile per CTA): of the 8 (k-tile j, row g / g + 8) lookups of a lane per half unit, how
-// many use a register LUT instead of the pair tables: 0; 1 (row g at j = 3); 2 (row g at odd j); 4 (row g: its
-// table is not built); 8 (both rows: no tables).
-// Register LUTs ask for 5 CTAs of 4 warps per SM (<= 102 registers): left free, the compiler takes 101-114 and
-// leaves 4, one fewer than the pair tables alone get.
-template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages, int kRepl,
-          int kRegSlots>
-__global__ void __launch_bounds__(kWarps * 32, (kRegSlots > 0 ? 20 : 16) / kWarps) tinygemm_kernel(const Problem p) {
-  static_assert(kRegSlots == 0 || (!kIntCodes && kTiles == 1), "register LUTs are for LUT codes, one tile per CTA");
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages, int kRepl>
+__global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(const Problem p) {
   using D = Dtype<T>;
-  using S = Smem<kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl, kRegSlots>;
+  using S = Smem<kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl>;
   constexpr int kZ = kHasZero ? 2 : 1;
   constexpr int kStride = 8 * kRepl;  // words between consecutive pairs of one lane's table copy
   extern __shared__ __align__(16) uint8_t smem[];
@@ -297,25 +245,15 @@ __global__ void __launch_bounds__(kWarps * 32, (kRegSlots > 0 ? 20 : 16) / kWarp
 
   const uint32_t* tab_g = nullptr;
   const uint32_t* tab_g8 = nullptr;
-  if constexpr (!kIntCodes && S::kTableHalves > 0) {
+  if constexpr (!kIntCodes) {
     __shared__ uint16_t entries[kTiles * 16 * 16];
     uint32_t* tables = reinterpret_cast<uint32_t*>(smem);
-    const int first = S::kTableHalves == 1 ? 8 : 0;  // row g in registers: tables for rows g + 8 only
-    build_pair_tables<kRepl>(p.lut, p.lut_per_row ? tile0 * 16 + first : 0,
-                             p.lut_per_row ? kTiles * 8 * S::kTableHalves : 1, entries, tables, kWarps * 32);
+    build_pair_tables<kRepl>(p.lut, p.lut_per_row ? tile0 * 16 : 0, p.lut_per_row ? kTiles * 16 : 1, entries, tables,
+                             kWarps * 32);
     tab_g = tables + g * kRepl + t % kRepl;
-    tab_g8 = tab_g + (p.lut_per_row && S::kTableHalves == 2 ? 256 * kStride : 0);
+    tab_g8 = tab_g + (p.lut_per_row ? 256 * kStride : 0);
   }
-  const int tile_words = p.lut_per_row ? S::kTableHalves * 256 * kStride : 0;  // table words between tiles
-  RegisterLut lut_g{}, lut_g8{};
-  if constexpr (kRegSlots > 0) {
-    const uint4* row = p.lut + (p.lut_per_row ? static_cast<size_t>(tile0 * 16 + g) * 2 : 0);
-    lut_g = {row[0], row[1]};
-    if constexpr (kRegSlots == 8) {
-      const uint4* row8 = row + (p.lut_per_row ? 16 : 0);
-      lut_g8 = {row8[0], row8[1]};
-    }
-  }
+  const int tile_words = p.lut_per_row ? 2 * 256 * kStride : 0;  // table words between tiles of the CTA
 
   // Byte offsets of this lane's x fragment reads inside a row's 128-byte half (see the swizzle above); rows >= m
   // are never copied and read as zero.
@@ -363,9 +301,7 @@ __global__ void __launch_bounds__(kWarps * 32, (kRegSlots > 0 ? 20 : 16) / kWarp
         for (int tt = 0; tt < kTiles; ++tt) {
           const uint32_t words[4] = {w[tt].x, w[tt].y, w[tt].z, w[tt].w};
           uint32_t a[4];
-          const bool reg_g = kRegSlots >= 4 || (kRegSlots == 2 && j % 2 == 1) || (kRegSlots == 1 && j == 3);
-          dequantize_fragment<T, kIntCodes, kStride>(words[j], tab_g + tt * tile_words, tab_g8 + tt * tile_words,
-                                                     lut_g, lut_g8, reg_g, kRegSlots == 8, a);
+          dequantize_fragment<T, kIntCodes, kStride>(words[j], tab_g + tt * tile_words, tab_g8 + tt * tile_words, a);
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) D::mma(part[tt][mt], a, xv[mt].x, xv[mt].y);
         }

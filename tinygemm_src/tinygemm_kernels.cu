@@ -3,7 +3,7 @@
 //
 // Tuning: built with -DTINYGEMM_TUNING (ANY4_TINYGEMM_CUDA_FLAGS), every variant below is compiled and the
 // environment picks one at each launch (TINYGEMM_STAGES, TINYGEMM_LUT_STAGES, TINYGEMM_REPL, TINYGEMM_TILES16,
-// TINYGEMM_WARPS, TINYGEMM_LUT_WARPS, TINYGEMM_LUT_REG; see Config). The normal build compiles only the measured best (kChosen),
+// TINYGEMM_WARPS, TINYGEMM_LUT_WARPS; see Config). The normal build compiles only the measured best (kChosen),
 // so the tests cover what ships.
 #include <atomic>
 #include <cstdlib>
@@ -21,14 +21,13 @@ struct Config {
                    // when that leaves >= 1 CTA per SM; 3: two tiles when it leaves >= 1 CTA per 2 SMs
   int warps;       // warps per CTA for int codes: 0 picks by CTA count, 4 or 8 forces it
   int lut_warps;   // the same for LUT formats
-  int lut_reg;     // LUT formats, one tile per CTA: lookups per 8 done from a register LUT (kRegSlots: 0, 1, 2, 4, 8)
 };
 
 // The measured best on the H100 (docs/KERNELS.md, v6; results/kernels/kernels_v6_variants*.csv): 4 slots for int
 // codes (2 lost 3-7%); 2 slots and 2 table copies for LUT formats (4 copies = 64 KB of tables left 2 CTAs per SM:
 // any4 88 us at 28672 x 8192, m = 1, vs 64 with 2 slots x 2 copies); two tiles per CTA at m > 8 (one: int4 82 vs
 // 52 us at 28672 x 8192, m = 16), also when that leaves 128 CTAs for 132 SMs (4096 x 14336: 18 vs 23 us).
-constexpr Config kChosen{4, 2, 2, 3, 0, 0, 0};
+constexpr Config kChosen{4, 2, 2, 3, 0, 0};
 
 #ifdef TINYGEMM_TUNING
 #define TG_IF if
@@ -39,19 +38,17 @@ static int env_or(const char* name, int fallback) {
 static Config config() {  // read at every launch: a benchmark switches variants between CUDA-graph captures
   return {env_or("TINYGEMM_STAGES", kChosen.stages),   env_or("TINYGEMM_LUT_STAGES", kChosen.lut_stages),
           env_or("TINYGEMM_REPL", kChosen.repl),       env_or("TINYGEMM_TILES16", kChosen.tiles16),
-          env_or("TINYGEMM_WARPS", kChosen.warps),     env_or("TINYGEMM_LUT_WARPS", kChosen.lut_warps),
-          env_or("TINYGEMM_LUT_REG", kChosen.lut_reg)};
+          env_or("TINYGEMM_WARPS", kChosen.warps),     env_or("TINYGEMM_LUT_WARPS", kChosen.lut_warps)};
 }
 #else
 #define TG_IF if constexpr  // only the chosen variant is instantiated
 static constexpr Config config() { return kChosen; }
 #endif
 
-template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages, int kRepl,
-          int kRegSlots>
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages, int kRepl>
 static cudaError_t run(const Problem& p, cudaStream_t stream) {
-  using S = Smem<kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl, kRegSlots>;
-  auto* kernel = tinygemm_kernel<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl, kRegSlots>;
+  using S = Smem<kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl>;
+  auto* kernel = tinygemm_kernel<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl>;
   // Opt in to more than 48 KB of shared memory (static + dynamic) once per device, for the variant's largest need.
   static std::atomic<uint64_t> raised{0};
   int device = 0;
@@ -68,39 +65,18 @@ static cudaError_t run(const Problem& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages, int kRepl>
-static cudaError_t for_reg(const Problem& p, cudaStream_t stream) {
-  // Register LUTs hold one tile's rows (8 or 16 registers a lane); the tuning build compiles them for the LUT
-  // formats' 2-slot rings only, which keeps its compile time in bounds.
-  if constexpr (kIntCodes || kTiles > 1 || kStages != 2 || kRepl == 1) {
-    return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl, 0>(p, stream);
-  } else {
-    TG_IF (config().lut_reg == 8) {
-      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl, 8>(p, stream);
-    } else TG_IF (config().lut_reg == 4) {
-      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl, 4>(p, stream);
-    } else TG_IF (config().lut_reg == 2) {
-      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl, 2>(p, stream);
-    } else TG_IF (config().lut_reg == 1) {
-      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl, 1>(p, stream);
-    } else {
-      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl, 0>(p, stream);
-    }
-  }
-}
-
 template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages>
 static cudaError_t for_repl(const Problem& p, cudaStream_t stream) {
   // Int codes have no tables; two tiles keep one copy (2 x 16 KB) so the x-heavy rings still fit.
   if constexpr (kIntCodes || kTiles > 1) {
-    return for_reg<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 1>(p, stream);
+    return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 1>(p, stream);
   } else {
     TG_IF (config().repl == 4) {
-      return for_reg<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 4>(p, stream);
+      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 4>(p, stream);
     } else TG_IF (config().repl == 2) {
-      return for_reg<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 2>(p, stream);
+      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 2>(p, stream);
     } else {
-      return for_reg<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 1>(p, stream);
+      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 1>(p, stream);
     }
   }
 }
