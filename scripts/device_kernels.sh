@@ -3,7 +3,9 @@
 #   scripts/device_kernels.sh [build] [tests] [sanitizer] [bench] [ncu]    (no argument: these five)
 #   extra steps: variants (a -DTINYGEMM_TUNING build: GPU tests with the chosen variant, then every variant in
 #   $VARIANTS checked and timed side by side on three Llama shapes, then the candidate's bench there),
-#   debug (the bad-input test under cuda-gdb)
+#   debug (the bad-input test under cuda-gdb),
+#   ab (the bench on $SHAPES / $ROWS with this tree's kernels, then with the tinygemm sources in $BASELINE_SRC, a
+#   carried copy of an earlier tinygemm_src, in a second process: a change measured against its baseline in one call)
 # Logs and the benchmark CSV go to $OUT (default /tmp/any4_kernels). Run from the repository root; set
 # ANY4_GIT_COMMIT=<hash> on the device (its copy of the tree has a stale .git or none), so the CSV records which
 # code ran.
@@ -62,6 +64,11 @@ torch.cuda.synchronize()" ;;
         [ "${CANDIDATE:-1}" = 0 ] || run variants_bench 300 python3 -m any4lib.bench.kernels --out "$OUT/candidate" \
           --rows "${ROWS:-1,4,16}" --shapes "${SHAPES:-28672x8192,4096x14336,14336x4096}"
         unset ANY4_TINYGEMM_CUDA_FLAGS ;;
+    ab) shapes=${SHAPES:-28672x8192,4096x14336,14336x4096} rows=${ROWS:-1,4,16}
+        run ab_new 300 python3 -m any4lib.bench.kernels --out "$OUT/new" --shapes "$shapes" --rows "$rows"
+        saved=$(mktemp -d) && cp -r tinygemm_src/. "$saved/" && cp -r "${BASELINE_SRC:?set BASELINE_SRC}/." tinygemm_src/
+        run ab_baseline 300 python3 -m any4lib.bench.kernels --out "$OUT/baseline" --shapes "$shapes" --rows "$rows"
+        rm -rf tinygemm_src && mkdir tinygemm_src && cp -r "$saved/." tinygemm_src/ ;;
     debug) run debug 200 cuda-gdb -batch -ex run -ex bt --args python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_kernels_gpu.py -k bad_inputs ;;
     *) echo "unknown step $step"; status=1 ;;

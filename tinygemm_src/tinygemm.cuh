@@ -132,10 +132,17 @@ __device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_
   } else {
     // LUT layout: byte b of the word is the code pair of one register (rows g, g, g+8, g+8 for b = 0..3), so one
     // shared-memory load of the pair table gives both values, already packed as the mma wants them.
-    a[0] = tab_g[(word & 0xFFu) * kStride];
-    a[2] = tab_g[((word >> 8) & 0xFFu) * kStride];
-    a[1] = tab_g8[((word >> 16) & 0xFFu) * kStride];
-    a[3] = tab_g8[(word >> 24) * kStride];
+    // Byte offsets straight from the word: mask the byte in place, then one shift-and-add (LEA / LEA.HI) to the
+    // lane's table; byte 3 needs no mask. 7 integer ops per word where word indices took 16 (mask, shift, add, and
+    // scale to bytes), in a loop bound by its integer ops and these shared-memory loads.
+    constexpr int kShift = kStride == 8 ? 5 : kStride == 16 ? 6 : 7;  // log2 of the bytes between pairs
+    const char* g_bytes = reinterpret_cast<const char*>(tab_g);
+    const char* g8_bytes = reinterpret_cast<const char*>(tab_g8);
+    // (byte 0 isolated with prmt: written as a mask, the compiler shifts first and then cannot fold the add)
+    a[0] = *reinterpret_cast<const uint32_t*>(g_bytes + (__byte_perm(word, 0u, 0x4440u) << kShift));
+    a[2] = *reinterpret_cast<const uint32_t*>(g_bytes + ((word & 0xFF00u) >> (8 - kShift)));
+    a[1] = *reinterpret_cast<const uint32_t*>(g8_bytes + ((word & 0xFF0000u) >> (16 - kShift)));
+    a[3] = *reinterpret_cast<const uint32_t*>(g8_bytes + (word >> (24 - kShift)));
   }
 }
 
@@ -211,32 +218,45 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   const int x_dst = x_base + x_row0 * 256 + (((lane & 15) ^ (x_row0 << 1)) << 4);  // rows r0 + 4i
   const int x_dst2 = x_base + (x_row0 + 2) * 256 + (((lane & 15) ^ ((x_row0 + 2) << 1)) << 4);  // rows r0 + 2 + 4i
 
-  // Copies this warp's i-th unit (k = 128 (warp + i kWarps) ..) into slot i % kStages, as one commit group (empty
-  // past the end, so the group count stays in step with the wait below).
+  // Copies this warp's next unit (the i-th: k = 128 (warp + i kWarps) ..) into slot i % kStages, as one commit
+  // group (empty past the end, so the group count stays in step with the wait below). Called for i = 0, 1, 2, ...
+  // in order, so the sources are running pointers stepped once per call: recomputing them from i took ~40 of the
+  // loop's instructions per unit (64-bit products, the group arithmetic).
+  const uint4* next_codes = codes + 2 * warp * 32;
+  int next_chunk = 2 * warp;
+  const int first_group = (warp * kUnitK) >> p.group_shift;  // kWarps * 128 is a whole number of groups (<= 256)
+  const int group_step = (kWarps * kUnitK) >> p.group_shift;
+  const uint8_t* next_scales = scales + scale_src + first_group * 32 * kZ;
+  int next_group = first_group + scale_group;
+  const T* next_x = x + x_src + warp * kUnitK;
+  int next_x_k = warp * kUnitK + x_k;
   auto issue = [&](int i) {
     if (i < n_mine) {
-      const int u = warp + i * kWarps;
       const uint32_t slot = ring_at + (static_cast<unsigned>(i) % kStages) * stage_bytes;
-      const bool second = 2 * u + 1 < p.k_chunks;  // an odd chunk count leaves the last unit one chunk
+      const bool second = next_chunk + 1 < p.k_chunks;  // an odd chunk count leaves the last unit one chunk
 #pragma unroll
       for (int tt = 0; tt < kTiles; ++tt) {
-        const uint4* src = codes + (static_cast<size_t>(tt) * p.k_chunks + 2 * u) * 32;
+        const uint4* src = next_codes + static_cast<size_t>(tt) * p.k_chunks * 32;
         copy16_stream(slot + tt * 1024 + lane * 16, src, true, policy);
         copy16_stream(slot + tt * 1024 + 512 + lane * 16, second ? src + 32 : src, second, policy);
       }
       if (scale_lane) {
-        const int group = ((u * kUnitK) >> p.group_shift) + scale_group;
-        const bool ok = group < p.groups;
+        const bool ok = next_group < p.groups;
         // A zero-fill still names a valid address (the CTA's first scales), though it reads nothing.
-        copy16(slot + scale_dst, ok ? scales + scale_src + (group - scale_group) * 32 * kZ : scales, ok);
+        copy16(slot + scale_dst, ok ? next_scales : scales, ok);
       }
-      const bool ok = u * kUnitK + x_k < p.k;  // k is a multiple of 32: a piece is all in or all out
-      const T* src = x + x_src + u * kUnitK;
+      const bool ok = next_x_k < p.k;  // k is a multiple of 32: a piece is all in or all out
 #pragma unroll
       for (int it = 0; it < kXCopies; ++it) {
         if (x_row0 + 2 * it >= p.m) break;
-        copy16(slot + (it & 1 ? x_dst2 : x_dst) + (it >> 1) * 1024, ok ? src + 2 * it * p.k : x, ok);
+        copy16(slot + (it & 1 ? x_dst2 : x_dst) + (it >> 1) * 1024, ok ? next_x + 2 * it * p.k : x, ok);
       }
+      next_codes += 2 * kWarps * 32;
+      next_chunk += 2 * kWarps;
+      next_scales += group_step * 32 * kZ;
+      next_group += group_step;
+      next_x += kWarps * kUnitK;
+      next_x_k += kWarps * kUnitK;
     }
     copy_commit();
   };
