@@ -133,8 +133,8 @@ __device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_
     // LUT layout: byte b of the word is the code pair of one register (rows g, g, g+8, g+8 for b = 0..3), so one
     // shared-memory load of the pair table gives both values, already packed as the mma wants them.
     // Byte offsets straight from the word: mask the byte in place, then one shift-and-add (LEA / LEA.HI) to the
-    // lane's table; byte 3 needs no mask. 7 integer ops per word where word indices took 16 (mask, shift, add, and
-    // scale to bytes), in a loop bound by its integer ops and these shared-memory loads.
+    // lane's table: 8 integer ops per word where word indices took 16 (mask, shift, add, and scale to bytes), in a
+    // loop bound by its integer ops and these shared-memory loads.
     constexpr int kShift = kStride == 8 ? 5 : kStride == 16 ? 6 : 7;  // log2 of the bytes between pairs
     const char* g_bytes = reinterpret_cast<const char*>(tab_g);
     const char* g8_bytes = reinterpret_cast<const char*>(tab_g8);
@@ -142,7 +142,7 @@ __device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_
     a[0] = *reinterpret_cast<const uint32_t*>(g_bytes + (__byte_perm(word, 0u, 0x4440u) << kShift));
     a[2] = *reinterpret_cast<const uint32_t*>(g_bytes + ((word & 0xFF00u) >> (8 - kShift)));
     a[1] = *reinterpret_cast<const uint32_t*>(g8_bytes + ((word & 0xFF0000u) >> (16 - kShift)));
-    a[3] = *reinterpret_cast<const uint32_t*>(g8_bytes + (word >> (24 - kShift)));
+    a[3] = *reinterpret_cast<const uint32_t*>(g8_bytes + ((word & 0xFF000000u) >> (24 - kShift)));
   }
 }
 
