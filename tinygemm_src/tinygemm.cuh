@@ -150,28 +150,42 @@ __device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_
 // pair = c0 | c1 << 4. Lane (g, t) reads copy r = t % kRepl, so its bank is (8 pair + g) * kRepl + r mod 32:
 // kRepl = 4 gives every lane its own bank (no conflicts), 2 leaves lanes t and t + 2 sharing one, 1 lets the 4
 // lanes of a lane group collide (v4 put all 8 groups in the same banks: ~3.5-way conflicts on random codes).
-// One global read per LUT byte, staged through `entries`.
+//
+// Thread item i = (half, c0, g) (half = 2 tt + h) writes the 16 words of c1 = 0..15 of its row: one prmt and one
+// store each, at fixed offsets, from the row's 32 LUT bytes in registers. Until v7 the entries were staged through
+// shared memory as 16-bit values and each word took two dependent shared loads and ~12 instructions: ~1.7 us at the
+// start of every CTA, the whole any4 - nf4 gap at 28672 x 4096 (1792 tables built). The 32 lanes of a warp cover 8
+// groups x 4 values of c0, so each store wavefront touches every bank once.
 template <int kRepl>
-__device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_row, int rows, uint16_t* entries,
-                                                  uint32_t* tables, int threads) {
-  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(lut) + static_cast<size_t>(first_row) * 32;
-  for (int i = threadIdx.x; i < rows * 16; i += threads) {  // per row: 16 low bytes, then 16 high bytes
-    const uint8_t* row = bytes + (i >> 4) * 32;
-    entries[i] = static_cast<uint16_t>(row[i & 15] | (row[16 + (i & 15)] << 8));
-  }
-  __syncthreads();
+__device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_row, int rows, uint32_t* tables,
+                                                  int threads) {
   const int halves = rows == 1 ? 1 : rows / 8;  // (tile, h) pairs; a shared LUT has one
-  for (int i = threadIdx.x; i < halves * 256 * 8; i += threads) {
-    const int g = i & 7, pair = (i >> 3) & 255, half = i >> 11;  // half = 2 tt + h
-    const uint16_t* row = entries + (rows == 1 ? 0 : (half * 8 + g) * 16);
-    const uint32_t v = row[pair & 15] | (static_cast<uint32_t>(row[pair >> 4]) << 16);
-    uint32_t* at = tables + static_cast<size_t>(i) * kRepl;  // i == (half * 256 + pair) * 8 + g
-    if constexpr (kRepl == 4) {
-      *reinterpret_cast<uint4*>(at) = make_uint4(v, v, v, v);  // one 16-byte store for the 4 copies
-    } else if constexpr (kRepl == 2) {
-      *reinterpret_cast<uint2*>(at) = make_uint2(v, v);
-    } else {
-      *at = v;
+  for (int i = threadIdx.x; i < halves * 128; i += threads) {
+    const int g = i & 7, c0 = (i >> 3) & 15, half = i >> 7;
+    const int row = first_row + (rows == 1 ? 0 : half * 8 + g);
+    const uint4 lo = lut[2 * row], hi = lut[2 * row + 1];  // byte c of lo / hi: low / high byte of entry c
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(lut + 2 * row);
+    const uint32_t entry_c0 = bytes[c0] | (static_cast<uint32_t>(bytes[16 + c0]) << 8);
+    // Entries 2j and 2j + 1 as the halves of entries[j].
+    const uint32_t lo_words[4] = {lo.x, lo.y, lo.z, lo.w}, hi_words[4] = {hi.x, hi.y, hi.z, hi.w};
+    uint32_t entries[8];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      entries[2 * q] = __byte_perm(lo_words[q], hi_words[q], 0x5140);
+      entries[2 * q + 1] = __byte_perm(lo_words[q], hi_words[q], 0x7362);
+    }
+    uint32_t* at = tables + static_cast<size_t>((half * 256 + c0) * 8 + g) * kRepl;
+#pragma unroll
+    for (int c1 = 0; c1 < 16; ++c1) {
+      const uint32_t v = __byte_perm(entry_c0, entries[c1 / 2], c1 % 2 ? 0x7610 : 0x5410);  // (lut[c0], lut[c1])
+      uint32_t* word = at + c1 * 16 * 8 * kRepl;  // pair c0 + 16 c1
+      if constexpr (kRepl == 4) {
+        *reinterpret_cast<uint4*>(word) = make_uint4(v, v, v, v);  // one 16-byte store for the 4 copies
+      } else if constexpr (kRepl == 2) {
+        *reinterpret_cast<uint2*>(word) = make_uint2(v, v);
+      } else {
+        *word = v;
+      }
     }
   }
   __syncthreads();
@@ -266,9 +280,8 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   const uint32_t* tab_g = nullptr;
   const uint32_t* tab_g8 = nullptr;
   if constexpr (!kIntCodes) {
-    __shared__ uint16_t entries[kTiles * 16 * 16];
     uint32_t* tables = reinterpret_cast<uint32_t*>(smem);
-    build_pair_tables<kRepl>(p.lut, p.lut_per_row ? tile0 * 16 : 0, p.lut_per_row ? kTiles * 16 : 1, entries, tables,
+    build_pair_tables<kRepl>(p.lut, p.lut_per_row ? tile0 * 16 : 0, p.lut_per_row ? kTiles * 16 : 1, tables,
                              kWarps * 32);
     tab_g = tables + g * kRepl + t % kRepl;
     tab_g8 = tab_g + (p.lut_per_row ? 256 * kStride : 0);
