@@ -127,7 +127,7 @@ def accuracy_records(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     kernels: bool = False,
-    seeds: list[int] = [0],
+    seeds: tuple[int, ...] | list[int] = (0,),
 ):
     """One row per (format, group_size, calibration, dataset): ppl, bits_per_weight, seconds (of that evaluation).
 
