@@ -3,7 +3,7 @@
 #   ANY4_GIT_COMMIT=<commit> scripts/device_e2e.sh [profile] [bench] [tests] [reduce-overhead] [-- extra bench arguments]
 # profile: where one decode step's time goes (any4lib/bench/profile.py), old layout (separate q/k/v, gate/up;
 # masked SDPA) against the new (fused; Triton split-K decode attention), b=1: results/e2e/profile/profile.{csv,txt}.
-# qhead: optional rows with lm_head quantized too. sdpa-control: the new layout with masked SDPA attention.
+# BENCH_OUT: another CSV for the bench step (a control). qhead: optional rows with lm_head quantized too. sdpa-control: the new layout with masked SDPA attention.
 # With ANY4_RESTORE_CLEAN=1 (on the device only: it overwrites files), .carry/clean (files of a committed tree, laid
 # out as in the repository) is copied over the tree first, so that a run measures committed kernels even when the
 # working tree it was sent from holds someone's unfinished edits.
@@ -68,10 +68,10 @@ for step in "${steps[@]}"; do
       timeout "${BENCH_LIMIT_S:-330}" python3 -m any4lib.bench.e2e --model-config llama3-8b \
         --formats "${BENCH_METHODS:-bf16,any4,int4,torch-int4,gemlite-int4,bnb-nf4,nf4,mxfp4}" \
         --peers "" --batch "${BENCH_BATCH:-1,4,16}" \
-        --prompt 512 --new 128 --deadline-s "${BENCH_DEADLINE_S:-230}" --out results/e2e/decode.csv "${extra[@]}" \
-        2>&1 | tee "$OUT/e2e.log"
+        --prompt 512 --new 128 --deadline-s "${BENCH_DEADLINE_S:-230}" --out "${BENCH_OUT:-results/e2e/decode.csv}" \
+        "${extra[@]}" 2>&1 | tee "$OUT/e2e.log"
       rc=${PIPESTATUS[0]}
-      cp results/e2e/decode.csv "$OUT/" 2>/dev/null ;;
+      cp "${BENCH_OUT:-results/e2e/decode.csv}" "$OUT/" 2>/dev/null ;;
     qhead)
       # Optional rows, apart from the main ones (the paper keeps lm_head bf16): lm_head quantized by the method too.
       timeout "${QHEAD_LIMIT_S:-60}" python3 -m any4lib.bench.e2e --model-config llama3-8b --formats any4:qhead,int4:qhead \

@@ -155,24 +155,40 @@ __device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_
 // store each, at fixed offsets, from the row's 32 LUT bytes in registers. Until v7 the entries were staged through
 // shared memory as 16-bit values and each word took two dependent shared loads and ~12 instructions: most of the
 // any4 - nf4 gap at 28672 x 4096, which builds 1792 tables (4.7 us before, 2.7 after). The 32 lanes of a warp cover
-// 8 groups x 4 values of c0, so each store wavefront touches every bank once.
-template <int kRepl>
+// 8 groups x 4 values of c0, so each store wavefront touches every bank once. A thread has up to kItems items
+// (4 in a two-tile CTA of 4 warps); all their LUT loads go out before the first store, as one global latency:
+// loading each item just before its stores (v7) cost the m = 16 two-tile CTAs 5% on 28672 x 8192.
+template <int kRepl, int kItems>
 __device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_row, int rows, uint32_t* tables,
                                                   int threads) {
-  const int halves = rows == 1 ? 1 : rows / 8;  // (tile, h) pairs; a shared LUT has one
-  for (int i = threadIdx.x; i < halves * 128; i += threads) {
+  const int items = (rows == 1 ? 1 : rows / 8) * 128;  // (tile, h) pairs x 16 c0 x 8 g; a shared LUT has one pair
+  uint4 lo[kItems] = {}, hi[kItems] = {};  // byte c of lo / hi: low / high byte of entry c
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    const int i = threadIdx.x + j * threads;
+    if (i < items) {
+      const int row = first_row + (rows == 1 ? 0 : (i >> 7) * 8 + (i & 7));
+      lo[j] = lut[2 * row], hi[j] = lut[2 * row + 1];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    const int i = threadIdx.x + j * threads;
+    if (i >= items) break;
     const int g = i & 7, c0 = (i >> 3) & 15, half = i >> 7;
-    const int row = first_row + (rows == 1 ? 0 : half * 8 + g);
-    const uint4 lo = lut[2 * row], hi = lut[2 * row + 1];  // byte c of lo / hi: low / high byte of entry c
-    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(lut + 2 * row);
-    const uint32_t entry_c0 = bytes[c0] | (static_cast<uint32_t>(bytes[16 + c0]) << 8);
+    const uint32_t lo_words[4] = {lo[j].x, lo[j].y, lo[j].z, lo[j].w};
+    const uint32_t hi_words[4] = {hi[j].x, hi[j].y, hi[j].z, hi[j].w};
+    // Entry c0 from the words of its bytes (selects, not an indexed array: that would go to local memory).
+    const int q = c0 >> 2, b = c0 & 3;
+    const uint32_t lo_c0 = q == 0 ? lo[j].x : q == 1 ? lo[j].y : q == 2 ? lo[j].z : lo[j].w;
+    const uint32_t hi_c0 = q == 0 ? hi[j].x : q == 1 ? hi[j].y : q == 2 ? hi[j].z : hi[j].w;
+    const uint32_t entry_c0 = __byte_perm(lo_c0, hi_c0, b | (b + 4) << 4);
     // Entries 2j and 2j + 1 as the halves of entries[j].
-    const uint32_t lo_words[4] = {lo.x, lo.y, lo.z, lo.w}, hi_words[4] = {hi.x, hi.y, hi.z, hi.w};
     uint32_t entries[8];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      entries[2 * q] = __byte_perm(lo_words[q], hi_words[q], 0x5140);
-      entries[2 * q + 1] = __byte_perm(lo_words[q], hi_words[q], 0x7362);
+    for (int w = 0; w < 4; ++w) {
+      entries[2 * w] = __byte_perm(lo_words[w], hi_words[w], 0x5140);
+      entries[2 * w + 1] = __byte_perm(lo_words[w], hi_words[w], 0x7362);
     }
     uint32_t* at = tables + static_cast<size_t>((half * 256 + c0) * 8 + g) * kRepl;
 #pragma unroll
@@ -191,6 +207,30 @@ __device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_ro
   __syncthreads();
 }
 
+// Asks L2 for this CTA's share of p.prefetch, the next layer's weight, so that the next GEMM's loads hit L2. Issued
+// before anything else: the bytes stream in while this kernel builds its tables and, after it, while the
+// latency-bound kernels between two GEMMs (attention, norms) leave DRAM idle; a short GEMM, which keeps too few
+// loads in flight to fill DRAM on its own, also shares its time with them. A hint: never read, never waited for.
+__device__ __forceinline__ void prefetch_to_l2(const Problem& p) {
+  if (p.prefetch_bytes == 0) return;
+  const int64_t share = ((p.prefetch_bytes + gridDim.x - 1) / gridDim.x + 15) & ~int64_t{15};
+  const int64_t begin = blockIdx.x * share;
+  const int64_t end = begin + share < p.prefetch_bytes ? begin + share : p.prefetch_bytes;
+  if (begin >= end) return;
+#if __CUDA_ARCH__ >= 900
+  // One bulk request per CTA, carried out by the SM's copy engine: no thread issues or waits for the lines.
+  if (threadIdx.x == 0) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p.prefetch + begin),
+                 "r"(static_cast<uint32_t>(end - begin))
+                 : "memory");
+  }
+#else
+  for (int64_t at = begin + threadIdx.x * 128; at < end; at += blockDim.x * 128) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p.prefetch + at));
+  }
+#endif
+}
+
 template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages, int kRepl>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(const Problem p) {
   using D = Dtype<T>;
@@ -199,6 +239,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   constexpr int kStride = 8 * kRepl;  // words between consecutive pairs of one lane's table copy
   extern __shared__ __align__(16) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  prefetch_to_l2(p);
   const int tile0 = blockIdx.x * kTiles;  // the dispatch launches only grids where n_tiles % kTiles == 0
   const int scale_bytes = S::scale_bytes(p), stage_bytes = S::stage_bytes(p);
   uint8_t* const ring = smem + S::table_bytes(p) + warp * kStages * stage_bytes;
@@ -281,7 +322,8 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   const uint32_t* tab_g8 = nullptr;
   if constexpr (!kIntCodes) {
     uint32_t* tables = reinterpret_cast<uint32_t*>(smem);
-    build_pair_tables<kRepl>(p.lut, p.lut_per_row ? tile0 * 16 : 0, p.lut_per_row ? kTiles * 16 : 1, tables,
+    constexpr int kBuildItems = (kTiles * 256 + kWarps * 32 - 1) / (kWarps * 32);  // table items per thread
+    build_pair_tables<kRepl, kBuildItems>(p.lut, p.lut_per_row ? tile0 * 16 : 0, p.lut_per_row ? kTiles * 16 : 1, tables,
                              kWarps * 32);
     tab_g = tables + g * kRepl + t % kRepl;
     tab_g8 = tab_g + (p.lut_per_row ? 256 * kStride : 0);
