@@ -207,14 +207,17 @@ __device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_ro
   __syncthreads();
 }
 
-// Asks L2 for this CTA's share of p.prefetch, the next layer's weight, so that the next GEMM's loads hit L2. Issued
-// before anything else: the bytes stream in while this kernel builds its tables and, after it, while the
-// latency-bound kernels between two GEMMs (attention, norms) leave DRAM idle; a short GEMM, which keeps too few
-// loads in flight to fill DRAM on its own, also shares its time with them. A hint: never read, never waited for.
+// Asks L2 for a share of p.prefetch, the next layer's weight, so that the next GEMM's loads hit L2. Only the last
+// min(grid, SMs) CTAs take part, after their own loads: the bytes then stream while this kernel drains and while
+// the latency-bound kernels between two GEMMs (attention, norms) leave DRAM idle. Issued at the start of every
+// CTA instead (the first version), they delayed each CTA's own first loads and cost 6-10% end to end
+// (results/e2e/controls/decode_prefetch_start_b1.csv). A hint: never read, never waited for.
 __device__ __forceinline__ void prefetch_to_l2(const Problem& p) {
-  if (p.prefetch_bytes == 0) return;
-  const int64_t share = ((p.prefetch_bytes + gridDim.x - 1) / gridDim.x + 15) & ~int64_t{15};
-  const int64_t begin = blockIdx.x * share;
+  const int tail = static_cast<int>(gridDim.x) < p.sm_count ? static_cast<int>(gridDim.x) : p.sm_count;
+  const int index = static_cast<int>(blockIdx.x) - (static_cast<int>(gridDim.x) - tail);
+  if (p.prefetch_bytes == 0 || index < 0) return;
+  const int64_t share = ((p.prefetch_bytes + tail - 1) / tail + 15) & ~int64_t{15};
+  const int64_t begin = index * share;
   const int64_t end = begin + share < p.prefetch_bytes ? begin + share : p.prefetch_bytes;
   if (begin >= end) return;
 #if __CUDA_ARCH__ >= 900
@@ -239,7 +242,6 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   constexpr int kStride = 8 * kRepl;  // words between consecutive pairs of one lane's table copy
   extern __shared__ __align__(16) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  prefetch_to_l2(p);
   const int tile0 = blockIdx.x * kTiles;  // the dispatch launches only grids where n_tiles % kTiles == 0
   const int scale_bytes = S::scale_bytes(p), stage_bytes = S::stage_bytes(p);
   uint8_t* const ring = smem + S::table_bytes(p) + warp * kStages * stage_bytes;
@@ -421,6 +423,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   // Sum the warps' k-slices through shared memory (the rings and tables are free once every copy has landed).
   // Accumulator e of lane l holds row (l / 4) + 8 * (e / 2), column 2 * (l % 4) + e % 2 of its (tile, m-tile).
   constexpr int kOut = kTiles * kMTiles * 4;
+  prefetch_to_l2(p);
   copy_wait<0>();
   __syncthreads();
   float* partial = reinterpret_cast<float*>(smem);  // [kWarps][kOut][32]
