@@ -21,7 +21,6 @@ _LAZY = {
     "ActivationStats": "calibration",
     "QuantLinear": "nn",
     "use_kernels": "nn",
-    "chain_prefetch": "nn",
     "quantize_model": "model",
     "save_quantized": "model",
     "load_quantized": "model",

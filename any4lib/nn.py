@@ -36,7 +36,6 @@ class QuantLinear(nn.Module):
         self.register_buffer("tensor_scale", torch.tensor(q.tensor_scale, dtype=torch.float32))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.use_kernel = True  # on CUDA, when the kernels support the format
-        self.prefetch: torch.Tensor | None = None  # bytes of the next layer's weight for L2 (chain_prefetch)
         self._cache: dict = {}
 
     @property
@@ -71,18 +70,13 @@ class QuantLinear(nn.Module):
             self._cache[key] = _pack_for_kernels(self.quantized, dtype)
         return self._cache[key]
 
-    def prefetch_source(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """What this layer streams from memory on the kernel path (its packed codes), for chain_prefetch."""
-        packed = self.packed_weight(dtype) if self.use_kernel else None
-        return None if packed is None else packed.codes
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self.use_kernel:
             packed = self.packed_weight(x.dtype)
             if packed is not None:
                 from .kernels import linear
 
-                y = linear(x, packed, self.prefetch)
+                y = linear(x, packed)
                 return y if self.bias is None else y + self.bias.to(y.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
@@ -90,7 +84,6 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.to(dtype) would round the tables (and NVFP4's fp32 tensor scale): they follow the device only.
         self._cache = {}
-        self.prefetch = None  # it points into another layer's old buffers: chain_prefetch again after a move
         tables = {name: getattr(self, name) for name in _TABLES if getattr(self, name) is not None}
         super()._apply(fn, recurse)
         for name, before in tables.items():
@@ -132,30 +125,6 @@ def _pack_for_kernels(q: QuantizedTensor, dtype: torch.dtype):
         _fallback(f"the kernels do not support {q.format} g{q.group_size} {tuple(q.shape)}")
         return None
     return kernels.PackedWeight.from_quantized(q, dtype)
-
-
-def chain_prefetch(model: nn.Module, max_mb: float = 16.0, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Let every layer that runs on the tinygemm kernels ask L2 for the first `max_mb` MB of the next layer's
-    weight while it runs (kernels.linear's `prefetch`), so DRAM keeps streaming weights through the attention and
-    norm kernels between two GEMMs. "Next" is module order, which is execution order in Llama-style models
-    (q, k, v, o, gate, up, down, ..., lm_head); where it is not, the hint only wastes some bandwidth. A layer joins
-    the chain if it has a `prefetch` slot (QuantLinear, the e2e bench's packed layer) or is an nn.Linear (a target
-    only: bf16 layers do not prefetch). max_mb <= 0 clears the chain. Call it again after moving the model.
-    """
-    from .kernels import leading_bytes
-
-    def source(layer: nn.Module) -> torch.Tensor | None:
-        if isinstance(layer, nn.Linear):
-            return layer.weight
-        return layer.prefetch_source(dtype) if hasattr(layer, "prefetch_source") else None
-
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear) or hasattr(m, "prefetch")]
-    for layer, following in zip(layers, layers[1:] + [None]):
-        if not hasattr(layer, "prefetch"):
-            continue
-        target = source(following) if following is not None and max_mb > 0 else None
-        layer.prefetch = None if target is None else leading_bytes(target, max_mb * 2**20)
-    return model
 
 
 def use_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:

@@ -26,12 +26,10 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def greedy_tokens(name: str, device="cpu", compile_mode="none", batch=2, prompt=12, new=6, dtype=torch.bfloat16,
-                  prefetch_mb=0.0):
+def greedy_tokens(name: str, device="cpu", compile_mode="none", batch=2, prompt=12, new=6, dtype=torch.bfloat16):
     # reuse_budget_s=0: later blocks copy the first one's anyN codes, which halves the k-means time here.
     model, _ = e2e.build_model(TINY, e2e.method(name, 128), device, seed=3, reuse_budget_s=0.0, dtype=dtype,
                                progress=False)
-    e2e.chain_prefetch(model, prefetch_mb)
     return e2e.time_generation(model, batch, prompt, new, compile_mode, device, seed=5)["tokens"]
 
 
@@ -286,21 +284,6 @@ def test_csv_from_before_the_layout_columns_is_rewritten(tmp_path):
     assert rows[1]["layout"] == "fused" and rows[1]["speedup_vs_bf16"] == "1"  # against its own layout's bf16
 
 
-def test_prefetch_values_are_rows_of_their_own(tmp_path):
-    out = tmp_path / "decode.csv"
-    argv = ["--model-config", "tiny", "--device", "cpu", "--compile", "none", "--formats", "bf16,int4", "--peers", "",
-            "--batch", "1", "--prompt", "4", "--new", "2", "--prefetch-mb", "0,0.01", "--out", str(out)]
-    e2e.run(e2e.parse_args(argv))
-    rows = list(csv.DictReader(out.open()))
-    # bf16 has no prefetch to switch: one row; int4 (our kernels) one per value, each against that bf16 row.
-    assert [(r["method"], r["prefetch_mb"]) for r in rows] == [("bf16", "0"), ("int4", "0"), ("int4", "0.01")]
-    assert all(r["status"] == "ok" for r in rows)
-    bf16 = float(rows[0]["decode_tok_s"])
-    assert float(rows[2]["speedup_vs_bf16"]) == pytest.approx(float(rows[2]["decode_tok_s"]) / bf16, rel=1e-3)
-    e2e.run(e2e.parse_args(argv))  # resumes: every (method, batch, prefetch) is there
-    assert len(list(csv.DictReader(out.open()))) == 3
-
-
 def test_missing_peer_is_recorded_not_fatal(tmp_path, monkeypatch):
     import builtins
 
@@ -357,16 +340,6 @@ def test_graphed_and_compiled_quantized_decode_on_gpu(name):
     assert torch.equal(greedy_tokens(name, "cuda", "cudagraph"), eager)
     # Compiled blocks: the first decoded token (after the shared eager prefill) comes from the compiled step.
     assert torch.equal(greedy_tokens(name, "cuda", "blocks")[:, :2], eager[:, :2])
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("name", ["int4", "any4"])
-def test_prefetch_chain_leaves_the_tokens_unchanged_on_gpu(name):
-    eager = greedy_tokens(name, "cuda", "none")
-    for mode in ("none", "cudagraph", "blocks"):
-        chained = greedy_tokens(name, "cuda", mode, prefetch_mb=16)
-        assert torch.equal(chained if mode != "blocks" else chained[:, :2], eager if mode != "blocks" else eager[:, :2])
 
 
 @pytest.mark.gpu

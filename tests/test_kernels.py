@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from any4lib import quantize
-from any4lib.kernels import PackedWeight, build, check_supported, is_supported, leading_bytes, linear
+from any4lib.kernels import PackedWeight, build, check_supported, is_supported, linear
 
 FORMATS = ["int4", "any4", "nf4", "fp4", "mxfp4", "int4_sym", "any4_global"]
 GROUP_SIZES = [32, 64, 128, 256]
@@ -113,17 +113,6 @@ def test_reference_matches_float64(fmt):
     exact = x.double() @ w.dequantize(torch.float64).T
     err = (y.double() - exact).norm() / exact.norm()
     assert err < 1e-2
-
-
-def test_leading_bytes_is_a_view_of_the_first_whole_lines():
-    t = torch.arange(1000, dtype=torch.int32)  # 4000 bytes
-    head = leading_bytes(t, 1000)
-    assert head.dtype == torch.uint8 and head.numel() == 896  # rounded down to 128-byte lines
-    assert head.data_ptr() == t.data_ptr() and torch.equal(head, t.view(torch.uint8)[:896])
-    assert leading_bytes(t, 1 << 30).numel() == 3968  # never past the tensor
-    assert leading_bytes(t, 100) is None
-    with pytest.raises(ValueError, match="contiguous"):
-        leading_bytes(t.view(10, 100)[:, :50], 1024)
 
 
 def test_unsupported_weights_say_why():

@@ -8,7 +8,7 @@ import torch
 
 from any4lib import quantize
 from any4lib.bench.kernels import random_quantized
-from any4lib.kernels import PackedWeight, leading_bytes, linear, load_kernels
+from any4lib.kernels import PackedWeight, linear, load_kernels
 
 pytestmark = [
     pytest.mark.gpu,
@@ -90,24 +90,7 @@ def _op_args(fmt, dtype, m=5, n=48, k=256, group_size=64):
 @pytest.mark.parametrize("fmt,dtype", [("int4", torch.bfloat16), ("any4", torch.bfloat16), ("nf4", torch.float16)])
 def test_opcheck(fmt, dtype):
     load_kernels()
-    args = _op_args(fmt, dtype)
-    torch.library.opcheck(torch.ops.any4lib.tinygemm_4bit.default, args)
-    prefetch = leading_bytes(torch.randn(1 << 16, device="cuda"), 1 << 20)
-    torch.library.opcheck(torch.ops.any4lib.tinygemm_4bit.default, (*args, prefetch))
-
-
-@pytest.mark.parametrize("m", [1, 16])
-@pytest.mark.parametrize("fmt", ["int4", "any4"])
-def test_prefetch_changes_no_result(fmt, m):
-    """The L2 prefetch hint (of the next weight, of a range smaller than the grid, of this very weight) leaves every
-    output bit as it was; the kernel never reads the bytes."""
-    w = PackedWeight.from_quantized(random_quantized(fmt, 4096, 4096, 128), torch.bfloat16)
-    following = PackedWeight.from_quantized(random_quantized(fmt, 14336, 4096, 128), torch.bfloat16)
-    x = torch.randn(m, 4096, device="cuda").to(torch.bfloat16)
-    plain = linear(x, w)
-    for prefetch in (leading_bytes(following.codes, 16 << 20), leading_bytes(following.codes, 4096),
-                     leading_bytes(w.codes, 1 << 30)):
-        torch.testing.assert_close(linear(x, w, prefetch), plain, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.any4lib.tinygemm_4bit.default, _op_args(fmt, dtype))
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -126,18 +109,13 @@ def test_bad_inputs_raise_clear_errors():
         op(x, codes, scales, None, n, group_size, int_codes)
     with pytest.raises(RuntimeError, match="must be on a CUDA device"):
         op(x.cpu(), codes, scales, lut, n, group_size, int_codes)
-    raw = torch.zeros(4096, dtype=torch.uint8, device="cuda")
-    for bad in (raw[:100], raw[8:1032], raw.cpu(), raw.view(64, 64)[:, :32]):  # size, alignment, device, layout
-        with pytest.raises(RuntimeError, match="prefetch must be a contiguous tensor"):
-            op(x, codes, scales, lut, n, group_size, int_codes, bad)
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_torch_compile_fullgraph(mode):
     w = PackedWeight.from_quantized(random_quantized("any4", 1024, 2048, 128), torch.bfloat16)
     torch._dynamo.reset()
-    prefetch = leading_bytes(w.codes, 1 << 20)  # an optional tensor argument must trace and graph as well
-    compiled = torch.compile(lambda x: linear(x, w, prefetch), fullgraph=True, mode=mode)
+    compiled = torch.compile(lambda x: linear(x, w), fullgraph=True, mode=mode)
     for _ in range(3):  # reduce-overhead records a CUDA graph after warm-up runs, then replays it
         x = torch.randn(4, 2048, device="cuda").to(torch.bfloat16)
         torch.testing.assert_close(compiled(x), linear(x, w), rtol=0, atol=0)

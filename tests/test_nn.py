@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import any4lib
-from any4lib.nn import QuantLinear, _pack_for_kernels, chain_prefetch, use_kernels
+from any4lib.nn import QuantLinear, _pack_for_kernels, use_kernels
 
 
 def reference_weight(q) -> torch.Tensor:
@@ -74,28 +74,6 @@ def test_kernel_switch_and_fallback_without_kernel_support(monkeypatch):
     assert all(m.use_kernel for m in model if isinstance(m, QuantLinear))
     use_kernels(model, False)
     assert not any(m.use_kernel for m in model if isinstance(m, QuantLinear))
-
-
-def test_chain_prefetch_links_each_kernel_layer_to_the_next_weight(monkeypatch):
-    torch.manual_seed(0)
-    first, second = (QuantLinear(any4lib.quantize(torch.randn(256, 256), fmt, 128)) for fmt in ("int4", "any4"))
-    no_kernel = QuantLinear(any4lib.quantize(torch.randn(256, 256), "int2", 64))  # 2-bit: no tinygemm kernel
-    dense = torch.nn.Linear(256, 64, bias=False)
-    model = torch.nn.Sequential(first, torch.nn.ReLU(), no_kernel, second, dense)
-    x = torch.randn(3, 256)
-    before = model(x)
-    monkeypatch.setattr("any4lib.nn._warned", set())
-    with pytest.warns(UserWarning, match="do not support int2"):
-        chain_prefetch(model, max_mb=2048 / 2**20)
-    assert first.prefetch is None  # the next layer streams no packed codes: nothing to ask for
-    codes = second.packed_weight(torch.bfloat16).codes  # what the any4 layer streams on the kernel path
-    assert no_kernel.prefetch.data_ptr() == codes.data_ptr() and no_kernel.prefetch.numel() == 2048
-    assert second.prefetch.data_ptr() == dense.weight.data_ptr()  # a bf16 layer is a target, not a prefetcher
-    assert torch.equal(model(x), before)  # a hint: off the GPU it is ignored
-    no_kernel.to(torch.float64)  # moving a layer drops its hint: it pointed at another layer's old buffers
-    assert no_kernel.prefetch is None
-    chain_prefetch(model, max_mb=0)
-    assert second.prefetch is None
 
 
 @pytest.mark.gpu

@@ -156,8 +156,8 @@ __device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_
 // shared memory as 16-bit values and each word took two dependent shared loads and ~12 instructions: most of the
 // any4 - nf4 gap at 28672 x 4096, which builds 1792 tables (4.7 us before, 2.7 after). The 32 lanes of a warp cover
 // 8 groups x 4 values of c0, so each store wavefront touches every bank once. A thread has up to kItems items
-// (4 in a two-tile CTA of 4 warps); all their LUT loads go out before the first store, as one global latency:
-// loading each item just before its stores (v7) cost the m = 16 two-tile CTAs 5% on 28672 x 8192.
+// (4 in a two-tile CTA of 4 warps); v8 sends all their LUT loads out before the first store, one global latency
+// instead of one per item (v7): any4 at m = 16 on 28672 x 8192 92.5 -> 81.8 us, on 28672 x 4096 54.2 -> 46.7.
 template <int kRepl, int kItems>
 __device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_row, int rows, uint32_t* tables,
                                                   int threads) {
@@ -205,33 +205,6 @@ __device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_ro
     }
   }
   __syncthreads();
-}
-
-// Asks L2 for a share of p.prefetch, the next layer's weight, so that the next GEMM's loads hit L2. Only the last
-// min(grid, SMs) CTAs take part, after their own loads: the bytes then stream while this kernel drains and while
-// the latency-bound kernels between two GEMMs (attention, norms) leave DRAM idle. Issued at the start of every
-// CTA instead (the first version), they delayed each CTA's own first loads and cost 6-10% end to end
-// (results/e2e/controls/decode_prefetch_start_b1.csv). A hint: never read, never waited for.
-__device__ __forceinline__ void prefetch_to_l2(const Problem& p) {
-  const int tail = static_cast<int>(gridDim.x) < p.sm_count ? static_cast<int>(gridDim.x) : p.sm_count;
-  const int index = static_cast<int>(blockIdx.x) - (static_cast<int>(gridDim.x) - tail);
-  if (p.prefetch_bytes == 0 || index < 0) return;
-  const int64_t share = ((p.prefetch_bytes + tail - 1) / tail + 15) & ~int64_t{15};
-  const int64_t begin = index * share;
-  const int64_t end = begin + share < p.prefetch_bytes ? begin + share : p.prefetch_bytes;
-  if (begin >= end) return;
-#if __CUDA_ARCH__ >= 900
-  // One bulk request per CTA, carried out by the SM's copy engine: no thread issues or waits for the lines.
-  if (threadIdx.x == 0) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p.prefetch + begin),
-                 "r"(static_cast<uint32_t>(end - begin))
-                 : "memory");
-  }
-#else
-  for (int64_t at = begin + threadIdx.x * 128; at < end; at += blockDim.x * 128) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p.prefetch + at));
-  }
-#endif
 }
 
 template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages, int kRepl>
@@ -325,8 +298,8 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   if constexpr (!kIntCodes) {
     uint32_t* tables = reinterpret_cast<uint32_t*>(smem);
     constexpr int kBuildItems = (kTiles * 256 + kWarps * 32 - 1) / (kWarps * 32);  // table items per thread
-    build_pair_tables<kRepl, kBuildItems>(p.lut, p.lut_per_row ? tile0 * 16 : 0, p.lut_per_row ? kTiles * 16 : 1, tables,
-                             kWarps * 32);
+    build_pair_tables<kRepl, kBuildItems>(p.lut, p.lut_per_row ? tile0 * 16 : 0, p.lut_per_row ? kTiles * 16 : 1,
+                                          tables, kWarps * 32);
     tab_g = tables + g * kRepl + t % kRepl;
     tab_g8 = tab_g + (p.lut_per_row ? 256 * kStride : 0);
   }
@@ -423,7 +396,6 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   // Sum the warps' k-slices through shared memory (the rings and tables are free once every copy has landed).
   // Accumulator e of lane l holds row (l / 4) + 8 * (e / 2), column 2 * (l % 4) + e % 2 of its (tile, m-tile).
   constexpr int kOut = kTiles * kMTiles * 4;
-  prefetch_to_l2(p);
   copy_wait<0>();
   __syncthreads();
   float* partial = reinterpret_cast<float*>(smem);  // [kWarps][kOut][32]

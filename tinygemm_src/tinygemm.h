@@ -19,8 +19,6 @@ struct Problem {
   int lut_per_row;     // 1: a table per weight row; 0: one table for the whole matrix
   int m, n, k, n_tiles, k_chunks, groups, group_shift;  // group_size == 1 << group_shift
   int sm_count;        // multiprocessors of the device: picks the warps per tile
-  const uint8_t* prefetch;  // optional: bytes to pull into L2 for the next layer (a hint, never read here)
-  int64_t prefetch_bytes;   // a multiple of 16; 0: none
 };
 
 // Launches the variant the problem needs; returns the launch's error. Defined in tinygemm_kernels.cu.

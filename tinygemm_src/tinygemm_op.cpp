@@ -32,8 +32,7 @@ std::string shape(const at::Tensor& t) {  // "[a, b, c]"
 }
 
 at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                         const std::optional<at::Tensor>& lut, int64_t n, int64_t group_size, bool int_codes,
-                         const std::optional<at::Tensor>& prefetch) {
+                         const std::optional<at::Tensor>& lut, int64_t n, int64_t group_size, bool int_codes) {
   TORCH_CHECK(x.is_cuda() && codes.is_cuda() && scales.is_cuda(), "tinygemm_4bit: x, codes and scales must be on a "
               "CUDA device; got x on ", x.device(), ", codes on ", codes.device(), ", scales on ", scales.device());
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
@@ -74,14 +73,6 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
                   (!lut.has_value() || lut->device() == x.device()),
               "tinygemm_4bit: all tensors must be on one device (x is on ", x.device(), ")");
 
-  if (prefetch.has_value()) {
-    TORCH_CHECK(prefetch->is_cuda() && prefetch->device() == x.device() && prefetch->is_contiguous() &&
-                    prefetch->nbytes() % 16 == 0 && reinterpret_cast<uintptr_t>(prefetch->data_ptr()) % 16 == 0,
-                "tinygemm_4bit: prefetch must be a contiguous tensor on ", x.device(), " whose bytes start 16-byte "
-                "aligned and number a multiple of 16 (e.g. a uint8 view of the next weight's first bytes); got ",
-                shape(*prefetch), " (", str(prefetch->nbytes()), " bytes) on ", prefetch->device());
-  }
-
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({m, n}, x.options());
   tinygemm::Problem p{};
@@ -95,8 +86,6 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
   p.n_tiles = static_cast<int>(n_tiles), p.k_chunks = static_cast<int>(k_chunks), p.groups = static_cast<int>(groups);
   p.group_shift = __builtin_ctzll(group_size);
   p.sm_count = sm_count(x.get_device());
-  p.prefetch = prefetch.has_value() ? static_cast<const uint8_t*>(prefetch->data_ptr()) : nullptr;
-  p.prefetch_bytes = prefetch.has_value() ? static_cast<int64_t>(prefetch->nbytes()) : 0;
   const cudaError_t err = tinygemm::launch(p, x.scalar_type() == at::kBFloat16, int_codes, has_zero,
                                            c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "tinygemm_4bit: kernel launch failed: ", cudaGetErrorString(err));

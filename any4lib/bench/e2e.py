@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import get_format, list_formats
-from ..nn import chain_prefetch
 from ..provenance import provenance
 from ..qtensor import QuantizedTensor
 from ..quant import quantize
@@ -59,21 +58,16 @@ def model_config(name: str):
 
 
 class PackedLinear(nn.Module):
-    """Inference-only linear on the tinygemm kernels: holds nothing but the packed weight (and, when chained by
-    any4lib.nn.chain_prefetch, the bytes of the next weight to prefetch)."""
+    """Inference-only linear on the tinygemm kernels: holds nothing but the packed weight."""
 
     def __init__(self, packed):
         super().__init__()
         self.packed = packed
-        self.prefetch: torch.Tensor | None = None
-
-    def prefetch_source(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.packed.codes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import linear
 
-        return linear(x, self.packed, self.prefetch)
+        return linear(x, self.packed)
 
 
 class DequantizedLinear(nn.Module):
@@ -182,11 +176,6 @@ class Method:
             return DequantizedLinear(exact.dequantize(torch.float32))
         kernels.check_supported(q)
         return PackedLinear(kernels.PackedWeight.from_quantized(q, dtype))
-
-    @property
-    def on_our_kernels(self) -> bool:
-        """Its layers run the tinygemm kernels (and so can prefetch the next weight)."""
-        return self.format is not None and not self.dequantized and self.name.split(":")[0] not in PEERS
 
     def describe_head(self) -> str:
         return self.name.removesuffix(":qhead") if self.quant_head else "bf16"
@@ -414,7 +403,7 @@ def time_generation(model: LlamaDecoder, batch: int, prompt_len: int, new: int, 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
 
-COLUMNS = ["method", "format", "group_size", "implementation", "layout", "attention", "lm_head", "prefetch_mb", "batch", "prompt", "new", "decode_tok_s",
+COLUMNS = ["method", "format", "group_size", "implementation", "layout", "attention", "lm_head", "batch", "prompt", "new", "decode_tok_s",
            "decode_ms_per_step", "speedup_vs_bf16", "prefill_tok_s", "prefill_ms", "model_gb", "peak_mem_gb", "prefill_peak_mem_gb",
            "quantize_s_first_block", "codes_reused", "compile", "warmup_s", "status", "model_config",
            "git_commit", "git_dirty", "torch", "cuda", "device", "date"]
@@ -451,11 +440,6 @@ def _variant(row: dict) -> tuple[str, str]:
     return row.get("layout") or "separate", row.get("attention") or "sdpa"
 
 
-def _prefetch_mb(row: dict) -> float:
-    """The row's L2 prefetch chain in MB (0: none; rows from before the column ran without one)."""
-    return float(row.get("prefetch_mb") or 0)
-
-
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -463,9 +447,8 @@ def _fmt(value) -> str:
 def print_table(rows: list[dict]) -> None:
     """decode tokens/s per method (rows) and batch (columns), with the speedup over bf16 beside each."""
     batches = sorted({int(r["batch"]) for r in rows})
-    label = lambda r: r["method"] + (f" pf{_prefetch_mb(r):g}" if _prefetch_mb(r) else "")  # noqa: E731
-    methods = list(dict.fromkeys(label(r) for r in rows))
-    cell = {(label(r), int(r["batch"])): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], int(r["batch"])): r for r in rows}
     header = f"{'method':<14}" + "".join(f"{'b=' + str(b) + ' tok/s (x bf16)':>26}" for b in batches)
     print(header + f"{'peak GB (b=' + str(batches[-1]) + ')':>18}")
     for m in methods:
@@ -490,7 +473,7 @@ def run(args) -> list[dict]:
     rows = _read_rows(out)
     variant = ("fused" if args.fuse else "separate", args.attention)
     rows = [r for r in rows if _variant(r) == variant]  # other layouts in the same CSV: kept, not compared
-    done = {(r["method"], int(r["batch"]), _prefetch_mb(r)) for r in rows if r["status"].startswith("ok")}
+    done = {(r["method"], int(r["batch"])) for r in rows if r["status"].startswith("ok")}
     prov = provenance(device)
     common = {"prompt": args.prompt, "new": args.new, "compile": args.compile, "model_config": args.model_config,
               "git_commit": (prov["git"]["commit"] or "")[:12], "git_dirty": prov["git"]["dirty"],
@@ -499,8 +482,7 @@ def run(args) -> list[dict]:
     start = time.perf_counter()
     methods = [method(name, args.group_size) for name in args.methods]
     for meth in methods:
-        prefetch = args.prefetch_mb if meth.on_our_kernels else [0.0]  # the others have no prefetch to switch
-        todo = [(mb, b) for mb in prefetch for b in args.batch if (meth.name, b, mb) not in done]
+        todo = [b for b in args.batch if (meth.name, b) not in done]
         if not todo:
             continue
         if time.perf_counter() - start > args.deadline_s:
@@ -520,19 +502,17 @@ def run(args) -> list[dict]:
             model_gb = ((torch.cuda.memory_allocated() - before) / 1e9 if torch.device(device).type == "cuda"
                         else float("nan"))
         except Exception as err:  # a peer that is missing or fails: recorded, the run goes on
-            for mb, b in todo:
-                row = {**base, "prefetch_mb": mb, "batch": b,
-                       "status": f"failed to build: {type(err).__name__}: {err}"[:300]}
+            for b in todo:
+                row = {**base, "batch": b, "status": f"failed to build: {type(err).__name__}: {err}"[:300]}
                 _append_row(out, row)
                 rows.append(row)
             print(f"{meth.name}: could not build ({type(err).__name__}: {err})")
             continue
-        for mb, b in todo:
+        for b in todo:
             if time.perf_counter() - start > args.deadline_s:
                 print(f"deadline of {args.deadline_s:.0f} s passed: skipping {meth.name} b={b} (rerun to resume)")
                 continue
-            chain_prefetch(model, mb)
-            row = {**base, **info, "prefetch_mb": mb, "batch": b, "model_gb": model_gb}
+            row = {**base, **info, "batch": b, "model_gb": model_gb}
             torch._dynamo.reset()  # one fresh compile per (method, batch): no cache limits, no dynamic shapes
             try:
                 timing = time_generation(model, b, args.prompt, args.new, args.compile, device, seed=args.seed)
@@ -552,13 +532,13 @@ def run(args) -> list[dict]:
                         row["status"] += f"; {args.fallback_compile}: {type(err2).__name__}: {err2}"[:200]
             row.pop("tokens", None)
             bf16 = next((r for r in rows + [row] if r["method"] == "bf16" and int(r["batch"]) == b
-                         and r["status"].startswith("ok") and _prefetch_mb(r) == 0), None)
+                         and r["status"].startswith("ok")), None)
             if bf16 and row["status"].startswith("ok"):
                 row["speedup_vs_bf16"] = row["decode_tok_s"] / float(bf16["decode_tok_s"])
             row = {k: _fmt(v) for k, v in row.items()}
             _append_row(out, row)
             rows.append(row)
-            print(f"{meth.name} b={b} prefetch {mb:g} MB: " + ", ".join(f"{k}={row.get(k)}" for k in
+            print(f"{meth.name} b={b}: " + ", ".join(f"{k}={row.get(k)}" for k in
                   ("decode_tok_s", "speedup_vs_bf16", "prefill_tok_s", "peak_mem_gb", "status")), flush=True)
         del model
         torch._dynamo.reset()
@@ -588,9 +568,6 @@ def parse_args(argv=None):
                         help="fused: q/k/v and gate/up as one linear each (every method); separate: seven per block")
     parser.add_argument("--attention", default="triton", choices=["triton", "sdpa"],
                         help="one-token attention on CUDA: split-K Triton kernel, or masked SDPA over the whole cache")
-    parser.add_argument("--prefetch-mb", default="0",
-                        help="comma list: each of our kernel layers asks L2 for up to this many MB of the next "
-                             "layer's weight (any4lib.nn.chain_prefetch); 0: off. One row per value")
     parser.add_argument("--out", default="results/e2e/decode.csv")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the bench: profile one decode step per method x --profile-variants x batch")
@@ -604,7 +581,6 @@ def parse_args(argv=None):
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     args.methods = split(args.formats) + split(args.peers)
     args.batch = [int(b) for b in split(args.batch)]
-    args.prefetch_mb = [float(mb) for mb in split(args.prefetch_mb)]
     if args.new < 2:
         parser.error("--new must be at least 2 (one token comes from the prefill)")
     return args

@@ -20,8 +20,7 @@ from .reference import linear_reference
 MAX_KERNEL_ROWS = 16  # m above this: dequantize + cuBLAS
 _DTYPES = (torch.bfloat16, torch.float16)
 
-__all__ = ["PackedWeight", "check_supported", "is_supported", "leading_bytes", "linear", "load_kernels",
-           "MAX_KERNEL_ROWS"]
+__all__ = ["PackedWeight", "check_supported", "is_supported", "linear", "load_kernels", "MAX_KERNEL_ROWS"]
 
 
 def _is_int4_table(q: QuantizedTensor) -> bool:
@@ -137,22 +136,9 @@ class PackedWeight:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
-def leading_bytes(t: torch.Tensor, max_bytes: int) -> torch.Tensor | None:
-    """A uint8 view of the first min(max_bytes, t.nbytes) bytes of contiguous `t`, rounded down to 128 bytes (a
-    prefetch range for `linear`), or None when that is empty."""
-    if not t.is_contiguous():
-        raise ValueError(f"leading_bytes: the tensor must be contiguous (shape {tuple(t.shape)})")
-    nbytes = min(int(max_bytes), t.numel() * t.element_size()) // 128 * 128
-    return t.reshape(-1).view(torch.uint8)[:nbytes] if nbytes > 0 else None
-
-
-def linear(x: torch.Tensor, w: PackedWeight, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """y = x @ W^T for x [..., k] in w.dtype. CUDA: the tinygemm op for up to 16 rows, else dequantize + matmul.
-    CPU: the PyTorch reference (fp32 accumulation).
-
-    prefetch: optional contiguous CUDA tensor (e.g. `leading_bytes(next_weight.codes, 16 << 20)`) whose bytes the
-    kernel asks L2 to fetch while it runs: the next layer's weight, so that DRAM keeps working through the
-    latency-bound kernels between two GEMMs. A hint only: it changes no result, and the other paths ignore it."""
+    CPU: the PyTorch reference (fp32 accumulation)."""
     if x.shape[-1] != w.k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects k = {w.k} (weight shape [{w.n}, {w.k}])")
     if x.dtype != w.dtype:
@@ -167,7 +153,7 @@ def linear(x: torch.Tensor, w: PackedWeight, prefetch: torch.Tensor | None = Non
     elif rows.shape[0] <= MAX_KERNEL_ROWS:
         if not torch.compiler.is_compiling():
             load_kernels()
-        out = ops.tinygemm_4bit(rows.contiguous(), w.codes, w.scales, w.lut, w.n, w.group_size, w.int_codes, prefetch)
+        out = ops.tinygemm_4bit(rows.contiguous(), w.codes, w.scales, w.lut, w.n, w.group_size, w.int_codes)
     else:
         out = torch.nn.functional.linear(rows, w.dequantize(x.dtype))
     return out.reshape(*x.shape[:-1], w.n)

@@ -7,13 +7,12 @@ import torch
 
 torch.library.define(
     "any4lib::tinygemm_4bit",
-    "(Tensor x, Tensor codes, Tensor scales, Tensor? lut, int n, int group_size, bool int_codes, "
-    "Tensor? prefetch=None) -> Tensor",
+    "(Tensor x, Tensor codes, Tensor scales, Tensor? lut, int n, int group_size, bool int_codes) -> Tensor",
 )
 
 
 @torch.library.register_fake("any4lib::tinygemm_4bit")
-def _tinygemm_4bit_fake(x, codes, scales, lut, n, group_size, int_codes, prefetch=None):
+def _tinygemm_4bit_fake(x, codes, scales, lut, n, group_size, int_codes):
     torch._check(x.dim() == 2, lambda: f"tinygemm_4bit: x must be [m, k], got {tuple(x.shape)}")
     torch._check(x.dtype in (torch.bfloat16, torch.float16), lambda: f"x must be bf16/fp16, got {x.dtype}")
     if x.is_cuda and torch.cuda.is_available():  # tracing for a CUDA run: the real kernel must exist by then
@@ -23,7 +22,5 @@ def _tinygemm_4bit_fake(x, codes, scales, lut, n, group_size, int_codes, prefetc
     return x.new_empty(x.shape[0], n)
 
 
-def tinygemm_4bit(x, codes, scales, lut, n: int, group_size: int, int_codes: bool,
-                  prefetch: torch.Tensor | None = None) -> torch.Tensor:
-    """prefetch: bytes the kernel asks L2 to fetch (the next layer's weight); a hint, never read."""
-    return torch.ops.any4lib.tinygemm_4bit(x, codes, scales, lut, n, group_size, int_codes, prefetch)
+def tinygemm_4bit(x, codes, scales, lut, n: int, group_size: int, int_codes: bool) -> torch.Tensor:
+    return torch.ops.any4lib.tinygemm_4bit(x, codes, scales, lut, n, group_size, int_codes)
