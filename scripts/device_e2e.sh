@@ -3,7 +3,8 @@
 #   ANY4_GIT_COMMIT=<commit> scripts/device_e2e.sh [profile] [bench] [tests] [reduce-overhead] [-- extra bench arguments]
 # profile: where one decode step's time goes (any4lib/bench/profile.py), old layout (separate q/k/v, gate/up;
 # masked SDPA) against the new (fused; Triton split-K decode attention), b=1: results/e2e/profile/profile.{csv,txt}.
-# BENCH_OUT: another CSV for the bench step (a control). qhead: optional rows with lm_head quantized too. sdpa-control: the new layout with masked SDPA attention.
+# BENCH_OUT: another CSV for the bench step (a control). qhead: optional rows with lm_head quantized too.
+# sdpa-control: the new layout with masked SDPA attention.
 # With ANY4_RESTORE_CLEAN=1 (on the device only: it overwrites files), .carry/clean (files of a committed tree, laid
 # out as in the repository) is copied over the tree first, so that a run measures committed kernels even when the
 # working tree it was sent from holds someone's unfinished edits.
