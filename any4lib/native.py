@@ -15,6 +15,8 @@ import threading
 import warnings
 from pathlib import Path
 
+from .paths import cache_root
+
 SOURCE = Path(__file__).resolve().parent / "csrc" / "kmeans_cpu.cpp"
 FLAGS = ["-O3", "-fopenmp"]  # OpenMP: torch's parallel_for spreads the rows over its threads
 BACKENDS = ("auto", "native", "torch")
@@ -36,8 +38,7 @@ def _build():
     from torch.utils import cpp_extension
 
     digest = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, torch.__version__)).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("ANY4_CACHE", Path.home() / ".cache" / "any4lib"))
-    build_dir = cache / "kmeans_cpu" / digest
+    build_dir = cache_root() / "kmeans_cpu" / digest
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob("*.so")):
         print(f"any4lib: building the CPU k-means into {build_dir} (once)", flush=True)

@@ -12,6 +12,12 @@ from importlib import resources
 from pathlib import Path
 
 DATA_ENV = "ANY4_DATA"
+CACHE_ENV = "ANY4_CACHE"
+
+
+def cache_root() -> Path:
+    """Where JIT-built extensions are cached: `$ANY4_CACHE` if set, else ~/.cache/any4lib."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "any4lib"))
 
 
 def data_root() -> Path:

@@ -49,12 +49,17 @@ for name in ("transformers", "triton", "bitsandbytes", "gemlite"):
         print(name, "not importable:", type(err).__name__, err)
 EOF
 
+# The tinygemm JIT build on its own, so it stays out of the first method's warm-up time.
+build_kernels() {
+  timeout 300 python3 -c "from any4lib.kernels import load_kernels; load_kernels(); print('kernels loaded')" \
+    2>&1 | tee "$OUT/build.log"
+}
+
 for step in "${steps[@]}"; do
   start=$SECONDS
   case $step in
     profile)
-      timeout 300 python3 -c "from any4lib.kernels import load_kernels; load_kernels(); print('kernels loaded')" \
-        2>&1 | tee "$OUT/build.log"
+      build_kernels
       timeout "${PROFILE_LIMIT_S:-300}" python3 -m any4lib.bench.e2e --profile --model-config llama3-8b \
         --formats "${PROFILE_METHODS:-bf16,any4,int4}" --peers "" --batch "${PROFILE_BATCH:-1}" --prompt 512 --new 128 \
         --profile-variants "${PROFILE_VARIANTS:-separate+sdpa,fused+triton}" --profile-out results/e2e/profile/profile.csv \
@@ -62,9 +67,7 @@ for step in "${steps[@]}"; do
       rc=${PIPESTATUS[0]}
       cp results/e2e/profile/profile.csv results/e2e/profile/profile.txt "$OUT/" 2>/dev/null ;;
     bench)
-      # The tinygemm JIT build first, so it stays out of the first method's warm-up time.
-      timeout 300 python3 -c "from any4lib.kernels import load_kernels; load_kernels(); print('kernels loaded')" \
-        2>&1 | tee "$OUT/build.log"
+      build_kernels
       # Leaves room for the later steps; an unfinished run resumes from the CSV in the next call.
       timeout "${BENCH_LIMIT_S:-330}" python3 -m any4lib.bench.e2e --model-config llama3-8b \
         --formats "${BENCH_METHODS:-bf16,any4,int4,torch-int4,gemlite-int4,bnb-nf4,nf4,mxfp4}" \

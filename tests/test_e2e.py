@@ -26,10 +26,16 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def greedy_tokens(name: str, device="cpu", compile_mode="none", batch=2, prompt=12, new=6, dtype=torch.bfloat16):
+def greedy_tokens(name: str, device="cpu", compile_mode="none", batch=2, prompt=12, new=6, dtype=torch.bfloat16,
+                  **build):
+    """Greedy tokens of the tiny model of method `name`; `build`: build_model's fuse / attention."""
     # reuse_budget_s=0: later blocks copy the first one's anyN codes, which halves the k-means time here.
     model, _ = e2e.build_model(TINY, e2e.method(name, 128), device, seed=3, reuse_budget_s=0.0, dtype=dtype,
-                               progress=False)
+                               progress=False, **build)
+    return greedy_tokens_of(model, batch, prompt, new, compile_mode, device)
+
+
+def greedy_tokens_of(model, batch=2, prompt=12, new=6, compile_mode="none", device="cpu"):
     return e2e.time_generation(model, batch, prompt, new, compile_mode, device, seed=5)["tokens"]
 
 
@@ -96,10 +102,6 @@ def test_fused_quantized_layers_stack_the_separate_ones(name):
         assert torch.equal(f.mlp.gate_up_proj(x), torch.cat([s.mlp.gate_proj(x), s.mlp.up_proj(x)], -1))
     if name != "torch-int4":  # its CPU kernel blocks N, so stacking changes the float rounding order
         assert torch.equal(greedy_tokens_of(fused), greedy_tokens_of(separate))
-
-
-def greedy_tokens_of(model, batch=2, prompt=12, new=6):
-    return e2e.time_generation(model, batch, prompt, new, "none", "cpu", seed=5)["tokens"]
 
 
 @pytest.mark.parametrize("fmt", ["any4", "nf4", "int4", "mxfp4"])
@@ -365,9 +367,7 @@ def test_decode_attention_kernel_on_gpu(dtype):
 def test_triton_decode_attention_matches_sdpa_in_the_model_on_gpu():
     # float32: the kernel's ieee dots against SDPA's masked attention, same greedy tokens; and both layouts agree.
     def tokens(attention, fuse=True, mode="none"):
-        model, _ = e2e.build_model(TINY, e2e.method("bf16", 128), "cuda", seed=3, dtype=torch.float32,
-                                   progress=False, attention=attention, fuse=fuse)
-        return e2e.time_generation(model, 2, 12, 8, mode, "cuda", seed=5)["tokens"]
+        return greedy_tokens("bf16", "cuda", mode, new=8, dtype=torch.float32, attention=attention, fuse=fuse)
 
     expected = tokens("sdpa", fuse=False)
     assert torch.equal(tokens("triton"), expected)

@@ -158,13 +158,3 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
 def _(q, k, v, pos):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
-
-def available() -> bool:
-    """Whether the Triton kernel can run here (CUDA and Triton both present)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -106,6 +106,15 @@ def torch_int4_weight(q: QuantizedTensor, inner_k_tiles: int = 8):
     return packed, scale_zero
 
 
+def timing_row(n: int, k: int, m: int, method: str, us: float, weight_bytes: int, copy_bps: float) -> dict:
+    """A result row: the bytes one call moves (weight + x + y in bf16) and their rate, also as a share of copy."""
+    moved = weight_bytes + 2 * m * (k + n)
+    return {
+        "n": n, "k": k, "m": m, "method": method, "median_us": round(us, 2), "bytes": moved,
+        "gbps": round(moved / us / 1e3, 1), "fraction_of_copy": round(moved / (us * 1e-6) / copy_bps, 3),
+    }
+
+
 def bench_shape(n: int, k: int, copy_bps: float, rows=ROWS) -> list[dict]:
     results = []
     dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -135,11 +144,7 @@ def bench_shape(n: int, k: int, copy_bps: float, rows=ROWS) -> list[dict]:
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         for name, (weights, fn, nbytes) in methods.items():
             us = time_us(lambda i: fn(xs[i % len(xs)], weights[i % len(weights)]), CALLS_PER_GRAPH)
-            moved = nbytes + 2 * m * (k + n)
-            results.append({
-                "n": n, "k": k, "m": m, "method": name, "median_us": round(us, 2), "bytes": moved,
-                "gbps": round(moved / us / 1e3, 1), "fraction_of_copy": round(moved / (us * 1e-6) / copy_bps, 3),
-            })
+            results.append(timing_row(n, k, m, name, us, nbytes, copy_bps))
     for weights, _, _ in methods.values():
         weights.clear()
     torch.cuda.empty_cache()
@@ -183,14 +188,9 @@ def bench_variants(n: int, k: int, copy_bps: float, rows, variants: dict, format
                             os.environ.pop(key, None)
                         else:
                             os.environ[key] = value
-                moved = packed.nbytes() + 2 * m * (k + n)
-                results.append({
-                    "n": n, "k": k, "m": m, "method": f"ours_{fmt}", "variant": name, "median_us": round(us, 2),
-                    "bytes": moved, "gbps": round(moved / us / 1e3, 1),
-                    "fraction_of_copy": round(moved / (us * 1e-6) / copy_bps, 3), "rel_err": f"{err:.2e}",
-                    "ok": finite and err < 1e-2,
-                })
-                print(f"{n}x{k} m={m:>2} {fmt} {name:>10}: {us:8.2f} us  {100 * moved / (us * 1e-6) / copy_bps:5.1f}% "
+                row = timing_row(n, k, m, f"ours_{fmt}", us, packed.nbytes(), copy_bps)
+                results.append(row | {"variant": name, "rel_err": f"{err:.2e}", "ok": finite and err < 1e-2})
+                print(f"{n}x{k} m={m:>2} {fmt} {name:>10}: {us:8.2f} us  {100 * row['fraction_of_copy']:5.1f}% "
                       f"copy  err {err:.1e}{'' if results[-1]['ok'] else '  WRONG'}", flush=True)
         del weights, weight64
         torch.cuda.empty_cache()
@@ -234,27 +234,22 @@ def main(argv=None) -> None:
         "copy_tbps": round(copy_bps / 1e12, 3),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.variants:
-        path = args.out / f"kernels_variants_{provenance['device'].replace(' ', '_')}.csv"
-        rows = []
-        for n, k in shapes:
-            rows += bench_variants(n, k, copy_bps, rows_m, parse_variants(args.variants))
-            with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=[*rows[0], *provenance])
-                writer.writeheader()
-                writer.writerows({**r, **provenance} for r in rows)
-        print(f"wrote {path}")
-        return
-    path = args.out / f"kernels_{provenance['device'].replace(' ', '_')}.csv"
+    variants = parse_variants(args.variants) if args.variants else None
+    kind = "kernels_variants" if variants else "kernels"
+    path = args.out / f"{kind}_{provenance['device'].replace(' ', '_')}.csv"
     rows = []
     for n, k in shapes:
-        rows += bench_shape(n, k, copy_bps, rows_m)
+        if variants:
+            rows += bench_variants(n, k, copy_bps, rows_m, variants)
+        else:
+            rows += bench_shape(n, k, copy_bps, rows_m)
         with path.open("w", newline="") as f:  # rewritten after each shape: a cut-off run keeps what it measured
             writer = csv.DictWriter(f, fieldnames=[*rows[0], *provenance])
             writer.writeheader()
             writer.writerows({**r, **provenance} for r in rows)
         print(f"done {n}x{k}", flush=True)
-    print_table(rows)
+    if not variants:
+        print_table(rows)
     print(f"wrote {path}")
 
 

@@ -13,6 +13,8 @@ import sys
 import threading
 from pathlib import Path
 
+from ..paths import cache_root
+
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "tinygemm_src"
 CUDA_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 # Extra nvcc flags for tuning experiments (e.g. "-DTINYGEMM_UNROLL=2"); part of the cache key like the rest.
@@ -56,10 +58,6 @@ def cuda_flags() -> list[str]:
     return CUDA_FLAGS + os.environ.get(EXTRA_FLAGS_ENV, "").split()
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("ANY4_CACHE", Path.home() / ".cache" / "any4lib"))
-
-
 def check_toolchain() -> None:
     """Raise a RuntimeError saying what to install when the JIT build cannot run here."""
     import torch
@@ -92,7 +90,7 @@ def load_kernels() -> None:
 
         arch_list = target_arch_list()
         key = build_key(arch_list)
-        build_dir = cache_dir() / "tinygemm" / key
+        build_dir = cache_root() / "tinygemm" / key
         build_dir.mkdir(parents=True, exist_ok=True)
         name = f"any4lib_tinygemm_{key}"
         if not (build_dir / f"{name}.so").exists():
