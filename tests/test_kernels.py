@@ -52,13 +52,14 @@ def _fragment_values(word: int, lut_words: list[list[int]], int_codes: bool, dty
         magic = 0x43004300 if dtype == torch.bfloat16 else 0x64006400
         regs = [((word >> (4 * p)) & 0x000F000F) | magic for p in range(4)]
         return [[r & 0xFFFF, r >> 16] for r in regs]
-    # LUT codes: the kernel's pair tables hold (entry[c0], entry[c1]) at c0 | c1 << 4; entries from the byte planes.
+    # LUT codes: the kernel's pair tables hold (row g's entry[c0], row g+8's entry[c1]) at c0 | c1 << 4, entries
+    # from the byte planes; byte i of the word gives one such pair, and prmts regroup bytes (0, 1) and (2, 3) by row.
     entries = []
     for words in lut_words:
         planes = [(w >> (8 * i)) & 0xFF for w in words for i in range(4)]
         entries.append([planes[c] | planes[16 + c] << 8 for c in range(16)])
-    pair = lambda h, byte: [entries[h][byte & 15], entries[h][byte >> 4]]  # noqa: E731
-    return [pair(0, word & 0xFF), pair(1, (word >> 16) & 0xFF), pair(0, (word >> 8) & 0xFF), pair(1, word >> 24)]
+    pairs = [[entries[0][byte & 15], entries[1][byte >> 4]] for byte in ((word >> (8 * i)) & 0xFF for i in range(4))]
+    return [[pairs[2 * r][h], pairs[2 * r + 1][h]] for r in range(2) for h in range(2)]
 
 
 @pytest.mark.parametrize("group_size", [32, 128])

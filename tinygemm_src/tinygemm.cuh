@@ -16,8 +16,9 @@
 // to the fp32 partial sums once per group: acc += scale * sum(x * lut[c]) + zero * sum(x). sum(x) comes from a
 // second mma against a matrix of ones (shared by all tiles of the CTA). The per-weight work is only the table
 // lookup: for int4 a mask and an OR (the value is built under a float exponent), for LUT formats one shared-memory
-// load per pair of codes from a 256-entry table of value pairs that each CTA builds from its rows' 16-entry LUTs,
-// replicated kRepl times so lanes that would hit the same bank read different copies (bank conflicts, v4's limit).
+// load per pair of codes (rows g and g + 8 at one k) from a 256-entry table of value pairs that each CTA builds
+// from its rows' 16-entry LUTs, replicated kRepl times so lanes that would hit the same bank read different
+// copies (bank conflicts, v4's limit), and a prmt per register to pair the values along k as the mma wants.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -73,10 +74,9 @@ struct Smem {
   }
   __host__ __device__ static int scale_bytes(const Problem& p) { return groups_per_unit(p) * 32 * kZ; }
   __host__ __device__ static int stage_bytes(const Problem& p) { return kTiles * (1024 + scale_bytes(p)) + 256 * p.m; }
-  // Per tile: 256 pairs x 8 lane groups x kRepl copies for rows g and g + 8 (h = 0, 1), or one h when the matrix
-  // shares a LUT.
+  // Per tile: 256 pairs x 8 row pairs (g, g + 8) x kRepl copies; one such table when the matrix shares a LUT.
   __host__ __device__ static int table_bytes(const Problem& p) {
-    return kIntCodes ? 0 : (p.lut_per_row ? kTiles * 2 : 1) * 256 * 8 * kRepl * 4;
+    return kIntCodes ? 0 : (p.lut_per_row ? kTiles : 1) * 256 * 8 * kRepl * 4;
   }
   __host__ __device__ static int bytes(const Problem& p) {
     const int pipeline = table_bytes(p) + kWarps * kStages * stage_bytes(p);
@@ -115,11 +115,9 @@ __device__ __forceinline__ void copy_wait() {  // until at most kPending of this
 }
 
 // The A fragment (4 registers of 2 values: rows g, g+8, g, g+8; k pairs 0-1, 0-1, 2-3, 2-3) from one word of codes.
-// tab_g / tab_g8: this lane's copy of the pair tables of rows g and g + 8 (LUT codes only); consecutive pairs are
-// kStride words apart (8 lane groups x kRepl copies).
+// tab: this lane's copy of its row pair's table (LUT codes only); consecutive pairs are kStride words apart.
 template <typename T, bool kIntCodes, int kStride>
-__device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_t* tab_g, const uint32_t* tab_g8,
-                                                    uint32_t (&a)[4]) {
+__device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_t* tab, uint32_t (&a)[4]) {
   if constexpr (kIntCodes) {
     // Int layout: register p takes nibbles p and p + 4; OR-ing them under a float's exponent gives 128 + c exactly.
     // One lop3 per register ((w & mask) | magic; the compiler otherwise emits an AND and an OR).
@@ -130,70 +128,68 @@ __device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_
           : "r"(word >> (4 * p)), "n"(0x000F000F), "r"(Dtype<T>::kIntMagic));
     }
   } else {
-    // LUT layout: byte b of the word is the code pair of one register (rows g, g, g+8, g+8 for b = 0..3), so one
-    // shared-memory load of the pair table gives both values, already packed as the mma wants them.
-    // Byte offsets straight from the word: mask the byte in place, then one shift-and-add (LEA / LEA.HI) to the
-    // lane's table: 8 integer ops per word where word indices took 16 (mask, shift, add, and scale to bytes), in a
-    // loop bound by its integer ops and these shared-memory loads.
+    // LUT layout (v9): byte i of the word holds the codes of rows g (low nibble) and g + 8 (high nibble) at the
+    // i-th k of the lane, so one shared-memory load of the row pair's table gives (row g, row g + 8) at one k,
+    // and two prmts regroup two such loads into the mma's (row, k pair) registers. Tables of row pairs let the
+    // 4 lanes of a lane group (all on the same rows) read 4 copies in 32 KB: every lane its own bank.
+    // Byte offsets straight from the word: mask the byte in place, then one shift-and-add (LEA / LEA.HI).
     constexpr int kShift = kStride == 8 ? 5 : kStride == 16 ? 6 : 7;  // log2 of the bytes between pairs
-    const char* g_bytes = reinterpret_cast<const char*>(tab_g);
-    const char* g8_bytes = reinterpret_cast<const char*>(tab_g8);
+    const char* bytes = reinterpret_cast<const char*>(tab);
     // (byte 0 isolated with prmt: written as a mask, the compiler shifts first and then cannot fold the add)
-    a[0] = *reinterpret_cast<const uint32_t*>(g_bytes + (__byte_perm(word, 0u, 0x4440u) << kShift));
-    a[2] = *reinterpret_cast<const uint32_t*>(g_bytes + ((word & 0xFF00u) >> (8 - kShift)));
-    a[1] = *reinterpret_cast<const uint32_t*>(g8_bytes + ((word & 0xFF0000u) >> (16 - kShift)));
-    a[3] = *reinterpret_cast<const uint32_t*>(g8_bytes + ((word & 0xFF000000u) >> (24 - kShift)));
+    const uint32_t k0 = *reinterpret_cast<const uint32_t*>(bytes + (__byte_perm(word, 0u, 0x4440u) << kShift));
+    const uint32_t k1 = *reinterpret_cast<const uint32_t*>(bytes + ((word & 0xFF00u) >> (8 - kShift)));
+    const uint32_t k2 = *reinterpret_cast<const uint32_t*>(bytes + ((word & 0xFF0000u) >> (16 - kShift)));
+    const uint32_t k3 = *reinterpret_cast<const uint32_t*>(bytes + ((word & 0xFF000000u) >> (24 - kShift)));
+    a[0] = __byte_perm(k0, k1, 0x5410), a[1] = __byte_perm(k0, k1, 0x7632);  // row g / row g + 8, k 0-1
+    a[2] = __byte_perm(k2, k3, 0x5410), a[3] = __byte_perm(k2, k3, 0x7632);  // the same at k 2-3
   }
 }
 
-// Pair tables: word ((h * 256 + pair) * 8 + g) * kRepl + r of tile tt holds (lut[c0], lut[c1]) of row g + 8 h for
-// pair = c0 | c1 << 4. Lane (g, t) reads copy r = t % kRepl, so its bank is (8 pair + g) * kRepl + r mod 32:
-// kRepl = 4 gives every lane its own bank (no conflicts), 2 leaves lanes t and t + 2 sharing one, 1 lets the 4
-// lanes of a lane group collide (v4 put all 8 groups in the same banks: ~3.5-way conflicts on random codes).
+// Pair tables (v9): word ((tt * 256 + pair) * 8 + g) * kRepl + r holds (lut_g[c0], lut_g8[c1]), the entries of rows
+// g and g + 8 of tile tt, for pair = c0 | c1 << 4. Lane (g, t) reads copy r = t % kRepl, so its bank is
+// (8 pair + g) * kRepl + r mod 32: kRepl = 4 gives every lane its own bank (no conflicts) in 32 KB a tile, 2 leaves
+// lanes t and t + 2 sharing one (~2 wavefronts a load), 1 lets the 4 lanes of a group collide. Until v8 a table
+// paired two k of one row, so a tile needed 16 row tables and 4 copies took 64 KB (fewer CTAs per SM; v6a).
 //
-// Thread item i = (half, c0, g) (half = 2 tt + h) writes the 16 words of c1 = 0..15 of its row: one prmt and one
-// store each, at fixed offsets, from the row's 32 LUT bytes in registers. Until v7 the entries were staged through
-// shared memory as 16-bit values and each word took two dependent shared loads and ~12 instructions: most of the
-// any4 - nf4 gap at 28672 x 4096, which builds 1792 tables (4.7 us before, 2.7 after). The 32 lanes of a warp cover
-// 8 groups x 4 values of c0, so each store wavefront touches every bank once. A thread has up to kItems items
-// (4 in a two-tile CTA of 4 warps); v8 sends all their LUT loads out before the first store, one global latency
-// instead of one per item (v7): any4 at m = 16 on 28672 x 8192 92.5 -> 81.8 us, on 28672 x 4096 54.2 -> 46.7.
+// Thread item i = (tt, c0, g) writes the 16 words of c1 = 0..15: one prmt and one store (all copies) each, at fixed
+// offsets, from lut_g[c0] and row g + 8's 32 LUT bytes in registers. The 32 lanes of a warp cover 8 groups x 4
+// values of c0, so each store covers contiguous words. A thread has up to kItems items and sends all their LUT
+// loads out before the first store (v8: one global latency instead of one per item).
 template <int kRepl, int kItems>
-__device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_row, int rows, uint32_t* tables,
-                                                  int threads) {
-  const int items = (rows == 1 ? 1 : rows / 8) * 128;  // (tile, h) pairs x 16 c0 x 8 g; a shared LUT has one pair
-  uint4 lo[kItems] = {}, hi[kItems] = {};  // byte c of lo / hi: low / high byte of entry c
+__device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_row, int tiles, bool shared_lut,
+                                                  uint32_t* tables, int threads) {
+  const int items = (shared_lut ? 1 : tiles) * 128;  // tiles x 16 c0 x 8 g; a shared LUT has one table
+  const uint32_t* lut_words = reinterpret_cast<const uint32_t*>(lut);
+  uint4 lo[kItems] = {}, hi[kItems] = {};  // byte c of lo / hi: low / high byte of row g + 8's entry c
+  uint32_t lo_c0[kItems] = {}, hi_c0[kItems] = {};  // the word of row g's low / high bytes that holds entry c0
 #pragma unroll
   for (int j = 0; j < kItems; ++j) {
     const int i = threadIdx.x + j * threads;
     if (i < items) {
-      const int row = first_row + (rows == 1 ? 0 : (i >> 7) * 8 + (i & 7));
-      lo[j] = lut[2 * row], hi[j] = lut[2 * row + 1];
+      const int row = shared_lut ? 0 : first_row + (i >> 7) * 16 + (i & 7), row8 = shared_lut ? 0 : row + 8;
+      const int q = (i >> 5) & 3;  // c0 / 4
+      lo[j] = lut[2 * row8], hi[j] = lut[2 * row8 + 1];
+      lo_c0[j] = lut_words[8 * row + q], hi_c0[j] = lut_words[8 * row + 4 + q];
     }
   }
 #pragma unroll
   for (int j = 0; j < kItems; ++j) {
     const int i = threadIdx.x + j * threads;
     if (i >= items) break;
-    const int g = i & 7, c0 = (i >> 3) & 15, half = i >> 7;
+    const int g = i & 7, c0 = (i >> 3) & 15, tt = i >> 7, b = c0 & 3;
+    const uint32_t entry_c0 = __byte_perm(lo_c0[j], hi_c0[j], b | (b + 4) << 4);
     const uint32_t lo_words[4] = {lo[j].x, lo[j].y, lo[j].z, lo[j].w};
     const uint32_t hi_words[4] = {hi[j].x, hi[j].y, hi[j].z, hi[j].w};
-    // Entry c0 from the words of its bytes (selects, not an indexed array: that would go to local memory).
-    const int q = c0 >> 2, b = c0 & 3;
-    const uint32_t lo_c0 = q == 0 ? lo[j].x : q == 1 ? lo[j].y : q == 2 ? lo[j].z : lo[j].w;
-    const uint32_t hi_c0 = q == 0 ? hi[j].x : q == 1 ? hi[j].y : q == 2 ? hi[j].z : hi[j].w;
-    const uint32_t entry_c0 = __byte_perm(lo_c0, hi_c0, b | (b + 4) << 4);
-    // Entries 2j and 2j + 1 as the halves of entries[j].
-    uint32_t entries[8];
+    uint32_t entries[8];  // row g + 8's entries 2w and 2w + 1 as the halves of entries[w]
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       entries[2 * w] = __byte_perm(lo_words[w], hi_words[w], 0x5140);
       entries[2 * w + 1] = __byte_perm(lo_words[w], hi_words[w], 0x7362);
     }
-    uint32_t* at = tables + static_cast<size_t>((half * 256 + c0) * 8 + g) * kRepl;
+    uint32_t* at = tables + static_cast<size_t>((tt * 256 + c0) * 8 + g) * kRepl;
 #pragma unroll
     for (int c1 = 0; c1 < 16; ++c1) {
-      const uint32_t v = __byte_perm(entry_c0, entries[c1 / 2], c1 % 2 ? 0x7610 : 0x5410);  // (lut[c0], lut[c1])
+      const uint32_t v = __byte_perm(entry_c0, entries[c1 / 2], c1 % 2 ? 0x7610 : 0x5410);  // (lut_g[c0], lut_g8[c1])
       uint32_t* word = at + c1 * 16 * 8 * kRepl;  // pair c0 + 16 c1
       if constexpr (kRepl == 4) {
         *reinterpret_cast<uint4*>(word) = make_uint4(v, v, v, v);  // one 16-byte store for the 4 copies
@@ -293,17 +289,14 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
 #pragma unroll 1
   for (int i = 0; i < kStages - 1; ++i) issue(i);  // the first units stream in while the tables are built
 
-  const uint32_t* tab_g = nullptr;
-  const uint32_t* tab_g8 = nullptr;
+  const uint32_t* tab = nullptr;
   if constexpr (!kIntCodes) {
     uint32_t* tables = reinterpret_cast<uint32_t*>(smem);
-    constexpr int kBuildItems = (kTiles * 256 + kWarps * 32 - 1) / (kWarps * 32);  // table items per thread
-    build_pair_tables<kRepl, kBuildItems>(p.lut, p.lut_per_row ? tile0 * 16 : 0, p.lut_per_row ? kTiles * 16 : 1,
-                                          tables, kWarps * 32);
-    tab_g = tables + g * kRepl + t % kRepl;
-    tab_g8 = tab_g + (p.lut_per_row ? 256 * kStride : 0);
+    constexpr int kBuildItems = (kTiles * 128 + kWarps * 32 - 1) / (kWarps * 32);  // table items per thread
+    build_pair_tables<kRepl, kBuildItems>(p.lut, tile0 * 16, kTiles, !p.lut_per_row, tables, kWarps * 32);
+    tab = tables + g * kRepl + t % kRepl;
   }
-  const int tile_words = p.lut_per_row ? 2 * 256 * kStride : 0;  // table words between tiles of the CTA
+  const int tile_words = p.lut_per_row ? 256 * kStride : 0;  // table words between tiles of the CTA
 
   // Byte offsets of this lane's x fragment reads inside a row's 128-byte half (see the swizzle above); rows >= m
   // are never copied and read as zero.
@@ -351,7 +344,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
         for (int tt = 0; tt < kTiles; ++tt) {
           const uint32_t words[4] = {w[tt].x, w[tt].y, w[tt].z, w[tt].w};
           uint32_t a[4];
-          dequantize_fragment<T, kIntCodes, kStride>(words[j], tab_g + tt * tile_words, tab_g8 + tt * tile_words, a);
+          dequantize_fragment<T, kIntCodes, kStride>(words[j], tab + tt * tile_words, a);
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) D::mma(part[tt][mt], a, xv[mt].x, xv[mt].y);
         }

@@ -16,7 +16,7 @@ struct Config {
   int stages;      // int codes: ring slots (units of k = 128) per warp at m <= 8, 2 or 4 (at m > 8, where a slot
                    // holds twice the x: half of it, at least 2)
   int lut_stages;  // the same for LUT formats, whose tables share the shared memory
-  int repl;        // copies of the pair tables when a CTA has one tile (1, 2 or 4; 1 with two tiles)
+  int repl;        // copies of the pair tables when a CTA has one tile (1, 2 or 4); two tiles take half as many
   int tiles16;     // at m > 8: 1 tile per CTA; 2: two tiles (each x fragment serves both, half the x traffic)
                    // when that leaves >= 1 CTA per SM; 3: two tiles when it leaves >= 1 CTA per 2 SMs
   int warps;       // warps per CTA for int codes: 0 picks by CTA count, 4 or 8 forces it
@@ -24,10 +24,11 @@ struct Config {
 };
 
 // The measured best on the H100 (docs/KERNELS.md, v6; results/kernels/kernels_v6_variants*.csv): 4 slots for int
-// codes (2 lost 3-7%); 2 slots and 2 table copies for LUT formats (4 copies = 64 KB of tables left 2 CTAs per SM:
-// any4 88 us at 28672 x 8192, m = 1, vs 64 with 2 slots x 2 copies); two tiles per CTA at m > 8 (one: int4 82 vs
-// 52 us at 28672 x 8192, m = 16), also when that leaves 128 CTAs for 132 SMs (4096 x 14336: 18 vs 23 us).
-constexpr Config kChosen{4, 2, 2, 3, 0, 0};
+// codes (2 lost 3-7%); 2 slots and 32 KB of pair tables for LUT formats (64 KB left 2 CTAs per SM: any4 88 us at
+// 28672 x 8192, m = 1, vs 64 with 32 KB), which since v9's row-pair tables is 4 copies (conflict-free); two tiles
+// per CTA at m > 8 (one: int4 82 vs 52 us at 28672 x 8192, m = 16), also when that leaves 128 CTAs for 132 SMs
+// (4096 x 14336: 18 vs 23 us).
+constexpr Config kChosen{4, 2, 4, 3, 0, 0};
 
 #ifdef TINYGEMM_TUNING
 #define TG_IF if
@@ -67,9 +68,15 @@ static cudaError_t run(const Problem& p, cudaStream_t stream) {
 
 template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages>
 static cudaError_t for_repl(const Problem& p, cudaStream_t stream) {
-  // Int codes have no tables; two tiles keep one copy (2 x 16 KB) so the x-heavy rings still fit.
-  if constexpr (kIntCodes || kTiles > 1) {
+  // Int codes have no tables; two tiles take half the copies (the same 32 KB at 4) so the x-heavy rings still fit.
+  if constexpr (kIntCodes) {
     return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 1>(p, stream);
+  } else if constexpr (kTiles > 1) {
+    TG_IF (config().repl == 4) {
+      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 2>(p, stream);
+    } else {
+      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 1>(p, stream);
+    }
   } else {
     TG_IF (config().repl == 4) {
       return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 4>(p, stream);

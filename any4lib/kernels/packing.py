@@ -15,11 +15,11 @@ GROUP_SIZES = (32, 64, 128, 256)
 
 # Nibble position of the value (h, i) (row g + 8 h, i-th of the 4 k) inside a word, per dequantization path.
 # Int codes: register p of the fragment holds nibbles p and p + 4 (rows g, g+8, g, g+8 for p = 0..3).
-# LUT codes: row g's four codes in nibbles 0-3, row g+8's in 4-7, so each byte is the code pair of one fragment
-# register and indexes the kernel's 256-entry table of value pairs.
+# LUT codes: byte i holds the i-th k of row g (low nibble) and of row g+8 (high nibble), so each byte indexes the
+# kernel's 256-entry table of (row g, row g+8) value pairs (tables of row pairs: conflict-free in 32 KB).
 _NIBBLE = {
     True: torch.tensor([0, 4, 2, 6, 1, 5, 3, 7]),
-    False: torch.arange(8),
+    False: torch.tensor([0, 2, 4, 6, 1, 3, 5, 7]),
 }
 
 
