@@ -107,11 +107,6 @@ __device__ __forceinline__ void copy16_stream(uint32_t dst, const void* src, boo
                : "memory");
 }
 
-// Asks L2 for the line holding src, which this lane will copy a few units later, so that more of the weight is in
-// flight than the ring's slots hold. A hint: never read, never waited for. (A bulk prefetch by one lane takes
-// uniform registers: its waterfall loop cost any4's kernel 24 registers, one CTA per SM.)
-__device__ __forceinline__ void prefetch_l2(const void* src) { asm volatile("prefetch.global.L2 [%0];" ::"l"(src)); }
-
 __device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 
 template <int kPending>
@@ -261,10 +256,6 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   int next_group = first_group + scale_group;
   const T* next_x = x + x_src + warp * kUnitK;
   int next_x_k = warp * kUnitK + x_k;
-  // LUT formats only: int codes keep all their loads in the ring (4 slots), and the prefetch's registers would cost
-  // them a CTA per SM.
-  const int ahead_units = kIntCodes ? 0 : p.prefetch_units;
-  const int ahead_chunks = 2 * kWarps * ahead_units, ahead_groups = group_step * ahead_units;
   auto issue = [&](int i) {
     if (i < n_mine) {
       const uint32_t slot = ring_at + (static_cast<unsigned>(i) % kStages) * stage_bytes;
@@ -274,16 +265,11 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
         const uint4* src = next_codes + static_cast<size_t>(tt) * p.k_chunks * 32;
         copy16_stream(slot + tt * 1024 + lane * 16, src, true, policy);
         copy16_stream(slot + tt * 1024 + 512 + lane * 16, second ? src + 32 : src, second, policy);
-        if (ahead_chunks) {  // the same 16 bytes p.prefetch_units units later, if they exist (512 B a warp)
-          if (next_chunk + ahead_chunks < p.k_chunks) prefetch_l2(src + ahead_chunks * 32);
-          if (next_chunk + ahead_chunks + 1 < p.k_chunks) prefetch_l2(src + (ahead_chunks + 1) * 32);
-        }
       }
       if (scale_lane) {
         const bool ok = next_group < p.groups;
         // A zero-fill still names a valid address (the CTA's first scales), though it reads nothing.
         copy16(slot + scale_dst, ok ? next_scales : scales, ok);
-        if (ahead_chunks && next_group + ahead_groups < p.groups) prefetch_l2(next_scales + ahead_groups * 32 * kZ);
       }
       const bool ok = next_x_k < p.k;  // k is a multiple of 32: a piece is all in or all out
 #pragma unroll

@@ -19,8 +19,6 @@ struct Problem {
   int lut_per_row;     // 1: a table per weight row; 0: one table for the whole matrix
   int m, n, k, n_tiles, k_chunks, groups, group_shift;  // group_size == 1 << group_shift
   int sm_count;        // multiprocessors of the device: picks the warps per tile
-  int prefetch_units;  // set by launch(), LUT formats: each warp asks L2 for its codes and scales this many units
-                       // of k ahead of its copies (0: off)
 };
 
 // Launches the variant the problem needs; returns the launch's error. Defined in tinygemm_kernels.cu.

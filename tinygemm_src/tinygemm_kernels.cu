@@ -3,8 +3,8 @@
 //
 // Tuning: built with -DTINYGEMM_TUNING (ANY4_TINYGEMM_CUDA_FLAGS), every variant below is compiled and the
 // environment picks one at each launch (TINYGEMM_STAGES, TINYGEMM_LUT_STAGES, TINYGEMM_REPL, TINYGEMM_TILES16,
-// TINYGEMM_WARPS, TINYGEMM_LUT_WARPS, TINYGEMM_LUT_PREFETCH; see Config). The normal build compiles only the
-// measured best (kChosen), so the tests cover what ships.
+// TINYGEMM_WARPS, TINYGEMM_LUT_WARPS; see Config). The normal build compiles only the measured best (kChosen),
+// so the tests cover what ships.
 #include <atomic>
 #include <cstdlib>
 
@@ -21,7 +21,6 @@ struct Config {
                    // when that leaves >= 1 CTA per SM; 3: two tiles when it leaves >= 1 CTA per 2 SMs
   int warps;       // warps per CTA for int codes: 0 picks by CTA count, 4 or 8 forces it
   int lut_warps;   // the same for LUT formats
-  int lut_prefetch;  // LUT formats: units of k ahead of its copies that each warp asks L2 for (0: none)
 };
 
 // The measured best on the H100 (docs/KERNELS.md, v6; results/kernels/kernels_v6_variants*.csv): 4 slots for int
@@ -29,7 +28,7 @@ struct Config {
 // 28672 x 8192, m = 1, vs 64 with 32 KB), which since v9's row-pair tables is 4 copies (conflict-free); two tiles
 // per CTA at m > 8 (one: int4 82 vs 52 us at 28672 x 8192, m = 16), also when that leaves 128 CTAs for 132 SMs
 // (4096 x 14336: 18 vs 23 us).
-constexpr Config kChosen{4, 2, 4, 3, 0, 0, 0};
+constexpr Config kChosen{4, 2, 4, 3, 0, 0};
 
 #ifdef TINYGEMM_TUNING
 #define TG_IF if
@@ -40,8 +39,7 @@ static int env_or(const char* name, int fallback) {
 static Config config() {  // read at every launch: a benchmark switches variants between CUDA-graph captures
   return {env_or("TINYGEMM_STAGES", kChosen.stages),   env_or("TINYGEMM_LUT_STAGES", kChosen.lut_stages),
           env_or("TINYGEMM_REPL", kChosen.repl),       env_or("TINYGEMM_TILES16", kChosen.tiles16),
-          env_or("TINYGEMM_WARPS", kChosen.warps),     env_or("TINYGEMM_LUT_WARPS", kChosen.lut_warps),
-          env_or("TINYGEMM_LUT_PREFETCH", kChosen.lut_prefetch)};
+          env_or("TINYGEMM_WARPS", kChosen.warps),     env_or("TINYGEMM_LUT_WARPS", kChosen.lut_warps)};
 }
 #else
 #define TG_IF if constexpr  // only the chosen variant is instantiated
@@ -130,10 +128,8 @@ static cudaError_t for_dtype(const Problem& p, bool int_codes, bool has_zero, cu
   return for_rows<T, false, false>(p, stream);
 }
 
-cudaError_t launch(const Problem& problem, bool bf16, bool int_codes, bool has_zero, cudaStream_t stream) {
-  if (problem.m < 1 || problem.m > 16 || (int_codes && !has_zero)) return cudaErrorInvalidValue;
-  Problem p = problem;
-  p.prefetch_units = int_codes ? 0 : config().lut_prefetch;
+cudaError_t launch(const Problem& p, bool bf16, bool int_codes, bool has_zero, cudaStream_t stream) {
+  if (p.m < 1 || p.m > 16 || (int_codes && !has_zero)) return cudaErrorInvalidValue;
   return bf16 ? for_dtype<__nv_bfloat16>(p, int_codes, has_zero, stream)
               : for_dtype<__half>(p, int_codes, has_zero, stream);
 }
