@@ -104,6 +104,49 @@ def test_packed_layout_as_the_kernel_reads_it(fmt, group_size):
     assert torch.equal(rebuilt[:n, :k], expected)
 
 
+def _byte_perm(a: int, b: int, selector: int) -> int:
+    """CUDA's __byte_perm: byte i of the result is byte (selector >> 4 i) & 7 of the 8 bytes of (b << 32 | a)."""
+    source = (b << 32) | a
+    return sum(((source >> (8 * ((selector >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_paired_rows_fragments_multiply_as_the_kernel_reads_them(m):
+    """The kernel's kPairedRows path (LUT codes, m <= 2) on one 16 x 16 tile, as the PTX mma fragment maps place its
+    registers: A registers are the (row g, row g + 8) value pairs at the lane's k_i as the pair tables give them,
+    B spreads x with the kernel's selectors, and accumulators 0 + 3 of lane (g, t) must be row g + 8 (t & 1) of
+    W times x row t // 2 (and the ones-mma's 0 + 1 the sum of that x row), against a float64 product."""
+    gen = torch.Generator().manual_seed(m)
+    w = torch.randn(16, 16, generator=gen).to(torch.bfloat16)
+    x = torch.randn(m, 16, generator=gen).to(torch.bfloat16)
+    bits = lambda v: int(v.view(torch.int16).item()) & 0xFFFF  # noqa: E731
+    value = lambda b: torch.tensor([b]).to(torch.int16).view(torch.bfloat16).double().item()  # noqa: E731
+    a_matrix = torch.zeros(16, 16, dtype=torch.float64)
+    b_matrix = torch.zeros(16, 8, dtype=torch.float64)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for i in range(4):  # A register i: (W[g][k_i], W[g + 8][k_i]), k_i = 4 t + i; PTX: row g + 8 (i & 1),
+            pair = (bits(w[g, 4 * t + i]), bits(w[g + 8, 4 * t + i]))  # k-slots 2 t + 8 (i >> 1) + e
+            for e in range(2):
+                a_matrix[g + 8 * (i & 1), 2 * t + 8 * (i >> 1) + e] = value(pair[e])
+        x_row = g >> 2
+        xv = [0, 0] if x_row >= m else [bits(x[x_row, 4 * t + 2 * r]) | bits(x[x_row, 4 * t + 2 * r + 1]) << 16
+                                        for r in range(2)]
+        select = (0x3244 if g & 1 else 0x1044) if g & 2 else (0x4432 if g & 1 else 0x4410)
+        for r in range(2):  # B register r: k-slots 2 t + 8 r + e of column g
+            reg = _byte_perm(xv[r], 0, select)
+            for e in range(2):
+                b_matrix[2 * t + 8 * r + e, g] = value((reg >> (16 * e)) & 0xFFFF)
+    d = a_matrix @ b_matrix
+    sums = torch.ones(16, 16, dtype=torch.float64) @ b_matrix
+    exact = w.double() @ x.double().T  # [16 rows, m]
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        if t // 2 < m:
+            assert d[g, 2 * t] + d[g + 8, 2 * t + 1] == pytest.approx(exact[g + 8 * (t & 1), t // 2].item(), abs=1e-9)
+            assert sums[g, 2 * t] + sums[g, 2 * t + 1] == pytest.approx(x[t // 2].double().sum().item(), abs=1e-9)
+
+
 @pytest.mark.parametrize("fmt", ["int4", "any4", "mxfp4"])
 def test_reference_matches_float64(fmt):
     q = _quantized(fmt, 64, n=48, k=256)

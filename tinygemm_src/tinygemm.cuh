@@ -116,7 +116,9 @@ __device__ __forceinline__ void copy_wait() {  // until at most kPending of this
 
 // The A fragment (4 registers of 2 values: rows g, g+8, g, g+8; k pairs 0-1, 0-1, 2-3, 2-3) from one word of codes.
 // tab: this lane's copy of its row pair's table (LUT codes only); consecutive pairs are kStride words apart.
-template <typename T, bool kIntCodes, int kStride>
+// kPairedRows (LUT codes, m <= 2): register i is the table value pair (row g, row g + 8) at k i as it is; the B
+// fragment then spreads x so that the products of rows g and g + 8 land in different columns (see the kernel).
+template <typename T, bool kIntCodes, bool kPairedRows, int kStride>
 __device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_t* tab, uint32_t (&a)[4]) {
   if constexpr (kIntCodes) {
     // Int layout: register p takes nibbles p and p + 4; OR-ing them under a float's exponent gives 128 + c exactly.
@@ -140,8 +142,12 @@ __device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_
     const uint32_t k1 = *reinterpret_cast<const uint32_t*>(bytes + ((word & 0xFF00u) >> (8 - kShift)));
     const uint32_t k2 = *reinterpret_cast<const uint32_t*>(bytes + ((word & 0xFF0000u) >> (16 - kShift)));
     const uint32_t k3 = *reinterpret_cast<const uint32_t*>(bytes + ((word & 0xFF000000u) >> (24 - kShift)));
-    a[0] = __byte_perm(k0, k1, 0x5410), a[1] = __byte_perm(k0, k1, 0x7632);  // row g / row g + 8, k 0-1
-    a[2] = __byte_perm(k2, k3, 0x5410), a[3] = __byte_perm(k2, k3, 0x7632);  // the same at k 2-3
+    if constexpr (kPairedRows) {
+      a[0] = k0, a[1] = k1, a[2] = k2, a[3] = k3;
+    } else {
+      a[0] = __byte_perm(k0, k1, 0x5410), a[1] = __byte_perm(k0, k1, 0x7632);  // row g / row g + 8, k 0-1
+      a[2] = __byte_perm(k2, k3, 0x5410), a[3] = __byte_perm(k2, k3, 0x7632);  // the same at k 2-3
+    }
   }
 }
 
@@ -203,7 +209,13 @@ __device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_ro
   __syncthreads();
 }
 
-template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages, int kRepl>
+// kPairedRows (LUT codes, m <= 2, one m-tile and one tile): the A registers are the table lookups as they come,
+// (W[g][k_i], W[g + 8][k_i]) for the lane's k_i, i = 0..3, which saves the two prmts per register pair that
+// regroup them by row. B column c (lane group c) then carries x row c / 4 at k_1, k_3 (c odd) or k_0, k_2 in the
+// odd (c & 2) or even k-slots, zeros elsewhere, so D[g][c] + D[g + 8][c + 1] (c = 0, 2, 4, 6) is the product of
+// row g + 8 (c & 2) / 2 with x row c / 4: lane (g, t) holds it in accumulators 0 and 3.
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRows, int kTiles, int kWarps,
+          int kStages, int kRepl>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(const Problem p) {
   using D = Dtype<T>;
   using S = Smem<kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl>;
@@ -300,12 +312,15 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
 
   // Byte offsets of this lane's x fragment reads inside a row's 128-byte half (see the swizzle above); rows >= m
   // are never copied and read as zero.
+  const int x_row = kPairedRows ? g >> 2 : g;  // the x row of this lane's B column
   int x_at[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) x_at[j] = g * 256 + (((2 * j + (t >> 1)) ^ ((g & 3) << 1)) << 4) + 8 * (t & 1);
+  for (int j = 0; j < 4; ++j) x_at[j] = x_row * 256 + (((2 * j + (t >> 1)) ^ ((x_row & 3) << 1)) << 4) + 8 * (t & 1);
   bool row_ok[kMTiles];
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) row_ok[mt] = mt * 8 + g < p.m;
+  for (int mt = 0; mt < kMTiles; ++mt) row_ok[mt] = mt * 8 + x_row < p.m;
+  // kPairedRows: x at k_0, k_2 (g even) or k_1, k_3 (g odd), moved to the high half (g & 2) or the low one.
+  const uint32_t x_select = g & 2 ? (g & 1 ? 0x3244u : 0x1044u) : (g & 1 ? 0x4432u : 0x4410u);
   // Scales apply at the end of each group inside the unit: after k-tile jj when (jj + 1) % (group / 16) == 0
   // (g32: 1, 3, 5, 7; g64: 3, 7; g >= 128: 7, where g256 applies its half group).
   const int group_tiles_log2 = p.group_shift - 4;
@@ -335,6 +350,9 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
           xv[mt] = row_ok[mt] ? *reinterpret_cast<const uint2*>(xs + mt * 2048 + h * 128 + x_at[j]) : make_uint2(0, 0);
+          if constexpr (kPairedRows) {
+            xv[mt] = make_uint2(__byte_perm(xv[mt].x, 0, x_select), __byte_perm(xv[mt].y, 0, x_select));
+          }
           if constexpr (kHasZero) {
             const uint32_t ones[4] = {D::kOnes, D::kOnes, D::kOnes, D::kOnes};
             D::mma(xsum[mt], ones, xv[mt].x, xv[mt].y);
@@ -344,7 +362,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
         for (int tt = 0; tt < kTiles; ++tt) {
           const uint32_t words[4] = {w[tt].x, w[tt].y, w[tt].z, w[tt].w};
           uint32_t a[4];
-          dequantize_fragment<T, kIntCodes, kStride>(words[j], tab + tt * tile_words, a);
+          dequantize_fragment<T, kIntCodes, kPairedRows, kStride>(words[j], tab + tt * tile_words, a);
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) D::mma(part[tt][mt], a, xv[mt].x, xv[mt].y);
         }
@@ -354,6 +372,16 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
           for (int tt = 0; tt < kTiles; ++tt) {
             // Rows g and g + 8 of this group: (scale, zero) pairs, or scales alone.
             const uint8_t* at = unit_scales + tt * scale_bytes + s * 32 * kZ;
+            if constexpr (kPairedRows) {  // the lane's row g + 8 (t & 1): its product and sum(x) are two columns
+              const uint8_t* mine = at + (t & 1) * 2 * kZ;
+              const uint32_t v = kHasZero ? *reinterpret_cast<const uint32_t*>(mine)
+                                          : *reinterpret_cast<const uint16_t*>(mine);
+              acc[tt][0][0] += D::to_float(v & 0xFFFFu) * (part[tt][0][0] + part[tt][0][3]);
+              if constexpr (kHasZero) acc[tt][0][0] += D::to_float(v >> 16) * (xsum[0][0] + xsum[0][1]);
+#pragma unroll
+              for (int e = 0; e < 4; ++e) part[tt][0][e] = 0.f;
+              continue;
+            }
             float scale[2], zero[2] = {0.f, 0.f};
             if constexpr (kHasZero) {
               const uint2 v = *reinterpret_cast<const uint2*>(at);
@@ -405,8 +433,11 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
     float sum = 0.f;
 #pragma unroll
     for (int v = 0; v < kWarps; ++v) sum += partial[v * kOut * 32 + i];
-    const int row = (tile0 + tt) * 16 + (l >> 2) + 8 * (e >> 1);
-    const int col = mt * 8 + 2 * (l & 3) + (e & 1);
+    int row = (tile0 + tt) * 16 + (l >> 2) + 8 * (e >> 1), col = mt * 8 + 2 * (l & 3) + (e & 1);
+    if constexpr (kPairedRows) {  // only accumulator 0 is used: row g + 8 (t & 1), x row t / 2
+      if (e != 0) continue;
+      row = (tile0 + tt) * 16 + (l >> 2) + 8 * (l & 1), col = (l & 3) >> 1;
+    }
     if (row < p.n && col < p.m) y[static_cast<size_t>(col) * p.n + row] = D::from_float(sum);
   }
 }

@@ -46,10 +46,11 @@ static Config config() {  // read at every launch: a benchmark switches variants
 static constexpr Config config() { return kChosen; }
 #endif
 
-template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages, int kRepl>
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRows, int kTiles, int kWarps,
+          int kStages, int kRepl>
 static cudaError_t run(const Problem& p, cudaStream_t stream) {
   using S = Smem<kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl>;
-  auto* kernel = tinygemm_kernel<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl>;
+  auto* kernel = tinygemm_kernel<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, kRepl>;
   // Opt in to more than 48 KB of shared memory (static + dynamic) once per device, for the variant's largest need.
   static std::atomic<uint64_t> raised{0};
   int device = 0;
@@ -66,58 +67,65 @@ static cudaError_t run(const Problem& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages>
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRows, int kTiles, int kWarps,
+          int kStages>
 static cudaError_t for_repl(const Problem& p, cudaStream_t stream) {
   // Int codes have no tables; two tiles take half the copies (the same 32 KB at 4) so the x-heavy rings still fit.
   if constexpr (kIntCodes) {
-    return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 1>(p, stream);
+    return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 1>(p, stream);
   } else if constexpr (kTiles > 1) {
     TG_IF (config().repl == 4) {
-      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 2>(p, stream);
+      return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 2>(p, stream);
     } else {
-      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 1>(p, stream);
+      return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 1>(p, stream);
     }
   } else {
     TG_IF (config().repl == 4) {
-      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 4>(p, stream);
+      return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 4>(p, stream);
     } else TG_IF (config().repl == 2) {
-      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 2>(p, stream);
+      return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 2>(p, stream);
     } else {
-      return run<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, 1>(p, stream);
+      return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 1>(p, stream);
     }
   }
 }
 
-template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps>
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRows, int kTiles, int kWarps>
 static cudaError_t for_stages(const Problem& p, cudaStream_t stream) {
   // At m > 8 a slot carries 16 rows of x (4 KB): fewer slots keep the shared memory per CTA in bounds.
   TG_IF ((kIntCodes ? config().stages : config().lut_stages) == 4) {
-    return for_repl<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, 4 / kMTiles>(p, stream);
+    return for_repl<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, 4 / kMTiles>(p, stream);
   } else {
-    return for_repl<T, kIntCodes, kHasZero, kMTiles, kTiles, kWarps, 2>(p, stream);
+    return for_repl<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, 2>(p, stream);
   }
 }
 
-template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, int kTiles>
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRows, int kTiles>
 static cudaError_t for_warps(const Problem& p, cudaStream_t stream) {
   // Fewer warps per CTA when there are many CTAs: longer k-slices per warp, fewer CTA start-ups (and table
   // builds). With few CTAs (small n), 8 warps per CTA keep enough loads in flight to fill the memory system.
   const int forced = kIntCodes ? config().warps : config().lut_warps;
   const int warps = forced ? forced : (p.n_tiles / kTiles >= 3 * p.sm_count ? 4 : 8);
-  if (warps == 4) return for_stages<T, kIntCodes, kHasZero, kMTiles, kTiles, 4>(p, stream);
-  return for_stages<T, kIntCodes, kHasZero, kMTiles, kTiles, 8>(p, stream);
+  if (warps == 4) return for_stages<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, 4>(p, stream);
+  return for_stages<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, 8>(p, stream);
 }
 
 template <typename T, bool kIntCodes, bool kHasZero>
 static cudaError_t for_rows(const Problem& p, cudaStream_t stream) {
-  if (p.m <= 8) return for_warps<T, kIntCodes, kHasZero, 1, 1>(p, stream);
+  if constexpr (!kIntCodes) {
+    // One or two rows of x: the A registers as the pair tables give them (no regrouping prmts; see the kernel).
+    if (p.m <= 2) return for_warps<T, kIntCodes, kHasZero, 1, true, 1>(p, stream);
+  }
+  if (p.m <= 8) return for_warps<T, kIntCodes, kHasZero, 1, false, 1>(p, stream);
   // Two tiles per CTA at m > 8 when the tile count splits evenly and still gives (nearly) every SM a CTA.
   TG_IF (config().tiles16 >= 2) {
     const int min_ctas = config().tiles16 == 2 ? p.sm_count : p.sm_count / 2;
-    if (p.n_tiles % 2 == 0 && p.n_tiles / 2 >= min_ctas) return for_warps<T, kIntCodes, kHasZero, 2, 2>(p, stream);
-    return for_warps<T, kIntCodes, kHasZero, 2, 1>(p, stream);
+    if (p.n_tiles % 2 == 0 && p.n_tiles / 2 >= min_ctas) {
+      return for_warps<T, kIntCodes, kHasZero, 2, false, 2>(p, stream);
+    }
+    return for_warps<T, kIntCodes, kHasZero, 2, false, 1>(p, stream);
   } else {
-    return for_warps<T, kIntCodes, kHasZero, 2, 1>(p, stream);
+    return for_warps<T, kIntCodes, kHasZero, 2, false, 1>(p, stream);
   }
 }
 
