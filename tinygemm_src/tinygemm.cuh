@@ -18,7 +18,8 @@
 // lookup: for int4 a mask and an OR (the value is built under a float exponent), for LUT formats one shared-memory
 // load per pair of codes (rows g and g + 8 at one k) from a 256-entry table of value pairs that each CTA builds
 // from its rows' 16-entry LUTs, replicated kRepl times so lanes that would hit the same bank read different
-// copies (bank conflicts, v4's limit), and a prmt per register to pair the values along k as the mma wants.
+// copies (bank conflicts, v4's limit), and a prmt per register to pair the values along k as the mma wants (at
+// m <= 2 none: the pairs go in as they are and x is spread over B's columns instead, kPairedRows).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -213,7 +214,8 @@ __device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_ro
 // (W[g][k_i], W[g + 8][k_i]) for the lane's k_i, i = 0..3, which saves the two prmts per register pair that
 // regroup them by row. B column c (lane group c) then carries x row c / 4 at k_1, k_3 (c odd) or k_0, k_2 in the
 // odd (c & 2) or even k-slots, zeros elsewhere, so D[g][c] + D[g + 8][c + 1] (c = 0, 2, 4, 6) is the product of
-// row g + 8 (c & 2) / 2 with x row c / 4: lane (g, t) holds it in accumulators 0 and 3.
+// row g (c & 2 == 0) or g + 8 (c & 2 == 2) with x row c / 4: lane (g, t), c = 2 t, holds it in accumulators 0 and
+// 3 (tests/test_kernels.py multiplies these fragments through the PTX maps).
 template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRows, int kTiles, int kWarps,
           int kStages, int kRepl>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(const Problem p) {
