@@ -16,7 +16,8 @@ struct Config {
   int stages;      // int codes: ring slots (units of k = 128) per warp at m <= 8, 2 or 4 (at m > 8, where a slot
                    // holds twice the x: half of it, at least 2)
   int lut_stages;  // the same for LUT formats, whose tables share the shared memory
-  int repl;        // copies of the pair tables when a CTA has one tile (1, 2 or 4); two tiles take half as many
+  int repl;        // copies of the pair tables when a CTA has one tile (1, 2 or 4); two tiles take half as many,
+                   // and so does a matrix-wide table above 2 rows of x
   int tiles16;     // at m > 8: 1 tile per CTA; 2: two tiles (each x fragment serves both, half the x traffic)
                    // when that leaves >= 1 CTA per SM; 3: two tiles when it leaves >= 1 CTA per 2 SMs
   int warps;       // warps per CTA for int codes: 0 picks by CTA count, 4 or 8 forces it
@@ -81,6 +82,13 @@ static cudaError_t for_repl(const Problem& p, cudaStream_t stream) {
     }
   } else {
     TG_IF (config().repl == 4) {
+      // A matrix-wide LUT's one table is 32 KB at 4 copies too; above 2 rows of x, where the x slots grow, 2 copies
+      // (16 KB, v8's size) keep a CTA per SM more: with 4, nf4 and MX-FP4 lost up to 24% at m = 4-8 (KERNELS.md).
+      if constexpr (!kPairedRows) {
+        if (!p.lut_per_row) {
+          return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 2>(p, stream);
+        }
+      }
       return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 4>(p, stream);
     } else TG_IF (config().repl == 2) {
       return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 2>(p, stream);
