@@ -17,7 +17,7 @@ struct Config {
                    // holds twice the x: half of it, at least 2)
   int lut_stages;  // the same for LUT formats, whose tables share the shared memory
   int repl;        // copies of the pair tables when a CTA has one tile (1, 2 or 4); two tiles take half as many,
-                   // and so does a matrix-wide table above 2 rows of x
+                   // and so does a matrix-wide table above 2 rows of x in 4-warp CTAs
   int tiles16;     // at m > 8: 1 tile per CTA; 2: two tiles (each x fragment serves both, half the x traffic)
                    // when that leaves >= 1 CTA per SM; 3: two tiles when it leaves >= 1 CTA per 2 SMs
   int warps;       // warps per CTA for int codes: 0 picks by CTA count, 4 or 8 forces it
@@ -82,9 +82,11 @@ static cudaError_t for_repl(const Problem& p, cudaStream_t stream) {
     }
   } else {
     TG_IF (config().repl == 4) {
-      // A matrix-wide LUT's one table is 32 KB at 4 copies too; above 2 rows of x, where the x slots grow, 2 copies
-      // (16 KB, v8's size) keep a CTA per SM more: with 4, nf4 and MX-FP4 lost up to 24% at m = 4-8 (KERNELS.md).
-      if constexpr (!kPairedRows) {
+      // A matrix-wide LUT's one table is 32 KB at 4 copies too. Above 2 rows of x, where the x slots grow, and with
+      // many CTAs (4-warp CTAs: >= 3 per SM, so occupancy binds), 2 copies (16 KB, v8's size) keep a CTA per SM
+      // more: nf4 / MX-FP4 at m = 8 on 8192 x 28672 89 / 85 -> 73 / 68 us. With few CTAs the conflicts cost more
+      // (MX-FP4 at m = 4-8 on 4096 x 14336: +7-8% with 2 copies).
+      if constexpr (!kPairedRows && kWarps == 4) {
         if (!p.lut_per_row) {
           return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 2>(p, stream);
         }
