@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Everything tinygemm needs a GPU for, in one device call (docs/KERNELS.md):
 #   scripts/device_kernels.sh [build] [tests] [sanitizer] [bench] [ncu]    (no argument: these five)
-#   extra steps: variants (a -DTINYGEMM_TUNING build: GPU tests with the chosen variant, then every variant in
-#   $VARIANTS checked and timed side by side on three Llama shapes, then the candidate's bench there),
+#   extra steps: prefill (m = $PREFILL_ROWS, default 512: the dequantize kernel + cuBLAS against cuBLAS bf16),
+#   variants (a -DTINYGEMM_TUNING build: GPU tests with the chosen variant, then every variant in
+#   $VARIANTS checked and timed side by side on three Llama shapes, then the candidate's bench there; VARIANT_TESTS=0
+#   and CANDIDATE=0 skip the tests and the candidate's bench),
 #   debug (the bad-input test under cuda-gdb),
 #   ab (the bench on $SHAPES / $ROWS with this tree's kernels, then with the tinygemm sources in $BASELINE_SRC, a
 #   carried copy of an earlier tinygemm_src, in a second process: a change measured against its baseline in one call)
@@ -39,11 +41,13 @@ from any4lib.kernels import PackedWeight, linear
 for fmt, g in [('int4', 64), ('any4', 32), ('nf4', 128), ('mxfp4', 32)]:
     for dtype in (torch.bfloat16, torch.float16):
         w = PackedWeight.from_quantized(random_quantized(fmt, 200, 352 if g == 32 else 384, g), dtype)
-        for m in (1, 7, 9, 16):
+        for m in (1, 7, 9, 16, 40):  # 40: the dequantize kernel
             y = linear(torch.randn(m, w.k, device='cuda').to(dtype), w)
 torch.cuda.synchronize()
 print('memcheck run done')" ;;
     bench) run bench 400 python3 -m any4lib.bench.kernels --out "$OUT" ;;
+    prefill) run prefill 200 python3 -m any4lib.bench.kernels --out "$OUT" --prefill "${PREFILL_ROWS:-512}" \
+        --shapes "${PREFILL_SHAPES:-28672x4096,4096x14336,6144x4096,4096x4096}" ;;
     ncu) run ncu 200 ncu --clock-control none --kernel-name regex:tinygemm --launch-count 3 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
         --section ComputeWorkloadAnalysis python3 -c "
@@ -58,7 +62,7 @@ torch.cuda.synchronize()" ;;
         run variants_build 300 python3 -c "from any4lib.kernels import load_kernels; load_kernels(); print('loaded')"
         find "$ANY4_CACHE" -name "*.so" -newer "$OUT/device.txt" -exec cuobjdump --dump-resource-usage {} \; \
           > "$OUT/variants_build_resources.log" 2>&1
-        run variants_tests 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_gpu.py
+        [ "${VARIANT_TESTS:-1}" = 0 ] || run variants_tests 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_gpu.py
         run variants 400 python3 -m any4lib.bench.kernels --out "$OUT" --rows "${ROWS:-1,4,16}" \
           --shapes "${SHAPES:-28672x8192,4096x14336,14336x4096}" --variants "${VARIANTS:-base:}"
         [ "${CANDIDATE:-1}" = 0 ] || run variants_bench 300 python3 -m any4lib.bench.kernels --out "$OUT/candidate" \
@@ -66,7 +70,8 @@ torch.cuda.synchronize()" ;;
         unset ANY4_TINYGEMM_CUDA_FLAGS ;;
     ab) shapes=${SHAPES:-28672x8192,4096x14336,14336x4096} rows=${ROWS:-1,4,16}
         run ab_new 300 python3 -m any4lib.bench.kernels --out "$OUT/new" --shapes "$shapes" --rows "$rows"
-        saved=$(mktemp -d) && cp -r tinygemm_src/. "$saved/" && cp -r "${BASELINE_SRC:?set BASELINE_SRC}/." tinygemm_src/
+        saved=$(mktemp -d) && cp -r tinygemm_src/. "$saved/" && rm -rf tinygemm_src/* \
+          && cp -r "${BASELINE_SRC:?set BASELINE_SRC}/." tinygemm_src/  # the baseline's files only
         run ab_baseline 300 python3 -m any4lib.bench.kernels --out "$OUT/baseline" --shapes "$shapes" --rows "$rows"
         rm -rf tinygemm_src && mkdir tinygemm_src && cp -r "$saved/." tinygemm_src/ ;;
     debug) run debug 200 cuda-gdb -batch -ex run -ex bt --args python3 -m pytest -q -x -p no:cacheprovider \

@@ -1,5 +1,6 @@
 """tinygemm on the GPU: every format x group size x m in 1..16 on Llama shapes and odd ones, against float64;
-opcheck, torch.compile (with CUDA graphs), the m > 16 fallback and bad inputs. Skipped without CUDA."""
+the dequantize kernel (m > 16) against the PyTorch reference bit for bit; opcheck, torch.compile (with CUDA graphs),
+the m > 16 fallback and bad inputs. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from any4lib import quantize
 from any4lib.bench.kernels import random_quantized
-from any4lib.kernels import PackedWeight, linear, load_kernels
+from any4lib.kernels import PackedWeight, linear, load_kernels, ops
 
 pytestmark = [
     pytest.mark.gpu,
@@ -81,6 +82,28 @@ def test_batched_leading_dims_and_fallback_above_16_rows():
         assert relative_error(y.reshape(-1, 512), x.reshape(-1, 1024), weight64) <= TOLERANCE
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequantize_kernel_equals_the_reference_bit_for_bit(fmt, dtype):
+    shapes = ODD_SHAPES + [(4096, 4096, 128), (1024, 2048, 32), (96, 4096, 256)]
+    for n, k, group_size in shapes:
+        if fmt == "mxfp4" and group_size != 32:
+            continue
+        w = PackedWeight.from_quantized(random_quantized(fmt, n, k, group_size), dtype)
+        dense = w.dequantize(dtype)  # the kernel
+        assert dense.shape == (n, k) and dense.dtype == dtype
+        expected = w.unpack().dequantize(dtype)  # PyTorch: gather, float32 product and sum, one rounding to dtype
+        mismatched = (dense.view(torch.int16) != expected.view(torch.int16)).sum().item()
+        assert mismatched == 0, f"{fmt} g{group_size} {n}x{k} {dtype}: {mismatched} values differ from the reference"
+
+
+def test_dequantize_kernel_from_quantize():
+    for fmt in ["int4_sym", "any4_global", "any4"]:
+        q = quantize(torch.randn(300, 512, device="cuda"), fmt, 64, **({"max_iter": 20} if "any4" in fmt else {}))
+        w = PackedWeight.from_quantized(q, torch.bfloat16)
+        assert torch.equal(w.dequantize(torch.bfloat16), w.unpack().dequantize(torch.bfloat16))
+
+
 def _op_args(fmt, dtype, m=5, n=48, k=256, group_size=64):
     w = PackedWeight.from_quantized(random_quantized(fmt, n, k, group_size), dtype)
     x = torch.randn(m, k, device="cuda").to(dtype)
@@ -91,6 +114,26 @@ def _op_args(fmt, dtype, m=5, n=48, k=256, group_size=64):
 def test_opcheck(fmt, dtype):
     load_kernels()
     torch.library.opcheck(torch.ops.any4lib.tinygemm_4bit.default, _op_args(fmt, dtype))
+
+
+@pytest.mark.parametrize("fmt,dtype", [("int4", torch.bfloat16), ("any4", torch.float16), ("mxfp4", torch.bfloat16)])
+def test_opcheck_dequantize(fmt, dtype):
+    load_kernels()
+    _, codes, scales, lut, n, group_size, int_codes = _op_args(fmt, dtype, group_size=32)
+    torch.library.opcheck(torch.ops.any4lib.tinygemm_dequantize.default, (codes, scales, lut, n, 256, 32, int_codes))
+
+
+def test_dequantize_bad_inputs_raise_clear_errors():
+    load_kernels()
+    _, codes, scales, lut, n, group_size, int_codes = _op_args("any4", torch.bfloat16)
+    with pytest.raises(RuntimeError, match="scales .* must be bfloat16 or float16"):
+        ops.tinygemm_dequantize(codes, scales.float(), lut, n, 256, group_size, int_codes)
+    with pytest.raises(RuntimeError, match="codes must be contiguous int32 \\[3, 5, 32, 4\\]"):
+        ops.tinygemm_dequantize(codes, scales, lut, n, 320, group_size, int_codes)  # k that does not match codes
+    with pytest.raises(RuntimeError, match="does not divide k"):
+        ops.tinygemm_dequantize(codes, scales, lut, n, 224, group_size, int_codes)
+    with pytest.raises(RuntimeError, match="pass a lut exactly"):
+        ops.tinygemm_dequantize(codes, scales, None, n, 256, group_size, int_codes)
 
 
 def test_bad_inputs_raise_clear_errors():

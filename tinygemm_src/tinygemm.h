@@ -24,4 +24,8 @@ struct Problem {
 // Launches the variant the problem needs; returns the launch's error. Defined in tinygemm_kernels.cu.
 cudaError_t launch(const Problem& p, bool bf16, bool int_codes, bool has_zero, cudaStream_t stream);
 
+// Writes the dense weight [n, k] (row-major, activation dtype) to y; x, m and sm_count are not read. Defined in
+// tinygemm_dequantize.cu.
+cudaError_t launch_dequantize(const Problem& p, bool bf16, bool int_codes, bool has_zero, cudaStream_t stream);
+
 }  // namespace tinygemm

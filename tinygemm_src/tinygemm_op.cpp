@@ -1,5 +1,5 @@
-// Torch binding of any4lib::tinygemm_4bit. The schema and the fake (meta) kernel are defined in Python
-// (any4lib/kernels/ops.py); this file checks the arguments and launches the CUDA kernel.
+// Torch binding of any4lib::tinygemm_4bit and any4lib::tinygemm_dequantize. The schemas and the fake (meta) kernels
+// are defined in Python (any4lib/kernels/ops.py); this file checks the arguments and launches the CUDA kernels.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
@@ -31,10 +31,55 @@ std::string shape(const at::Tensor& t) {  // "[a, b, c]"
   return out + "]";
 }
 
+// Checks the packed weight (codes, scales, lut) of an [n, k] matrix against each other and against the activation
+// dtype and device, and fills the weight's part of a Problem. `op` names the caller in the messages.
+tinygemm::Problem weight_problem(const char* op, const at::Tensor& codes, const at::Tensor& scales,
+                                 const std::optional<at::Tensor>& lut, int64_t n, int64_t k, int64_t group_size,
+                                 bool int_codes, at::ScalarType dtype, at::Device device, bool* has_zero) {
+  TORCH_CHECK(codes.is_cuda() && scales.is_cuda(), op, ": codes and scales must be on a CUDA device; got codes on ",
+              codes.device(), ", scales on ", scales.device());
+  TORCH_CHECK(k % 32 == 0, op, ": k must be a multiple of 32, got ", str(k));
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256,
+              op, ": group_size must be 32, 64, 128 or 256, got ", str(group_size));
+  TORCH_CHECK(k % group_size == 0, op, ": group_size ", str(group_size), " does not divide k = ", str(k));
+  TORCH_CHECK(n >= 1, op, ": n must be positive, got ", str(n));
+  const int64_t n_tiles = (n + 15) / 16, k_chunks = (k + 63) / 64, groups = k_chunks * 64 / group_size;
+  TORCH_CHECK(codes.scalar_type() == at::kInt && codes.is_contiguous() && codes.dim() == 4 &&
+                  codes.size(0) == n_tiles && codes.size(1) == k_chunks && codes.size(2) == 32 && codes.size(3) == 4,
+              op, ": codes must be contiguous int32 [", str(n_tiles), ", ", str(k_chunks), ", 32, 4] for n = ",
+              str(n), ", k = ", str(k), "; got ", codes.scalar_type(), " ", shape(codes));
+  TORCH_CHECK(scales.scalar_type() == dtype && scales.is_contiguous() && scales.dim() == 5 &&
+                  scales.size(0) == n_tiles && scales.size(1) == groups && scales.size(2) == 8 &&
+                  scales.size(3) == 2 && (scales.size(4) == 1 || scales.size(4) == 2),
+              op, ": scales must be contiguous ", dtype, " [", str(n_tiles), ", ", str(groups), ", 8, 2, 1 or 2]; got ",
+              scales.scalar_type(), " ", shape(scales));
+  *has_zero = scales.size(4) == 2;
+  TORCH_CHECK(!int_codes || *has_zero, op, ": int codes need (scale, zero) pairs: scales.size(4) == 2");
+  TORCH_CHECK(int_codes == !lut.has_value(), op, ": pass a lut exactly when the codes are not int codes");
+  int lut_per_row = 0;
+  if (lut.has_value()) {
+    TORCH_CHECK(lut->is_cuda() && lut->scalar_type() == at::kInt && lut->is_contiguous() && lut->dim() == 2 &&
+                    lut->size(1) == 8 && (lut->size(0) == 1 || lut->size(0) == n_tiles * 16),
+                op, ": lut must be contiguous CUDA int32 [1 or ", str(n_tiles * 16), ", 8]; got ", lut->scalar_type(),
+                " ", shape(*lut), " on ", lut->device());
+    lut_per_row = lut->size(0) != 1;
+  }
+  TORCH_CHECK(codes.device() == device && scales.device() == device && (!lut.has_value() || lut->device() == device),
+              op, ": all tensors must be on one device (", device, ")");
+  tinygemm::Problem p{};
+  p.codes = reinterpret_cast<const uint4*>(codes.data_ptr());
+  p.scales = scales.data_ptr();
+  p.lut = lut.has_value() ? reinterpret_cast<const uint4*>(lut->data_ptr()) : nullptr;
+  p.lut_per_row = lut_per_row;
+  p.n = static_cast<int>(n), p.k = static_cast<int>(k);
+  p.n_tiles = static_cast<int>(n_tiles), p.k_chunks = static_cast<int>(k_chunks), p.groups = static_cast<int>(groups);
+  p.group_shift = __builtin_ctzll(group_size);
+  return p;
+}
+
 at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                          const std::optional<at::Tensor>& lut, int64_t n, int64_t group_size, bool int_codes) {
-  TORCH_CHECK(x.is_cuda() && codes.is_cuda() && scales.is_cuda(), "tinygemm_4bit: x, codes and scales must be on a "
-              "CUDA device; got x on ", x.device(), ", codes on ", codes.device(), ", scales on ", scales.device());
+  TORCH_CHECK(x.is_cuda(), "tinygemm_4bit: x must be on a CUDA device, got ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "tinygemm_4bit: x must be bfloat16 or float16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "tinygemm_4bit: x must be a contiguous [m, k] matrix, got shape ",
@@ -42,49 +87,15 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
   const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(m >= 1 && m <= 16, "tinygemm_4bit: x must have 1..16 rows, got ", str(m),
               " (larger m: dequantize + matmul)");
-  TORCH_CHECK(k % 32 == 0, "tinygemm_4bit: k must be a multiple of 32, got ", str(k));
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "tinygemm_4bit: x must be 16-byte aligned");
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256,
-              "tinygemm_4bit: group_size must be 32, 64, 128 or 256, got ", str(group_size));
-  TORCH_CHECK(k % group_size == 0, "tinygemm_4bit: group_size ", str(group_size), " does not divide k = ", str(k));
-  const int64_t n_tiles = (n + 15) / 16, k_chunks = (k + 63) / 64, groups = k_chunks * 64 / group_size;
-  TORCH_CHECK(n >= 1, "tinygemm_4bit: n must be positive, got ", str(n));
-  TORCH_CHECK(codes.scalar_type() == at::kInt && codes.is_contiguous() && codes.dim() == 4 &&
-                  codes.size(0) == n_tiles && codes.size(1) == k_chunks && codes.size(2) == 32 && codes.size(3) == 4,
-              "tinygemm_4bit: codes must be contiguous int32 [", str(n_tiles), ", ", str(k_chunks),
-              ", 32, 4] for n = ", str(n), ", k = ", str(k), "; got ", codes.scalar_type(), " ", shape(codes));
-  TORCH_CHECK(scales.scalar_type() == x.scalar_type() && scales.is_contiguous() && scales.dim() == 5 &&
-                  scales.size(0) == n_tiles && scales.size(1) == groups && scales.size(2) == 8 &&
-                  scales.size(3) == 2 && (scales.size(4) == 1 || scales.size(4) == 2),
-              "tinygemm_4bit: scales must be contiguous ", x.scalar_type(), " [", str(n_tiles), ", ", str(groups),
-              ", 8, 2, 1 or 2]; got ", scales.scalar_type(), " ", shape(scales));
-  const bool has_zero = scales.size(4) == 2;
-  TORCH_CHECK(!int_codes || has_zero, "tinygemm_4bit: int codes need (scale, zero) pairs: scales.size(4) == 2");
-  TORCH_CHECK(int_codes == !lut.has_value(), "tinygemm_4bit: pass a lut exactly when the codes are not int codes");
-  int lut_per_row = 0;
-  if (lut.has_value()) {
-    TORCH_CHECK(lut->is_cuda() && lut->scalar_type() == at::kInt && lut->is_contiguous() && lut->dim() == 2 &&
-                    lut->size(1) == 8 && (lut->size(0) == 1 || lut->size(0) == n_tiles * 16),
-                "tinygemm_4bit: lut must be contiguous CUDA int32 [1 or ", str(n_tiles * 16), ", 8]; got ",
-                lut->scalar_type(), " ", shape(*lut), " on ", lut->device());
-    lut_per_row = lut->size(0) != 1;
-  }
-  TORCH_CHECK(codes.device() == x.device() && scales.device() == x.device() &&
-                  (!lut.has_value() || lut->device() == x.device()),
-              "tinygemm_4bit: all tensors must be on one device (x is on ", x.device(), ")");
-
+  bool has_zero = false;
+  tinygemm::Problem p = weight_problem("tinygemm_4bit", codes, scales, lut, n, k, group_size, int_codes,
+                                       x.scalar_type(), x.device(), &has_zero);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({m, n}, x.options());
-  tinygemm::Problem p{};
   p.x = x.data_ptr();
   p.y = y.data_ptr();
-  p.codes = reinterpret_cast<const uint4*>(codes.data_ptr());
-  p.scales = scales.data_ptr();
-  p.lut = lut.has_value() ? reinterpret_cast<const uint4*>(lut->data_ptr()) : nullptr;
-  p.lut_per_row = lut_per_row;
-  p.m = static_cast<int>(m), p.n = static_cast<int>(n), p.k = static_cast<int>(k);
-  p.n_tiles = static_cast<int>(n_tiles), p.k_chunks = static_cast<int>(k_chunks), p.groups = static_cast<int>(groups);
-  p.group_shift = __builtin_ctzll(group_size);
+  p.m = static_cast<int>(m);
   p.sm_count = sm_count(x.get_device());
   const cudaError_t err = tinygemm::launch(p, x.scalar_type() == at::kBFloat16, int_codes, has_zero,
                                            c10::cuda::getCurrentCUDAStream());
@@ -92,6 +103,26 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
   return y;
 }
 
+at::Tensor tinygemm_dequantize(const at::Tensor& codes, const at::Tensor& scales, const std::optional<at::Tensor>& lut,
+                               int64_t n, int64_t k, int64_t group_size, bool int_codes) {
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kHalf,
+              "tinygemm_dequantize: scales (the activation dtype) must be bfloat16 or float16, got ",
+              scales.scalar_type());
+  bool has_zero = false;
+  tinygemm::Problem p = weight_problem("tinygemm_dequantize", codes, scales, lut, n, k, group_size, int_codes,
+                                       scales.scalar_type(), codes.device(), &has_zero);
+  const c10::cuda::CUDAGuard guard(codes.device());
+  at::Tensor w = at::empty({n, k}, scales.options());
+  p.y = w.data_ptr();
+  const cudaError_t err = tinygemm::launch_dequantize(p, scales.scalar_type() == at::kBFloat16, int_codes, has_zero,
+                                                      c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "tinygemm_dequantize: kernel launch failed: ", cudaGetErrorString(err));
+  return w;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(any4lib, CUDA, m) { m.impl("tinygemm_4bit", &tinygemm_4bit); }
+TORCH_LIBRARY_IMPL(any4lib, CUDA, m) {
+  m.impl("tinygemm_4bit", &tinygemm_4bit);
+  m.impl("tinygemm_dequantize", &tinygemm_dequantize);
+}

@@ -4,7 +4,8 @@ Per Llama shape and m, the median microseconds of cuBLAS bf16 (F.linear), PyTorc
 (torch._weight_int4pack_mm) and ours (int4, any4, nf4 at g128; MX-FP4 at its g32), the effective bandwidth
 (weight + activation + output bytes over time) and its fraction of a measured device-to-device copy.
 Each method runs back to back inside a CUDA graph over enough weight copies that L2 (50 MB) cannot hold them.
-Writes results/kernels/kernels_<device>.csv with provenance columns.
+Writes results/kernels/kernels_<device>.csv with provenance columns. `--prefill M`: the same shapes at M rows, where
+`linear` runs the dequantize kernel and cuBLAS (kernels_prefill_<device>.csv).
 """
 
 from __future__ import annotations
@@ -160,6 +161,34 @@ def parse_variants(spec: str) -> dict[str, dict[str, str]]:
     return out
 
 
+def bench_prefill(n: int, k: int, copy_bps: float, m: int) -> list[dict]:
+    """Above 16 rows (prefill): cuBLAS bf16 against ours (the dequantize kernel, then cuBLAS), the dequantize kernel
+    alone (m = 0: its bytes are the packed weight read and the dense one written) and the PyTorch unpacking that
+    `linear` used before the kernel, on the same weights."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    dense = _clones(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, n * k * 2)
+    us = time_us(lambda i: F.linear(x, dense[i % len(dense)]), CALLS_PER_GRAPH, replays=5)
+    results = [timing_row(n, k, m, "cublas_bf16", us, n * k * 2, copy_bps)]
+    dense.clear()
+    for fmt, group_size in OURS:
+        packed = PackedWeight.from_quantized(random_quantized(fmt, n, k, group_size), torch.bfloat16)
+        weights, nbytes = _clones(packed, packed.nbytes()), packed.nbytes()
+        exact = x.double() @ packed.dequantize(torch.float64).T
+        err = ((linear(x, packed).double() - exact).norm() / exact.norm()).item()
+        assert err < 1e-2, f"ours_{fmt} at m = {m} disagrees with the float64 reference at {n}x{k}: {err:.2e}"
+        for name, fn, calls, rows, moved in (
+            (f"ours_{fmt}", lambda i: linear(x, weights[i % len(weights)]), CALLS_PER_GRAPH, m, nbytes),
+            (f"ours_{fmt}_dequantize", lambda i: weights[i % len(weights)].dequantize(torch.bfloat16),
+             CALLS_PER_GRAPH, 0, nbytes + 2 * n * k),
+            (f"pytorch_unpack_{fmt}", lambda i: F.linear(x, weights[i % len(weights)].unpack().dequantize(x.dtype)),
+             3, m, nbytes),
+        ):
+            results.append(timing_row(n, k, rows, name, time_us(fn, calls, replays=5), moved, copy_bps))
+        weights.clear()
+    torch.cuda.empty_cache()
+    return results
+
+
 def bench_variants(n: int, k: int, copy_bps: float, rows, variants: dict, formats=("int4", "any4")) -> list[dict]:
     """Kernel variants of a TINYGEMM_TUNING build side by side (each picked by environment variables that the
     launcher reads at every launch): per m and format, each variant is checked against float64 and then timed, so
@@ -217,6 +246,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/kernels"))
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="e.g. 4096x4096,28672x8192")
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="m values, e.g. 1,2,4,8,16")
+    parser.add_argument("--prefill", type=int, default=0, help="time m = PREFILL rows instead (ours: dequantize "
+                        "kernel + cuBLAS) against cuBLAS bf16 and the PyTorch unpacking (writes kernels_prefill_<device>.csv)")
     parser.add_argument("--variants", default="", help="kernel variants of a TINYGEMM_TUNING build to compare, "
                         "e.g. 'base:;s2:TINYGEMM_STAGES=2' (writes kernels_variants_<device>.csv)")
     args = parser.parse_args(argv)
@@ -235,12 +266,14 @@ def main(argv=None) -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     variants = parse_variants(args.variants) if args.variants else None
-    kind = "kernels_variants" if variants else "kernels"
+    kind = "kernels_variants" if variants else "kernels_prefill" if args.prefill else "kernels"
     path = args.out / f"{kind}_{provenance['device'].replace(' ', '_')}.csv"
     rows = []
     for n, k in shapes:
         if variants:
             rows += bench_variants(n, k, copy_bps, rows_m, variants)
+        elif args.prefill:
+            rows += bench_prefill(n, k, copy_bps, args.prefill)
         else:
             rows += bench_shape(n, k, copy_bps, rows_m)
         with path.open("w", newline="") as f:  # rewritten after each shape: a cut-off run keeps what it measured
@@ -248,7 +281,11 @@ def main(argv=None) -> None:
             writer.writeheader()
             writer.writerows({**r, **provenance} for r in rows)
         print(f"done {n}x{k}", flush=True)
-    if not variants:
+    if args.prefill:
+        for r in rows:
+            print(f"{r['n']}x{r['k']} m={r['m']:>4} {r['method']:<26} {r['median_us']:>10.1f} us  "
+                  f"{100 * r['fraction_of_copy']:5.1f}% copy")
+    elif not variants:
         print_table(rows)
     print(f"wrote {path}")
 

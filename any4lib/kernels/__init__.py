@@ -1,7 +1,7 @@
 """tinygemm: the low-batch 4-bit GEMM y = x @ W^T (int4, any4, nf4/fp4, MX-FP4), with its packed weight.
 
     w = PackedWeight.from_quantized(quantize(weight, "any4", 128), dtype=torch.bfloat16).to("cuda")
-    y = linear(x, w)   # CUDA op for m <= 16 rows of x, dequantize + matmul above; the PyTorch reference on CPU
+    y = linear(x, w)   # CUDA op for m <= 16 rows of x, dequantize kernel + matmul above; the PyTorch reference on CPU
 
 Importing this module builds nothing and never touches CUDA: the kernels build on first GPU use (build.py).
 """
@@ -115,6 +115,13 @@ class PackedWeight:
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense [n, k] weight in dtype. On CUDA in the packing dtype: one kernel (the prefill path of `linear`),
+        bit for bit what the PyTorch reference (`unpack().dequantize(dtype)`, used everywhere else) gives."""
+        if self.codes.is_cuda and dtype == self.dtype:
+            if not torch.compiler.is_compiling():
+                load_kernels()
+            return ops.tinygemm_dequantize(self.codes, self.scales, self.lut, self.n, self.k, self.group_size,
+                                           self.int_codes)
         return self.unpack().dequantize(dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -137,7 +144,8 @@ class PackedWeight:
 
 
 def linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """y = x @ W^T for x [..., k] in w.dtype. CUDA: the tinygemm op for up to 16 rows, else dequantize + matmul.
+    """y = x @ W^T for x [..., k] in w.dtype. CUDA: the tinygemm op for up to 16 rows, else the dequantize op +
+    cuBLAS (prefill).
     CPU: the PyTorch reference (fp32 accumulation)."""
     if x.shape[-1] != w.k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects k = {w.k} (weight shape [{w.n}, {w.k}])")
