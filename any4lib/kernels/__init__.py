@@ -17,7 +17,7 @@ from . import ops, packing
 from .build import load_kernels
 from .reference import linear_reference
 
-MAX_KERNEL_ROWS = 16  # m above this: dequantize + cuBLAS
+MAX_KERNEL_ROWS = 16  # m above this: the dequantize kernel + cuBLAS
 _DTYPES = (torch.bfloat16, torch.float16)
 
 __all__ = ["PackedWeight", "check_supported", "is_supported", "linear", "load_kernels", "MAX_KERNEL_ROWS"]
