@@ -98,9 +98,10 @@ static cudaError_t for_repl(const Problem& p, cudaStream_t stream, int* resident
   } else {
     TG_IF (config().repl == 4) {
       // A matrix-wide LUT's one table is 32 KB at 4 copies too. Above 2 rows of x, where the x slots grow, and with
-      // many CTAs (4-warp CTAs: >= 3 per SM, so occupancy binds), 2 copies (16 KB, v8's size) keep a CTA per SM
-      // more: nf4 / MX-FP4 at m = 8 on 8192 x 28672 89 / 85 -> 73 / 68 us. With few CTAs the conflicts cost more
-      // (MX-FP4 at m = 4-8 on 4096 x 14336: +7-8% with 2 copies).
+      // many CTAs (4-warp CTAs: more than one wave of 8-warp CTAs, so occupancy binds), 2 copies (16 KB, v8's
+      // size) keep a CTA per SM more: nf4 / MX-FP4 at m = 8 on 8192 x 28672 89 / 85 -> 73 / 68 us. With few CTAs
+      // the conflicts cost more (MX-FP4 at m = 4-8 on 4096 x 14336: +7-8% with 2 copies). Measured when 4-warp CTAs
+      // meant >= 3 per SM; the grids v11 moved to 4 warps (1-3 waves of 8-warp CTAs) take it untested.
       if constexpr (!kPairedRows && kWarps == 4) {
         if (!p.lut_per_row) {
           return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 2>(p, stream, resident);
