@@ -4,7 +4,7 @@
 # profile: where one decode step's time goes (any4lib/bench/profile.py), old layout (separate q/k/v, gate/up;
 # masked SDPA) against the new (fused; Triton split-K decode attention), b=1: results/e2e/profile/profile.{csv,txt}.
 # BENCH_OUT: another CSV for the bench step (a control). qhead: optional rows with lm_head quantized too.
-# sdpa-control: the new layout with masked SDPA attention.
+# sdpa-control: the new layout with masked SDPA attention. pdl-ab: programmatic dependent launch x the norm kernel.
 # With ANY4_RESTORE_CLEAN=1 (on the device only: it overwrites files), .carry/clean (files of a committed tree, laid
 # out as in the repository) is copied over the tree first, so that a run measures committed kernels even when the
 # working tree it was sent from holds someone's unfinished edits.
@@ -90,6 +90,20 @@ for step in "${steps[@]}"; do
         --deadline-s "${CONTROL_DEADLINE_S:-40}" --out results/e2e/controls/decode_sdpa_control.csv "${extra[@]}" 2>&1 | tee "$OUT/control.log"
       rc=${PIPESTATUS[0]}
       cp results/e2e/controls/decode_sdpa_control.csv "$OUT/" 2>/dev/null ;;
+    pdl-ab)
+      # Programmatic dependent launch of the tinygemm GEMMs (ANY4_TINYGEMM_PDL) x the norm kernel (--norm), batch 1,
+      # side by side in one call: results/e2e/controls/decode_pdl{0,1}.csv, whose norm column tells the norms apart.
+      build_kernels
+      rc=0
+      for pdl in 0 1; do
+        for norm in compiled triton; do
+          ANY4_TINYGEMM_PDL=$pdl timeout "${AB_LIMIT_S:-150}" python3 -m any4lib.bench.e2e --model-config llama3-8b \
+            --formats "${AB_METHODS:-bf16,any4,int4}" --peers "" --batch "${AB_BATCH:-1}" --prompt 512 --new 128 \
+            --norm $norm --out results/e2e/controls/decode_pdl$pdl.csv 2>&1 | tee -a "$OUT/pdl_ab.log"
+          [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+        done
+        cp results/e2e/controls/decode_pdl$pdl.csv "$OUT/" 2>/dev/null
+      done ;;
     tests)
       timeout "${TESTS_LIMIT_S:-200}" python3 -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_e2e.py ${TESTS_K:+-k "$TESTS_K"} \
         2>&1 | tee "$OUT/tests.log"
@@ -102,7 +116,7 @@ for step in "${steps[@]}"; do
         --deadline-s $(( limit - 150 )) --out results/e2e/controls/decode_reduce_overhead.csv 2>&1 | tee "$OUT/reduce_overhead.log"
       rc=${PIPESTATUS[0]}
       cp results/e2e/controls/decode_reduce_overhead.csv "$OUT/" 2>/dev/null ;;
-    *) echo "unknown step $step (profile, bench, qhead, sdpa-control, tests, reduce-overhead)"; rc=2 ;;
+    *) echo "unknown step $step (profile, bench, qhead, sdpa-control, pdl-ab, tests, reduce-overhead)"; rc=2 ;;
   esac
   echo "== $step: exit $rc after $((SECONDS - start)) s"
   [ "$rc" = 0 ] || status=1

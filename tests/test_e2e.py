@@ -256,7 +256,8 @@ def test_run_writes_csv_with_provenance_and_resumes(tmp_path, capsys):
         (m, b) for m in ("bf16", "int4:dequant", "torch-int4") for b in ("1", "2")]
     assert all(r["status"] == "ok" for r in rows)
     assert all(r["git_commit"] and r["torch"] == torch.__version__ and r["date"] for r in rows)
-    assert all((r["layout"], r["attention"], r["lm_head"]) == ("fused", "triton", "bf16") for r in rows)
+    assert all((r["layout"], r["attention"], r["norm"], r["lm_head"]) == ("fused", "triton", "triton", "bf16")
+               for r in rows)
     assert all(float(r["decode_tok_s"]) > 0 for r in rows)
     bf16 = {r["batch"]: float(r["decode_tok_s"]) for r in rows if r["method"] == "bf16"}
     for r in rows:
@@ -272,7 +273,7 @@ def test_run_writes_csv_with_provenance_and_resumes(tmp_path, capsys):
 
 def test_csv_from_before_the_layout_columns_is_rewritten(tmp_path):
     out = tmp_path / "decode.csv"
-    old_columns = [c for c in e2e.COLUMNS if c not in ("layout", "attention", "lm_head")]
+    old_columns = [c for c in e2e.COLUMNS if c not in ("layout", "attention", "norm", "lm_head")]
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, old_columns)
         writer.writeheader()
@@ -372,3 +373,14 @@ def test_triton_decode_attention_matches_sdpa_in_the_model_on_gpu():
     expected = tokens("sdpa", fuse=False)
     assert torch.equal(tokens("triton"), expected)
     assert torch.equal(tokens("triton", mode="blocks"), expected)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["none", "blocks"])
+def test_triton_norm_matches_the_compiled_norm_in_the_model_on_gpu(mode):
+    # float32: the Triton add + RMSNorm against the ops torch.compile fuses (or eager ops), same greedy tokens.
+    def tokens(norm):
+        return greedy_tokens("bf16", "cuda", mode, new=8, dtype=torch.float32, norm=norm)
+
+    assert torch.equal(tokens("triton"), tokens("compiled"))

@@ -108,6 +108,23 @@ __device__ __forceinline__ void copy16_stream(uint32_t dst, const void* src, boo
                : "memory");
 }
 
+// Programmatic dependent launch (PTX griddepcontrol, sm_90+; no-ops before). A grid launched with the
+// programmatic-serialization attribute may start before the previous kernel in the stream has finished; the wait
+// blocks until that kernel has completed and its writes are visible. The launch_dependents signal lets a kernel
+// queued after this one start once every CTA of this grid has signalled (or exited): it is given at the top, since
+// a dependent does nothing but read its own weight before its own wait.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 
 template <int kPending>
@@ -258,10 +275,10 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   const int x_dst = x_base + x_row0 * 256 + (((lane & 15) ^ (x_row0 << 1)) << 4);  // rows r0 + 4i
   const int x_dst2 = x_base + (x_row0 + 2) * 256 + (((lane & 15) ^ ((x_row0 + 2) << 1)) << 4);  // rows r0 + 2 + 4i
 
-  // Copies this warp's next unit (the i-th: k = 128 (warp + i kWarps) ..) into slot i % kStages, as one commit
-  // group (empty past the end, so the group count stays in step with the wait below). Called for i = 0, 1, 2, ...
-  // in order, so the sources are running pointers stepped once per call: recomputing them from i took ~40 of the
-  // loop's instructions per unit (64-bit products, the group arithmetic).
+  // Copies this warp's next unit (the i-th: k = 128 (warp + i kWarps) ..) into slot i % kStages: the weight part
+  // (codes, scales) and the x part, called for i = 0, 1, 2, ... in order each, so the sources are running pointers
+  // stepped once per call: recomputing them from i took ~40 of the loop's instructions per unit (64-bit products,
+  // the group arithmetic). Nothing is issued past the end.
   const uint4* next_codes = codes + 2 * warp * 32;
   int next_chunk = 2 * warp;
   const int first_group = (warp * kUnitK) >> p.group_shift;  // kWarps * 128 is a whole number of groups (<= 256)
@@ -270,38 +287,47 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   int next_group = first_group + scale_group;
   const T* next_x = x + x_src + warp * kUnitK;
   int next_x_k = warp * kUnitK + x_k;
-  auto issue = [&](int i) {
-    if (i < n_mine) {
-      const uint32_t slot = ring_at + (static_cast<unsigned>(i) % kStages) * stage_bytes;
-      const bool second = next_chunk + 1 < p.k_chunks;  // an odd chunk count leaves the last unit one chunk
+  auto issue_weights = [&](int i) {
+    if (i >= n_mine) return;
+    const uint32_t slot = ring_at + (static_cast<unsigned>(i) % kStages) * stage_bytes;
+    const bool second = next_chunk + 1 < p.k_chunks;  // an odd chunk count leaves the last unit one chunk
 #pragma unroll
-      for (int tt = 0; tt < kTiles; ++tt) {
-        const uint4* src = next_codes + static_cast<size_t>(tt) * p.k_chunks * 32;
-        copy16_stream(slot + tt * 1024 + lane * 16, src, true, policy);
-        copy16_stream(slot + tt * 1024 + 512 + lane * 16, second ? src + 32 : src, second, policy);
-      }
-      if (scale_lane) {
-        const bool ok = next_group < p.groups;
-        // A zero-fill still names a valid address (the CTA's first scales), though it reads nothing.
-        copy16(slot + scale_dst, ok ? next_scales : scales, ok);
-      }
-      const bool ok = next_x_k < p.k;  // k is a multiple of 32: a piece is all in or all out
-#pragma unroll
-      for (int it = 0; it < kXCopies; ++it) {
-        if (x_row0 + 2 * it >= p.m) break;
-        copy16(slot + (it & 1 ? x_dst2 : x_dst) + (it >> 1) * 1024, ok ? next_x + 2 * it * p.k : x, ok);
-      }
-      next_codes += 2 * kWarps * 32;
-      next_chunk += 2 * kWarps;
-      next_scales += group_step * 32 * kZ;
-      next_group += group_step;
-      next_x += kWarps * kUnitK;
-      next_x_k += kWarps * kUnitK;
+    for (int tt = 0; tt < kTiles; ++tt) {
+      const uint4* src = next_codes + static_cast<size_t>(tt) * p.k_chunks * 32;
+      copy16_stream(slot + tt * 1024 + lane * 16, src, true, policy);
+      copy16_stream(slot + tt * 1024 + 512 + lane * 16, second ? src + 32 : src, second, policy);
     }
-    copy_commit();
+    if (scale_lane) {
+      const bool ok = next_group < p.groups;
+      // A zero-fill still names a valid address (the CTA's first scales), though it reads nothing.
+      copy16(slot + scale_dst, ok ? next_scales : scales, ok);
+    }
+    next_codes += 2 * kWarps * 32;
+    next_chunk += 2 * kWarps;
+    next_scales += group_step * 32 * kZ;
+    next_group += group_step;
   };
+  auto issue_x = [&](int i) {
+    if (i >= n_mine) return;
+    const uint32_t slot = ring_at + (static_cast<unsigned>(i) % kStages) * stage_bytes;
+    const bool ok = next_x_k < p.k;  // k is a multiple of 32: a piece is all in or all out
+#pragma unroll
+    for (int it = 0; it < kXCopies; ++it) {
+      if (x_row0 + 2 * it >= p.m) break;
+      copy16(slot + (it & 1 ? x_dst2 : x_dst) + (it >> 1) * 1024, ok ? next_x + 2 * it * p.k : x, ok);
+    }
+    next_x += kWarps * kUnitK;
+    next_x_k += kWarps * kUnitK;
+  };
+
+  // Programmatic dependent launch (sm_90+, see allow_dependent_grid): everything up to the wait reads only the
+  // weight (codes, scales, LUT), which no earlier kernel writes, so it overlaps the previous kernel when this grid
+  // starts early: the first units' codes stream in and the pair tables are built. x is read, and y written, only
+  // after the wait. Each unit is one commit group (empty past the end, so the group count stays in step with the
+  // waits below); the first group also holds the weight copies of the units issued before the wait.
+  allow_dependent_grid();
 #pragma unroll 1
-  for (int i = 0; i < kStages - 1; ++i) issue(i);  // the first units stream in while the tables are built
+  for (int i = 0; i < kStages - 1; ++i) issue_weights(i);
 
   const uint32_t* tab = nullptr;
   if constexpr (!kIntCodes) {
@@ -309,6 +335,12 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
     constexpr int kBuildItems = (kTiles * 128 + kWarps * 32 - 1) / (kWarps * 32);  // table items per thread
     build_pair_tables<kRepl, kBuildItems>(p.lut, tile0 * 16, kTiles, !p.lut_per_row, tables, kWarps * 32);
     tab = tables + g * kRepl + t % kRepl;
+  }
+  wait_for_previous_grid();
+#pragma unroll 1
+  for (int i = 0; i < kStages - 1; ++i) {
+    issue_x(i);
+    copy_commit();
   }
   const int tile_words = p.lut_per_row ? 256 * kStride : 0;  // table words between tiles of the CTA
 
@@ -333,7 +365,9 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   for (int i = 0; i < n_mine; ++i) {
     copy_wait<kStages - 2>();  // unit i's group has landed (this lane's copies)
     __syncwarp();  // ... and the other lanes' too; all lanes are done reading slot (i - 1) % kStages
-    issue(i + kStages - 1);  // refill that slot kStages - 1 units ahead, before this unit's math
+    issue_weights(i + kStages - 1);  // refill that slot kStages - 1 units ahead, before this unit's math
+    issue_x(i + kStages - 1);
+    copy_commit();
     const uint8_t* slot = ring + (static_cast<unsigned>(i) % kStages) * stage_bytes;
     const uint8_t* unit_scales = slot + kTiles * 1024 + g * 4 * kZ;
     const uint8_t* xs = slot + x_base;

@@ -19,6 +19,7 @@ struct Problem {
   int lut_per_row;     // 1: a table per weight row; 0: one table for the whole matrix
   int m, n, k, n_tiles, k_chunks, groups, group_shift;  // group_size == 1 << group_shift
   int sm_count;        // multiprocessors of the device: picks the warps per tile
+  int programmatic;    // 1: launch with programmatic stream serialization (sm_90+; see the kernel's prologue)
 };
 
 // Launches the variant the problem needs; returns the launch's error. Defined in tinygemm_kernels.cu.

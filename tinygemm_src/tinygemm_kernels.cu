@@ -79,8 +79,19 @@ static cudaError_t run(const Problem& p, cudaStream_t stream, int* resident) {
     if (err == cudaSuccess) last.store(key | static_cast<uint64_t>(*resident & 0xFF));
     return err;
   }
-  kernel<<<p.n_tiles / kTiles, kWarps * 32, bytes, stream>>>(p);
-  return cudaGetLastError();
+  if (!p.programmatic) {
+    kernel<<<p.n_tiles / kTiles, kWarps * 32, bytes, stream>>>(p);
+    return cudaGetLastError();
+  }
+  // May start while the previous kernel in the stream runs: the kernel waits for it before it reads x.
+  cudaLaunchAttribute early{};
+  early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  early.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(p.n_tiles / kTiles), config.blockDim = dim3(kWarps * 32);
+  config.dynamicSmemBytes = bytes, config.stream = stream;
+  config.attrs = &early, config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, p);
 }
 
 template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRows, int kTiles, int kWarps,

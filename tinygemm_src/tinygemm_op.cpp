@@ -6,19 +6,34 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "tinygemm.h"
 
 namespace {
 
-int sm_count(int device) {  // cached: asked once per device
-  static int counts[64] = {};
-  if (device < 0 || device >= 64) return 132;
-  if (counts[device] == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
+struct DeviceInfo {
+  int sm_count;  // multiprocessors
+  int major;     // compute capability
+};
+
+const DeviceInfo& device_info(int device) {  // cached: asked once per device
+  static DeviceInfo infos[64] = {};
+  TORCH_CHECK(device >= 0 && device < 64, "tinygemm: CUDA device index ", std::to_string(device), " out of range");
+  DeviceInfo& info = infos[device];
+  if (info.sm_count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, device));
   }
-  return counts[device];
+  return info;
+}
+
+// Programmatic dependent launch needs sm_90+; ANY4_TINYGEMM_PDL=0 turns it off (read at each call, so a process can
+// compare both: a CUDA graph keeps what its capture saw).
+bool programmatic_launch(const DeviceInfo& info) {
+  const char* env = std::getenv("ANY4_TINYGEMM_PDL");
+  return info.major >= 9 && !(env && std::string(env) == "0");
 }
 
 // Integers reach TORCH_CHECK messages as strings: streaming an int64 from this JIT-built library crashed inside
@@ -96,7 +111,9 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
   p.x = x.data_ptr();
   p.y = y.data_ptr();
   p.m = static_cast<int>(m);
-  p.sm_count = sm_count(x.get_device());
+  const DeviceInfo& info = device_info(x.get_device());
+  p.sm_count = info.sm_count;
+  p.programmatic = programmatic_launch(info);
   const cudaError_t err = tinygemm::launch(p, x.scalar_type() == at::kBFloat16, int_codes, has_zero,
                                            c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "tinygemm_4bit: kernel launch failed: ", cudaGetErrorString(err));

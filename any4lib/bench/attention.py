@@ -5,7 +5,8 @@
 Each program takes one (sequence, KV head) and one contiguous slice of the cache: the G query heads that share
 that KV head are the rows of one tl.dot, so each K/V tile is read once for all of them (grouped-query attention
 without repeating K/V). Keys past pos[0] (read on the device, so one CUDA graph serves every step) are masked;
-slices entirely past it exit after one load. A second kernel merges the slices' partial softmax sums. The op is
+slices entirely past it exit after one load. A second kernel merges the slices' partial softmax sums; on sm_90+ it
+first allows the kernel queued after it (the o_proj GEMM, which waits for its output) to launch. The op is
 opaque to torch.compile (torch.library.custom_op with a fake kernel), so compiled blocks and CUDA graphs call it
 as is. Triton is imported on first use: importing this module needs only torch.
 """
@@ -78,7 +79,10 @@ def _kernels():
 
     @triton.jit
     def combine_kernel(ACC, M, L, OUT, sob, soh, sog, G, S,
-                       HKV: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr):
+                       HKV: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # the o_proj GEMM may start now: it waits for this grid's completion before reading (sm_90+)
+            tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
+                                      is_pure=False, pack=1)
         bh = tl.program_id(0)
         g = tl.program_id(1)
         offs_s = tl.arange(0, BLOCK_S)
@@ -134,7 +138,8 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         num_warps=4, num_stages=2,
     )
     combine_kernel[(batch * hkv, g)](acc, m, l, out, out.stride(0), out.stride(1), out.stride(2), g, slices,
-                                     HKV=hkv, BLOCK_S=max(2, _next_pow2(slices)), D=d, num_warps=4)
+                                     HKV=hkv, BLOCK_S=max(2, _next_pow2(slices)), D=d,
+                                     PDL=torch.cuda.get_device_capability(q.device)[0] >= 9, num_warps=4)
     return out
 
 

@@ -4,12 +4,15 @@ Parameter names follow transformers' LlamaForCausalLM, so its state dict loads a
 transformers LlamaConfig (dimensions only) and is meant for speed: default RoPE, no dropout, no padding, one prompt
 length for the whole batch.
 
-Two decode-speed options, both exact rewrites of the same function:
+Three decode-speed options, all rewrites of the same function:
 - `fuse_projections()`: q/k/v become one linear (qkv_proj) and gate/up one (gate_up_proj), their weights stacked
   by output rows. Per-row and per-group quantized formats quantize row by row, so stacking the quantized parts
   is the same quantized model with fewer, larger GEMMs.
 - `decode_attention = "triton"`: a one-token step on CUDA reads the cache through a split-K Triton kernel
   (`attention.py`) that stops at the filled length, instead of SDPA with a boolean mask over the whole cache.
+- `set_decode_norm("triton")`: each residual add + RMSNorm on CUDA is one Triton kernel (`rmsnorm.py`) that lets
+  the tinygemm GEMM after it start early, instead of the kernel torch.compile fuses from the same ops (same
+  roundings; the fp32 sum of squares may add up in another order).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import decode_attention
+from .rmsnorm import add_rms_norm
 
 
 def rope_theta(config) -> float:
@@ -35,10 +39,21 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernel = "compiled"  # or "triton": see add_and_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(x + residual), x + residual); residual None: (self(x), x). kernel "compiled": PyTorch ops, which
+        torch.compile fuses into one kernel; "triton" (CUDA): rmsnorm.add_rms_norm, the same function in one kernel
+        that lets the GEMM after it start early."""
+        if self.kernel == "triton" and x.is_cuda:
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
+        return self(x), x
 
 
 class KVCache(nn.Module):
@@ -167,10 +182,9 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, pos, mask, residual=None):
         """-> (MLP output, the residual it is to be added to). The block's last addition is left to the next block
         (or the final norm), where it fuses with that block's input norm: one kernel fewer per block."""
-        if residual is not None:
-            x = x + residual
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, mask)
-        return self.mlp(self.post_attention_layernorm(h)), h
+        normed, x = self.input_layernorm.add_and_norm(x, residual)
+        normed, h = self.post_attention_layernorm.add_and_norm(self.self_attn(normed, cos, sin, pos, mask), x)
+        return self.mlp(normed), h
 
 
 class Body(nn.Module):
@@ -206,6 +220,16 @@ class LlamaDecoder(nn.Module):
             block.self_attn.decode_attention = impl
         return self
 
+    def set_decode_norm(self, impl: str) -> LlamaDecoder:
+        """'compiled' (PyTorch ops, fused by torch.compile) or 'triton' (rmsnorm.add_rms_norm on CUDA) for every
+        residual add + RMSNorm."""
+        if impl not in ("compiled", "triton"):
+            raise ValueError(f"decode norm {impl!r}: use 'compiled' or 'triton'")
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.kernel = impl
+        return self
+
     def setup_caches(self, batch: int, max_len: int) -> None:
         """Allocate the KV cache and the RoPE / causal-mask tables for `batch` sequences of up to `max_len` tokens."""
         ref = self.model.norm.weight
@@ -236,7 +260,7 @@ class LlamaDecoder(nn.Module):
             x, residual = block(x, cos, sin, pos, mask, residual)
         if last_only:
             x, residual = x[:, -1:], residual[:, -1:]
-        return self.lm_head(self.model.norm(x + residual))
+        return self.lm_head(self.model.norm.add_and_norm(x, residual)[0])
 
 
 def _chunks(n: int) -> int:

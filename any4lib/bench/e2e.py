@@ -9,7 +9,9 @@ step compiled (by default each block through torch.compile and the whole step in
 reduce-overhead compiles the whole step with torch.compile(mode="reduce-overhead") instead, minutes per shape on an 8B
 model). Every method runs the same decoder: by default q/k/v and gate/up fused into one linear each (--layout
 separate: seven per block) and the one-token attention through the split-K Triton kernel (--attention sdpa: masked
-SDPA over the whole cache); the CSV records both. One CSV row per (method, batch, layout, attention), written as soon
+SDPA over the whole cache), and each residual add + RMSNorm through one Triton kernel that lets the next GEMM start
+early (--norm compiled: the kernel torch.compile fuses); the CSV records all three. One CSV row per (method, batch,
+layout, attention, norm), written as soon
 as it is measured; rows already in the CSV are skipped, so an interrupted run resumes. --profile: where one step's
 time goes (profile.py).
 """
@@ -247,14 +249,15 @@ def cat_quantized(parts: list[QuantizedTensor]) -> QuantizedTensor:
 
 def build_model(config, meth: Method, device, seed: int = 0, reuse_budget_s: float = 60.0,
                 dtype=torch.bfloat16, progress: bool = True, fuse: bool = True,
-                attention: str = "triton") -> tuple[LlamaDecoder, dict]:
+                attention: str = "triton", norm: str = "triton") -> tuple[LlamaDecoder, dict]:
     """The decoder on `device` with seeded random weights, every block Linear replaced by `meth`.
 
     Built on the meta device, so only what each method keeps is ever allocated. If quantizing the first block
     times the rest would exceed `reuse_budget_s`, the later blocks get copies of the first block's quantized
     layers (same codes, separate memory; the timing is unchanged since decode streams every weight once).
     fuse: q/k/v and gate/up as one linear each, built from the same random parts as the unfused model (so both
-    models compute the same function). attention: the one-token attention on CUDA, 'triton' or 'sdpa'.
+    models compute the same function). attention: the one-token attention on CUDA, 'triton' or 'sdpa'. norm: the
+    residual add + RMSNorm on CUDA, 'triton' or 'compiled' (LlamaDecoder.set_decode_norm).
     lm_head stays bf16 unless meth.quant_head.
     """
     from tqdm import tqdm
@@ -263,7 +266,7 @@ def build_model(config, meth: Method, device, seed: int = 0, reuse_budget_s: flo
         model = LlamaDecoder(config)
     if fuse:
         model.fuse_projections()
-    model.set_decode_attention(attention)
+    model.set_decode_attention(attention).set_decode_norm(norm)
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def random_weight(shape):
@@ -403,7 +406,7 @@ def time_generation(model: LlamaDecoder, batch: int, prompt_len: int, new: int, 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
 
-COLUMNS = ["method", "format", "group_size", "implementation", "layout", "attention", "lm_head", "batch", "prompt", "new", "decode_tok_s",
+COLUMNS = ["method", "format", "group_size", "implementation", "layout", "attention", "norm", "lm_head", "batch", "prompt", "new", "decode_tok_s",
            "decode_ms_per_step", "speedup_vs_bf16", "prefill_tok_s", "prefill_ms", "model_gb", "peak_mem_gb", "prefill_peak_mem_gb",
            "quantize_s_first_block", "codes_reused", "compile", "warmup_s", "status", "model_config",
            "git_commit", "git_dirty", "torch", "cuda", "device", "date"]
@@ -435,9 +438,9 @@ def _append_row(path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
-def _variant(row: dict) -> tuple[str, str]:
-    """(layout, attention) of a CSV row; rows from before these columns existed ran separate + sdpa."""
-    return row.get("layout") or "separate", row.get("attention") or "sdpa"
+def _variant(row: dict) -> tuple[str, str, str]:
+    """(layout, attention, norm) of a CSV row; rows from before these columns existed ran separate + sdpa + compiled."""
+    return row.get("layout") or "separate", row.get("attention") or "sdpa", row.get("norm") or "compiled"
 
 
 def _fmt(value) -> str:
@@ -471,14 +474,14 @@ def run(args) -> list[dict]:
     config = model_config(args.model_config)
     out = Path(args.out)
     rows = _read_rows(out)
-    variant = ("fused" if args.fuse else "separate", args.attention)
+    variant = ("fused" if args.fuse else "separate", args.attention, args.norm)
     rows = [r for r in rows if _variant(r) == variant]  # other layouts in the same CSV: kept, not compared
     done = {(r["method"], int(r["batch"])) for r in rows if r["status"].startswith("ok")}
     prov = provenance(device)
     common = {"prompt": args.prompt, "new": args.new, "compile": args.compile, "model_config": args.model_config,
               "git_commit": (prov["git"]["commit"] or "")[:12], "git_dirty": prov["git"]["dirty"],
               "torch": torch.__version__, "cuda": torch.version.cuda, "device": prov["device"], "date": prov["date"],
-              "layout": variant[0], "attention": variant[1]}
+              "layout": variant[0], "attention": variant[1], "norm": variant[2]}
     start = time.perf_counter()
     methods = [method(name, args.group_size) for name in args.methods]
     for meth in methods:
@@ -498,7 +501,7 @@ def run(args) -> list[dict]:
                 torch.cuda.empty_cache()
             before = torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else 0
             model, info = build_model(config, meth, device, seed=args.seed, reuse_budget_s=args.reuse_budget_s,
-                                      fuse=args.fuse, attention=args.attention)
+                                      fuse=args.fuse, attention=args.attention, norm=args.norm)
             model_gb = ((torch.cuda.memory_allocated() - before) / 1e9 if torch.device(device).type == "cuda"
                         else float("nan"))
         except Exception as err:  # a peer that is missing or fails: recorded, the run goes on
@@ -568,6 +571,9 @@ def parse_args(argv=None):
                         help="fused: q/k/v and gate/up as one linear each (every method); separate: seven per block")
     parser.add_argument("--attention", default="triton", choices=["triton", "sdpa"],
                         help="one-token attention on CUDA: split-K Triton kernel, or masked SDPA over the whole cache")
+    parser.add_argument("--norm", default="triton", choices=["triton", "compiled"],
+                        help="residual add + RMSNorm on CUDA: a Triton kernel that lets the next GEMM start early "
+                             "(sm_90+), or the kernel torch.compile fuses from the same ops")
     parser.add_argument("--out", default="results/e2e/decode.csv")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the bench: profile one decode step per method x --profile-variants x batch")

@@ -32,6 +32,7 @@ REGIONS = ("block", "embed", "final_norm", "lm_head")
 # Library kernels, by name; first match wins (attention before GEMMs: attention kernels mention gemm-like words).
 LIBRARY = (
     ("attention", r"split_kernel|combine_kernel|fmha|flash|attention|efficient|sdpa"),
+    ("rmsnorm (+ residual add)", r"rms_norm"),
     ("gemm", r"tinygemm|gemv|gemm|nvjet|xmma|int4pack|splitk|cublas|kgemm|matmul|cutlass"),
     ("memset", r"memset"),
     ("memcpy", r"memcpy"),
@@ -68,6 +69,10 @@ class Labelled(nn.Module):
         with torch.profiler.record_function(self.label):
             return self.inner(*args)
 
+    def add_and_norm(self, *args):  # the decoder calls its final norm (decode.RMSNorm) through this method
+        with torch.profiler.record_function(self.label):
+            return self.inner.add_and_norm(*args)
+
 
 def _label(event) -> str:
     while event is not None:
@@ -99,8 +104,8 @@ def kernel_times(prof) -> tuple[dict, float]:
 
 def profile_one(config, meth, batch: int, fuse: bool, attention: str, prompt_len: int, new: int, device,
                 seed: int = 0, steps: int = 6, trace: Path | None = None,
-                compile: bool = True) -> tuple[dict, list[str]]:
-    """Profile `steps` decode steps of one (method, layout, attention, batch); then time it as the bench does.
+                compile: bool = True, norm: str = "triton") -> tuple[dict, list[str]]:
+    """Profile `steps` decode steps of one (method, layout, attention, norm, batch); then time it as the bench does.
     Returns the CSV row and the text summary. compile=False (and a CPU device) is for smoke tests."""
     from .e2e import _eager, build_model, compile_blocks, graphed_step
 
@@ -109,7 +114,7 @@ def profile_one(config, meth, batch: int, fuse: bool, attention: str, prompt_len
     is_cuda = torch.device(device).type == "cuda"
     sync = torch.cuda.synchronize if is_cuda else (lambda: None)
     model, info = build_model(config, meth, device, seed=seed, reuse_budget_s=0.0, fuse=fuse, attention=attention,
-                              progress=False)
+                              norm=norm, progress=False)
     layers = len(model.model.layers)
     model.setup_caches(batch, prompt_len + new)
     if compile:
@@ -159,7 +164,8 @@ def profile_one(config, meth, batch: int, fuse: bool, attention: str, prompt_len
 
     per_step = {key: (calls / steps, us / steps) for key, (calls, us) in table.items()}
     attributed = sum(us for _, us in table.values())
-    row = {"method": meth.name, "layout": "fused" if fuse else "separate", "attention": attention, "batch": batch,
+    row = {"method": meth.name, "layout": "fused" if fuse else "separate", "attention": attention, "norm": norm,
+           "batch": batch,
            "lm_head": meth.describe_head(), "graphed_ms_per_step": graphed_ms,
            "attributed_pct": 100 * attributed / device_total if device_total else float("nan"),
            "codes_reused": info["codes_reused"]}
@@ -187,7 +193,8 @@ def summarize(row: dict, per_step: dict, layers: int) -> tuple[dict, list[str]]:
         row[f"us/step {key}"] = sums[key]
         row[f"kernels/step {key}"] = counts[key]
 
-    title = (f"{row['method']} b={row['batch']} {row['layout']}+{row['attention']} lm_head={row['lm_head']}: "
+    title = (f"{row['method']} b={row['batch']} {row['layout']}+{row['attention']}+{row['norm']} "
+             f"lm_head={row['lm_head']}: "
              f"graphed {graphed_ms:.3f} ms/step ({row['graphed_tok_s']:.1f} tok/s); kernels "
              f"{row['kernel_ms_per_step']:.3f} ms/step, {row['kernels_per_step']:.0f} kernels/step, idle in the "
              f"graph {1e3 * row['gap_ms_per_step']:.0f} us/step")
@@ -206,13 +213,14 @@ def parse_text(text: str) -> list[tuple[dict, dict]]:
     """Read profile .txt sections back: [(header fields, {(region, kernel name): (calls/step, us/step)})].
     The kernel lists are complete when a section lists fewer than 25 kernels (checked)."""
     sections = []
-    header = re.compile(r"^(\S+) b=(\d+) (\w+)\+(\w+) lm_head=(\S+): graphed ([\d.]+) ms/step")
+    header = re.compile(r"^(\S+) b=(\d+) (\w+)\+(\w+)(?:\+(\w+))? lm_head=(\S+): graphed ([\d.]+) ms/step")
     current, in_top = None, False
     for line in text.splitlines():
         m = header.match(line)
         if m:
-            method, batch, layout, attention, head, ms = m.groups()
+            method, batch, layout, attention, norm, head, ms = m.groups()
             current = ({"method": method, "batch": int(batch), "layout": layout, "attention": attention,
+                        "norm": norm or "compiled",
                         "lm_head": head, "graphed_ms_per_step": float(ms)}, {})
             sections.append(current)
             in_top = False
@@ -255,9 +263,9 @@ def run_profile(args) -> list[dict]:
                 try:
                     row, lines = profile_one(config, meth, b, layout == "fused", attention, args.prompt, args.new,
                                              args.device, seed=args.seed, trace=trace,
-                                             compile=args.compile != "none")
+                                             compile=args.compile != "none", norm=args.norm)
                 except Exception as err:  # recorded, the run goes on
-                    row = {"method": name, "layout": layout, "attention": attention, "batch": b,
+                    row = {"method": name, "layout": layout, "attention": attention, "norm": args.norm, "batch": b,
                            "status": f"failed: {type(err).__name__}: {err}"[:300]}
                     lines = [f"{name} b={b} {variant}: {row['status']}"]
                     gc.collect()
