@@ -23,6 +23,7 @@ import copy
 import csv
 import gc
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +193,10 @@ class Method:
             return f"torch {torch.__version__} _weight_int4pack_mm"
         dist = {"gemlite-int4": "gemlite", "bnb-nf4": "bitsandbytes"}.get(self.name)
         if dist is None:
-            return "any4lib " + ("dequantized weight, dense matmul" if self.dequantized else "tinygemm kernels")
+            if self.dequantized:
+                return "any4lib dequantized weight, dense matmul"
+            off = os.environ.get("ANY4_TINYGEMM_PDL") == "0"  # read by the kernels' binding at each call
+            return "any4lib tinygemm kernels" + (" (programmatic launch off)" if off else "")
         try:
             return f"{dist} {metadata.version(dist)}"
         except metadata.PackageNotFoundError:
