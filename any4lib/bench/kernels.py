@@ -4,6 +4,9 @@ Per Llama shape and m, the median microseconds of cuBLAS bf16 (F.linear), PyTorc
 (torch._weight_int4pack_mm) and ours (int4, any4, nf4 at g128; MX-FP4 at its g32), the effective bandwidth
 (weight + activation + output bytes over time) and its fraction of a measured device-to-device copy.
 Each method runs back to back inside a CUDA graph over enough weight copies that L2 (50 MB) cannot hold them.
+Ours are launched without programmatic dependent launch (ANY4_TINYGEMM_PDL=0 unless set): copies of one GEMM back
+to back would overlap each one's start with the previous one's end, which no decode step offers (a GEMM there
+follows a norm or attention kernel), and no other method gets.
 Writes results/kernels/kernels_<device>.csv with provenance columns. `--prefill M`: the same shapes at M rows, where
 `linear` runs the dequantize kernel and cuBLAS (kernels_prefill_<device>.csv).
 """
@@ -267,6 +270,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the kernel benchmark needs a CUDA device")
+    os.environ.setdefault("ANY4_TINYGEMM_PDL", "0")  # see the module docstring; the binding reads it per call
     load_kernels()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows_m = [int(v) for v in args.rows.split(",")]
