@@ -15,8 +15,7 @@ namespace tinygemm {
 struct Config {
   int stages;      // int codes: ring slots (units of k = 128) per warp at m <= 8, 2 or 4 (at m > 8, where a slot
                    // holds twice the x: half of it, at least 2)
-  int lut_stages;  // the same for LUT formats, whose tables share the shared memory, in 4-warp CTAs
-  int lut_stages8;  // ... and in 8-warp CTAs (few CTAs: the grid fits in one wave, so deeper rings cost no wave)
+  int lut_stages;  // the same for LUT formats, whose tables share the shared memory
   int repl;        // copies of the pair tables when a CTA has one tile (1, 2 or 4); two tiles take half as many,
                    // and so does a matrix-wide table above 2 rows of x in 4-warp CTAs
   int tiles16;     // at m > 8: 1 tile per CTA; 2: two tiles (each x fragment serves both, half the x traffic)
@@ -29,8 +28,9 @@ struct Config {
 // codes (2 lost 3-7%); 2 slots and 32 KB of pair tables for LUT formats (64 KB left 2 CTAs per SM: any4 88 us at
 // 28672 x 8192, m = 1, vs 64 with 32 KB), which since v9's row-pair tables is 4 copies (conflict-free); two tiles
 // per CTA at m > 8 (one: int4 82 vs 52 us at 28672 x 8192, m = 16), also when that leaves 128 CTAs for 132 SMs
-// (4096 x 14336: 18 vs 23 us).
-constexpr Config kChosen{4, 2, 4, 4, 3, 0, 0};
+// (4096 x 14336: 18 vs 23 us). 4 slots for LUT formats in 8-warp CTAs (the small grids) lost up to 20% at m = 1-8
+// (any4 at m = 1 on 4096 x 4096: 6.5 -> 7.8 us; results/kernels/ab_lut_stages8_vs_v12_H100.log).
+constexpr Config kChosen{4, 2, 4, 3, 0, 0};
 
 #ifdef TINYGEMM_TUNING
 #define TG_IF if
@@ -40,7 +40,6 @@ static int env_or(const char* name, int fallback) {
 }
 static Config config() {  // read at every launch: a benchmark switches variants between CUDA-graph captures
   return {env_or("TINYGEMM_STAGES", kChosen.stages),   env_or("TINYGEMM_LUT_STAGES", kChosen.lut_stages),
-          env_or("TINYGEMM_LUT_STAGES8", kChosen.lut_stages8),
           env_or("TINYGEMM_REPL", kChosen.repl),       env_or("TINYGEMM_TILES16", kChosen.tiles16),
           env_or("TINYGEMM_WARPS", kChosen.warps),     env_or("TINYGEMM_LUT_WARPS", kChosen.lut_warps)};
 }
@@ -132,7 +131,7 @@ static cudaError_t for_repl(const Problem& p, cudaStream_t stream, int* resident
 template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRows, int kTiles, int kWarps>
 static cudaError_t for_stages(const Problem& p, cudaStream_t stream, int* resident = nullptr) {
   // At m > 8 a slot carries 16 rows of x (4 KB): fewer slots keep the shared memory per CTA in bounds.
-  TG_IF ((kIntCodes ? config().stages : kWarps == 8 ? config().lut_stages8 : config().lut_stages) == 4) {
+  TG_IF ((kIntCodes ? config().stages : config().lut_stages) == 4) {
     return for_repl<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, 4 / kMTiles>(p, stream, resident);
   } else {
     return for_repl<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, 2>(p, stream, resident);
