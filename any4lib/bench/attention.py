@@ -139,7 +139,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     )
     combine_kernel[(batch * hkv, g)](acc, m, l, out, out.stride(0), out.stride(1), out.stride(2), g, slices,
                                      HKV=hkv, BLOCK_S=max(2, _next_pow2(slices)), D=d,
-                                     PDL=torch.cuda.get_device_capability(q.device)[0] >= 9, num_warps=4)
+                                     PDL=q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9, num_warps=4)
     return out
 
 

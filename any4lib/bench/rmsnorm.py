@@ -71,7 +71,7 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: 
     if rows:
         import triton
 
-        pdl = torch.cuda.get_device_capability(x.device)[0] >= 9
+        pdl = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9  # (CPU: Triton's interpreter)
         block = triton.next_power_of_2(d)
         _kernel()[(rows,)](x, x if residual is None else residual.contiguous(), weight, normed, total, d, eps,
                            HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl,
