@@ -51,6 +51,12 @@ class QuantizedTensor:
         moved = {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in moved.items()}
         return replace(self, **moved)
 
+    def select_rows(self, index: torch.Tensor) -> QuantizedTensor:
+        """The rows `index` (a 1-D index tensor) of this weight, in that order (a shared table stays shared)."""
+        lut = self.lut if self.lut.shape[0] == 1 else self.lut[index]
+        zero = None if self.zero is None else self.zero[index]
+        return replace(self, codes=self.codes[index], lut=lut, scale=self.scale[index], zero=zero)
+
     def bits_per_weight(self) -> float:
         """Storage cost per weight: the code plus its share of scales and zeros (16-bit, or the format's 8-bit block
         scale), of per-row LUT entries (16-bit) and of an fp32 tensor scale (NVFP4)."""
@@ -91,6 +97,26 @@ class QuantizedTensor:
             zero=state.get("zero"),
             tensor_scale=float(state["tensor_scale"]),
         )
+
+
+def cat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    """QuantizedTensors of the same format, K and group size stacked by rows (exact for per-row / per-group formats:
+    each row's codes, LUT, scales and zeros are its own; a shared table must be the same in every part)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    for q in parts[1:]:
+        same = (q.format, q.bits, q.group_size, q.shape[1], q.tensor_scale)
+        if same != (first.format, first.bits, first.group_size, first.shape[1], first.tensor_scale):
+            raise ValueError(f"cannot stack {q.format} {tuple(q.shape)} onto {first.format} {tuple(first.shape)}: "
+                             "format, K, group size and tensor scale must match")
+    if all(q.lut.shape[0] == 1 for q in parts) and all(torch.equal(q.lut, first.lut) for q in parts):
+        lut = first.lut
+    else:
+        lut = torch.cat([q.lut.expand(q.shape[0], -1) for q in parts])
+    zero = None if first.zero is None else torch.cat([q.zero for q in parts])
+    return replace(first, codes=torch.cat([q.codes for q in parts]), lut=lut,
+                   scale=torch.cat([q.scale for q in parts]), zero=zero)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@
 # masked SDPA) against the new (fused; Triton split-K decode attention), b=1: results/e2e/profile/profile.{csv,txt}.
 # BENCH_OUT: another CSV for the bench step (a control). qhead: optional rows with lm_head quantized too.
 # sdpa-control: the new layout with masked SDPA attention. pdl-ab: programmatic dependent launch x the norm kernel.
+# swiglu-ab: silu(gate) * up in the gate/up GEMM's epilogue against its own kernel.
 # With ANY4_RESTORE_CLEAN=1 (on the device only: it overwrites files), .carry/clean (files of a committed tree, laid
 # out as in the repository) is copied over the tree first, so that a run measures committed kernels even when the
 # working tree it was sent from holds someone's unfinished edits.
@@ -104,6 +105,19 @@ for step in "${steps[@]}"; do
         done
         cp results/e2e/controls/decode_pdl$pdl.csv "$OUT/" 2>/dev/null
       done ;;
+    swiglu-ab)
+      # The MLP's silu(gate) * up in the gate/up GEMM's epilogue (--swiglu epilogue) against inductor's kernel of the
+      # same ops, batch 1, side by side in one call: results/e2e/controls/decode_swiglu.csv (its swiglu column tells
+      # them apart; bf16 runs compiled either way, so it is measured once).
+      build_kernels
+      rc=0
+      for swiglu in compiled epilogue; do
+        timeout "${AB_LIMIT_S:-150}" python3 -m any4lib.bench.e2e --model-config llama3-8b \
+          --formats "${AB_METHODS:-bf16,any4,int4}" --peers "" --batch "${AB_BATCH:-1}" --prompt 512 --new 128 \
+          --swiglu $swiglu --out results/e2e/controls/decode_swiglu.csv 2>&1 | tee -a "$OUT/swiglu_ab.log"
+        [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+      done
+      cp results/e2e/controls/decode_swiglu.csv "$OUT/" 2>/dev/null ;;
     tests)
       timeout "${TESTS_LIMIT_S:-200}" python3 -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_e2e.py ${TESTS_K:+-k "$TESTS_K"} \
         2>&1 | tee "$OUT/tests.log"
@@ -116,7 +130,7 @@ for step in "${steps[@]}"; do
         --deadline-s $(( limit - 150 )) --out results/e2e/controls/decode_reduce_overhead.csv 2>&1 | tee "$OUT/reduce_overhead.log"
       rc=${PIPESTATUS[0]}
       cp results/e2e/controls/decode_reduce_overhead.csv "$OUT/" 2>/dev/null ;;
-    *) echo "unknown step $step (profile, bench, qhead, sdpa-control, pdl-ab, tests, reduce-overhead)"; rc=2 ;;
+    *) echo "unknown step $step (profile, bench, qhead, sdpa-control, pdl-ab, swiglu-ab, tests, reduce-overhead)"; rc=2 ;;
   esac
   echo "== $step: exit $rc after $((SECONDS - start)) s"
   [ "$rc" = 0 ] || status=1

@@ -104,18 +104,6 @@ def test_fused_quantized_layers_stack_the_separate_ones(name):
         assert torch.equal(greedy_tokens_of(fused), greedy_tokens_of(separate))
 
 
-@pytest.mark.parametrize("fmt", ["any4", "nf4", "int4", "mxfp4"])
-def test_cat_quantized_is_exact(fmt):
-    torch.manual_seed(0)
-    parts = [quantize(torch.randn(n, 256), fmt, 128) for n in (32, 16, 48)]
-    q = e2e.cat_quantized(parts)
-    assert q.shape == (96, 256)
-    torch.testing.assert_close(q.dequantize(), torch.cat([p.dequantize() for p in parts]), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="cannot stack"):
-        e2e.cat_quantized([parts[0], quantize(torch.randn(16, 256), fmt, 64 if fmt != "mxfp4" else 128)]
-                          if fmt != "mxfp4" else [parts[0], quantize(torch.randn(16, 128), fmt, 128)])
-
-
 def test_quantized_lm_head_option():
     meth = e2e.method("int4:dequant:qhead", 128)
     assert meth.quant_head and meth.format == "int4" and meth.describe_head() == "int4:dequant"
@@ -238,6 +226,17 @@ def test_kernel_path_matches_dequantized_weights(fmt):
     assert torch.equal(greedy_tokens(fmt), greedy_tokens(f"{fmt}:dequant"))
 
 
+def test_swiglu_epilogue_is_the_same_model():
+    model, _ = e2e.build_model(TINY, e2e.method("any4", 128), "cpu", seed=3, reuse_budget_s=0.0, progress=False)
+    assert all(block.mlp.gate_up_proj.swiglu for block in model.model.layers)
+    assert torch.equal(greedy_tokens("any4"), greedy_tokens("any4", swiglu="compiled"))
+    # Only the tinygemm methods, fused, have the epilogue.
+    for name, fuse, mode in [("int4", True, "epilogue"), ("int4", False, "compiled"), ("int4:dequant", True, "compiled"),
+                             ("torch-int4", True, "compiled"), ("bf16", True, "compiled")]:
+        assert e2e.method(name, 128).swiglu_mode("epilogue", fuse) == mode, name
+    assert e2e.method("int4", 128).swiglu_mode("compiled", True) == "compiled"
+
+
 def test_anyn_codes_shared_across_blocks_when_quantizing_is_slow():
     model, info = e2e.build_model(TINY, e2e.method("any4:dequant", 128), "cpu", seed=3, reuse_budget_s=0.0,
                                   progress=False)
@@ -256,8 +255,8 @@ def test_run_writes_csv_with_provenance_and_resumes(tmp_path, capsys):
         (m, b) for m in ("bf16", "int4:dequant", "torch-int4") for b in ("1", "2")]
     assert all(r["status"] == "ok" for r in rows)
     assert all(r["git_commit"] and r["torch"] == torch.__version__ and r["date"] for r in rows)
-    assert all((r["layout"], r["attention"], r["norm"], r["lm_head"]) == ("fused", "triton", "triton", "bf16")
-               for r in rows)
+    assert all((r["layout"], r["attention"], r["norm"], r["swiglu"], r["lm_head"])
+               == ("fused", "triton", "triton", "compiled", "bf16") for r in rows)
     assert all(float(r["decode_tok_s"]) > 0 for r in rows)
     bf16 = {r["batch"]: float(r["decode_tok_s"]) for r in rows if r["method"] == "bf16"}
     for r in rows:
@@ -384,3 +383,12 @@ def test_triton_norm_matches_the_compiled_norm_in_the_model_on_gpu(mode):
         return greedy_tokens("bf16", "cuda", mode, new=8, dtype=torch.float32, norm=norm)
 
     assert torch.equal(tokens("triton"), tokens("compiled"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("name", ["any4", "int4"])
+def test_swiglu_epilogue_matches_the_compiled_activation_on_gpu(name):
+    # The same products either way; the epilogue's silu(gate) * up against inductor's kernel of the same ops.
+    assert torch.equal(greedy_tokens(name, "cuda", "blocks", new=8),
+                       greedy_tokens(name, "cuda", "blocks", new=8, swiglu="compiled"))

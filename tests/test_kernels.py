@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from any4lib import quantize
-from any4lib.kernels import PackedWeight, build, check_supported, is_supported, linear
+from any4lib.kernels import PackedWeight, build, check_supported, is_supported, linear, ops, packing
 
 FORMATS = ["int4", "any4", "nf4", "fp4", "mxfp4", "int4_sym", "any4_global"]
 GROUP_SIZES = [32, 64, 128, 256]
@@ -157,6 +158,48 @@ def test_reference_matches_float64(fmt):
     exact = x.double() @ w.dequantize(torch.float64).T
     err = (y.double() - exact).norm() / exact.norm()
     assert err < 1e-2
+
+
+def test_gate_up_rows_pair_each_output_in_one_tile():
+    order = packing.gate_up_rows(32).tolist()
+    assert order == list(range(8)) + list(range(16, 24)) + list(range(8, 16)) + list(range(24, 32))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        packing.gate_up_rows(24)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "any4", "nf4", "mxfp4"])
+def test_swiglu_weight_matches_float64(fmt):
+    gate, up = (_quantized(fmt, 64 if fmt != "mxfp4" else 32, n=40, k=256, seed=s) for s in (1, 2))
+    w = PackedWeight.from_gate_up(gate, up, torch.bfloat16)
+    assert w.swiglu and w.shape == (80, 256) and w.out_features == 40
+    # Stored interleaved by 8; unpack keeps that order.
+    plain = [PackedWeight.from_quantized(q, torch.bfloat16).dequantize(torch.float64) for q in (gate, up)]
+    stacked = torch.cat(plain)[packing.gate_up_rows(80)]
+    assert torch.equal(w.dequantize(torch.float64), stacked)
+    x = torch.randn(3, 2, 256).to(torch.bfloat16)
+    y = linear(x, w)
+    assert y.shape == (3, 2, 40) and y.dtype == torch.bfloat16
+    exact = F.silu(x.double() @ plain[0].T) * (x.double() @ plain[1].T)
+    assert ((y.double() - exact).norm() / exact.norm()).item() < 1e-2
+
+
+def test_swiglu_fake_kernel_halves_the_columns():
+    w = PackedWeight.from_gate_up(_quantized("any4", 64, n=16, k=128), _quantized("any4", 64, n=16, k=128, seed=1))
+    mode = torch._subclasses.fake_tensor.FakeTensorMode()
+    tensors = [mode.from_tensor(t) for t in (torch.empty(3, 128, dtype=torch.bfloat16), w.codes, w.scales, w.lut)]
+    with mode:
+        args = (*tensors, w.n, 64, False)
+        assert ops.tinygemm_4bit(*args, swiglu=True).shape == (3, 16)
+        assert ops.tinygemm_4bit(*args).shape == (3, 32)
+
+
+def test_swiglu_bad_inputs_say_why():
+    with pytest.raises(ValueError, match="same shape"):
+        PackedWeight.from_gate_up(_quantized("int4", 64, n=16), _quantized("int4", 64, n=24))
+    with pytest.raises(ValueError, match="multiple of 8 rows"):
+        PackedWeight.from_gate_up(_quantized("int4", 64, n=12), _quantized("int4", 64, n=12))
+    with pytest.raises(ValueError, match="cannot stack"):
+        PackedWeight.from_gate_up(_quantized("int4", 64, n=16), _quantized("int4", 32, n=16, k=128))
 
 
 def test_unsupported_weights_say_why():

@@ -1,15 +1,19 @@
 """tinygemm on the GPU: every format x group size x m in 1..16 on Llama shapes and odd ones, against float64;
-the dequantize kernel (m > 16) against the PyTorch reference bit for bit; opcheck, torch.compile (with CUDA graphs),
-the m > 16 fallback and bad inputs. Skipped without CUDA."""
+the SwiGLU epilogue; the dequantize kernel (m > 16) against the PyTorch reference bit for bit; opcheck,
+torch.compile (with CUDA graphs), the m > 16 fallback and bad inputs. Skipped without CUDA."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from any4lib import quantize
 from any4lib.bench.kernels import random_quantized
 from any4lib.kernels import PackedWeight, linear, load_kernels, ops
+from any4lib.kernels.reference import swiglu_reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,7 +28,7 @@ TOLERANCE = 1e-2
 
 def run_poisoned(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """linear(x, w) after filling the block the caching allocator will hand out for its output with NaN."""
-    shape = (*x.shape[:-1], w.n)
+    shape = (*x.shape[:-1], w.out_features)
     poison = torch.full(shape, float("nan"), dtype=x.dtype, device=x.device)
     del poison
     return linear(x, w)
@@ -104,6 +108,31 @@ def test_dequantize_kernel_from_quantize():
         assert torch.equal(w.dequantize(torch.bfloat16), w.unpack().dequantize(torch.bfloat16))
 
 
+SWIGLU_SHAPES = [(14336, 4096), (8, 256), (200, 512)]  # (h, k) of gate and of up: Llama-3-8B's MLP, small ones
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("h,k", SWIGLU_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("fmt", ["int4", "any4", "nf4", "mxfp4"])
+def test_swiglu_epilogue(fmt, h, k, dtype):
+    # The epilogue's silu(gate) * up against (1) the same kernel without it, the products then through PyTorch (the
+    # same fp32 sums, so at most one rounding step apart), and (2) float64 from the unpacked gate and up weights.
+    group_size = 32 if fmt == "mxfp4" else 128
+    gate, up = (random_quantized(fmt, h, k, group_size) for _ in range(2))
+    fused = PackedWeight.from_gate_up(gate, up, dtype)
+    plain = replace(fused, swiglu=False)
+    gate64, up64 = (PackedWeight.from_quantized(q, dtype).dequantize(torch.float64) for q in (gate, up))
+    step = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    for m in [1, 2, 3, 8, 9, 16]:
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        y = run_poisoned(x, fused)
+        assert y.shape == (m, h) and torch.isfinite(y).all(), f"m={m}: unwritten (NaN) outputs"
+        torch.testing.assert_close(y.float(), swiglu_reference(linear(x, plain)).float(), rtol=step, atol=1e-6)
+        exact = F.silu(x.double() @ gate64.T) * (x.double() @ up64.T)
+        err = ((y.double() - exact).norm() / exact.norm()).item()
+        assert err <= TOLERANCE, f"{fmt} {h}x{k} m={m}: relative error {err:.2e}"
+
+
 def _op_args(fmt, dtype, m=5, n=48, k=256, group_size=64):
     w = PackedWeight.from_quantized(random_quantized(fmt, n, k, group_size), dtype)
     x = torch.randn(m, k, device="cuda").to(dtype)
@@ -114,6 +143,7 @@ def _op_args(fmt, dtype, m=5, n=48, k=256, group_size=64):
 def test_opcheck(fmt, dtype):
     load_kernels()
     torch.library.opcheck(torch.ops.any4lib.tinygemm_4bit.default, _op_args(fmt, dtype))
+    torch.library.opcheck(torch.ops.any4lib.tinygemm_4bit.default, (*_op_args(fmt, dtype), True))  # swiglu
 
 
 @pytest.mark.parametrize("fmt,dtype", [("int4", torch.bfloat16), ("any4", torch.float16), ("mxfp4", torch.bfloat16)])
@@ -152,6 +182,9 @@ def test_bad_inputs_raise_clear_errors():
         op(x, codes, scales, None, n, group_size, int_codes)
     with pytest.raises(RuntimeError, match="must be on a CUDA device"):
         op(x.cpu(), codes, scales, lut, n, group_size, int_codes)
+    x, codes, scales, lut, n, group_size, int_codes = _op_args("any4", torch.bfloat16, n=40)
+    with pytest.raises(RuntimeError, match="n = 40 must be a multiple of 16"):
+        op(x, codes, scales, lut, n, group_size, int_codes, True)
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])

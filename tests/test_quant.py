@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from any4lib import QuantizedTensor, dequantize, quantize, valid_group_sizes
+from any4lib.qtensor import cat_rows
 from real_weights import real_weight
 
 
@@ -120,6 +121,28 @@ def test_bad_sample_weights_and_options_raise():
         quantize(w, "int4", seed=3)
     with pytest.raises(ValueError, match="group_size must be an int"):
         quantize(w, "int4", 1)
+
+
+@pytest.mark.parametrize("fmt", ["any4", "nf4", "int4", "mxfp4"])
+def test_cat_rows_is_exact(fmt):
+    torch.manual_seed(0)
+    parts = [quantize(torch.randn(n, 256), fmt, 128) for n in (32, 16, 48)]
+    q = cat_rows(parts)
+    assert q.shape == (96, 256)
+    torch.testing.assert_close(q.dequantize(), torch.cat([p.dequantize() for p in parts]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cannot stack"):
+        cat_rows([parts[0], quantize(torch.randn(16, 256), fmt, 64 if fmt != "mxfp4" else 128)]
+                 if fmt != "mxfp4" else [parts[0], quantize(torch.randn(16, 128), fmt, 128)])
+
+
+@pytest.mark.parametrize("fmt", ["any4", "nf4"])
+def test_select_rows_takes_the_rows_in_order(fmt):
+    torch.manual_seed(0)
+    q = quantize(torch.randn(24, 128), fmt, 64)
+    order = torch.tensor([5, 0, 23, 5])
+    picked = q.select_rows(order)
+    torch.testing.assert_close(picked.dequantize(), q.dequantize()[order], rtol=0, atol=0)
+    assert picked.lut.shape[0] == (4 if fmt == "any4" else 1)  # a shared table stays shared
 
 
 def test_import_never_initialises_cuda():

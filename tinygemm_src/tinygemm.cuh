@@ -40,6 +40,7 @@ struct Dtype<__nv_bfloat16> {
   static constexpr uint32_t kOnes = 0x3F803F80u;
   __device__ static float to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
   __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  __device__ static float round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -54,6 +55,7 @@ struct Dtype<__half> {
   static constexpr uint32_t kOnes = 0x3C003C00u;
   __device__ static float to_float(uint32_t bits16) { return __half2float(__ushort_as_half(uint16_t(bits16))); }
   __device__ static __half from_float(float v) { return __float2half_rn(v); }
+  __device__ static float round(float v) { return __half2float(__float2half_rn(v)); }
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -464,17 +466,32 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
       for (int e = 0; e < 4; ++e) partial[(warp * kOut + (tt * kMTiles + mt) * 4 + e) * 32 + lane] = acc[tt][mt][e];
   __syncthreads();
   T* y = static_cast<T*>(p.y);
-  for (int i = threadIdx.x; i < kOut * 32; i += kWarps * 32) {
-    const int l = i & 31, e = (i >> 5) & 3, mt = (i >> 7) % kMTiles, tt = (i >> 7) / kMTiles;
+  auto total = [&](int i) {
     float sum = 0.f;
 #pragma unroll
     for (int v = 0; v < kWarps; ++v) sum += partial[v * kOut * 32 + i];
-    int row = (tile0 + tt) * 16 + (l >> 2) + 8 * (e >> 1), col = mt * 8 + 2 * (l & 3) + (e & 1);
+    return sum;
+  };
+  for (int i = threadIdx.x; i < kOut * 32; i += kWarps * 32) {
+    const int l = i & 31, e = (i >> 5) & 3, mt = (i >> 7) % kMTiles, tt = (i >> 7) / kMTiles;
+    int row = (l >> 2) + 8 * (e >> 1), col = mt * 8 + 2 * (l & 3) + (e & 1);  // row within the tile
     if constexpr (kPairedRows) {  // only accumulator 0 is used: row g + 8 (t & 1), x row t / 2
       if (e != 0) continue;
-      row = (tile0 + tt) * 16 + (l >> 2) + 8 * (l & 1), col = (l & 3) >> 1;
+      row = (l >> 2) + 8 * (l & 1), col = (l & 3) >> 1;
     }
-    if (row < p.n && col < p.m) y[static_cast<size_t>(col) * p.n + row] = D::from_float(sum);
+    if (col >= p.m) continue;
+    if (p.swiglu) {
+      // Rows 0-7 of tile j are gate rows 8j..8j+7 and rows 8-15 the up rows of the same index (the packing's
+      // gate/up interleave), so a row's partner sits in this thread's reach: accumulator e + 2 of the same lane
+      // (i + 64), or with paired rows the next lane (i + 1). Each product is rounded to the dtype first, as the
+      // GEMM output of the unfused path is, then silu(gate) * up in fp32.
+      if (row >= 8) continue;
+      const float gate = D::round(total(i)), up = D::round(total(kPairedRows ? i + 1 : i + 64));
+      y[static_cast<size_t>(col) * (p.n / 2) + (tile0 + tt) * 8 + row] = D::from_float(gate / (1.f + expf(-gate)) * up);
+      continue;
+    }
+    row += (tile0 + tt) * 16;
+    if (row < p.n) y[static_cast<size_t>(col) * p.n + row] = D::from_float(total(i));
   }
 }
 

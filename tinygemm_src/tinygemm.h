@@ -12,7 +12,7 @@ constexpr int kChunkK = 64;  // k covered by one 16-byte code load (4 mma k-tile
 
 struct Problem {
   const void* x;       // [m, k] activations, row-major
-  void* y;             // [m, n] output
+  void* y;             // [m, n] output ([m, n / 2] with swiglu)
   const uint4* codes;  // [n_tiles, k_chunks, 32 lanes] x 16 bytes
   const void* scales;  // [n_tiles, groups, 8, 2, 1 + has_zero] in the activation dtype
   const uint4* lut;    // [rows, 2]: 16 low bytes then 16 high bytes of the 16 table entries; null for int codes
@@ -20,6 +20,7 @@ struct Problem {
   int m, n, k, n_tiles, k_chunks, groups, group_shift;  // group_size == 1 << group_shift
   int sm_count;        // multiprocessors of the device: picks the warps per tile
   int programmatic;    // 1: launch with programmatic stream serialization (sm_90+; see the kernel's prologue)
+  int swiglu;          // 1: the rows are gate/up interleaved by 8 (n % 16 == 0); y [m, n / 2] = silu(gate) * up
 };
 
 // Launches the variant the problem needs; returns the launch's error. Defined in tinygemm_kernels.cu.

@@ -93,7 +93,8 @@ tinygemm::Problem weight_problem(const char* op, const at::Tensor& codes, const 
 }
 
 at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                         const std::optional<at::Tensor>& lut, int64_t n, int64_t group_size, bool int_codes) {
+                         const std::optional<at::Tensor>& lut, int64_t n, int64_t group_size, bool int_codes,
+                         bool swiglu) {
   TORCH_CHECK(x.is_cuda(), "tinygemm_4bit: x must be on a CUDA device, got ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "tinygemm_4bit: x must be bfloat16 or float16, got ", x.scalar_type());
@@ -103,14 +104,17 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
   TORCH_CHECK(m >= 1 && m <= 16, "tinygemm_4bit: x must have 1..16 rows, got ", str(m),
               " (larger m: dequantize + matmul)");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "tinygemm_4bit: x must be 16-byte aligned");
+  TORCH_CHECK(!swiglu || n % 16 == 0, "tinygemm_4bit: swiglu needs the gate and up rows interleaved by 8, so n = ",
+              str(n), " must be a multiple of 16 (PackedWeight.from_gate_up packs them)");
   bool has_zero = false;
   tinygemm::Problem p = weight_problem("tinygemm_4bit", codes, scales, lut, n, k, group_size, int_codes,
                                        x.scalar_type(), x.device(), &has_zero);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = at::empty({m, n}, x.options());
+  at::Tensor y = at::empty({m, swiglu ? n / 2 : n}, x.options());
   p.x = x.data_ptr();
   p.y = y.data_ptr();
   p.m = static_cast<int>(m);
+  p.swiglu = swiglu;
   const DeviceInfo& info = device_info(x.get_device());
   p.sm_count = info.sm_count;
   p.programmatic = programmatic_launch(info);

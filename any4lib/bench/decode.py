@@ -7,7 +7,8 @@ length for the whole batch.
 Three decode-speed options, all rewrites of the same function:
 - `fuse_projections()`: q/k/v become one linear (qkv_proj) and gate/up one (gate_up_proj), their weights stacked
   by output rows. Per-row and per-group quantized formats quantize row by row, so stacking the quantized parts
-  is the same quantized model with fewer, larger GEMMs.
+  is the same quantized model with fewer, larger GEMMs. A gate_up_proj whose `swiglu` attribute is true returns
+  silu(gate) * up itself (the tinygemm epilogue, kernels.PackedWeight.from_gate_up).
 - `decode_attention = "triton"`: a one-token step on CUDA reads the cache through a split-K Triton kernel
   (`attention.py`) that stops at the filled length, instead of SDPA with a boolean mask over the whole cache.
 - `set_decode_norm("triton")`: each residual add + RMSNorm on CUDA is one Triton kernel (`rmsnorm.py`) that lets
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.reference import silu_mul
 from .attention import decode_attention
 from .rmsnorm import add_rms_norm
 
@@ -164,11 +166,13 @@ class MLP(nn.Module):
         self.fused = True
 
     def forward(self, x):
+        if self.fused and getattr(self.gate_up_proj, "swiglu", False):  # the layer applies silu(gate) * up itself
+            return self.down_proj(self.gate_up_proj(x))
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, -1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(gate, up))
 
 
 class Block(nn.Module):

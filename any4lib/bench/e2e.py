@@ -10,8 +10,9 @@ reduce-overhead compiles the whole step with torch.compile(mode="reduce-overhead
 model). Every method runs the same decoder: by default q/k/v and gate/up fused into one linear each (--layout
 separate: seven per block) and the one-token attention through the split-K Triton kernel (--attention sdpa: masked
 SDPA over the whole cache), and each residual add + RMSNorm through one Triton kernel that lets the next GEMM start
-early (--norm compiled: the kernel torch.compile fuses); the CSV records all three. One CSV row per (method, batch,
-layout, attention, norm), written as soon
+early (--norm compiled: the kernel torch.compile fuses); on the tinygemm kernels the MLP's silu(gate) * up runs in
+the gate/up GEMM's epilogue (--swiglu compiled: a kernel of its own); the CSV records all four. One CSV row per
+(method, batch, layout, attention, norm, swiglu), written as soon
 as it is measured; rows already in the CSV are skipped, so an interrupted run resumes. --profile: where one step's
 time goes (profile.py).
 """
@@ -34,7 +35,7 @@ from torch import nn
 
 from ..formats import get_format, list_formats
 from ..provenance import provenance
-from ..qtensor import QuantizedTensor
+from ..qtensor import cat_rows
 from ..quant import quantize
 from .decode import LlamaDecoder, decode, decode_step, prefill
 
@@ -61,11 +62,13 @@ def model_config(name: str):
 
 
 class PackedLinear(nn.Module):
-    """Inference-only linear on the tinygemm kernels: holds nothing but the packed weight."""
+    """Inference-only linear on the tinygemm kernels: holds nothing but the packed weight. swiglu (a weight from
+    PackedWeight.from_gate_up): the output is silu(gate) * up, which the decoder's MLP then skips."""
 
     def __init__(self, packed):
         super().__init__()
         self.packed = packed
+        self.swiglu = packed.swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import linear
@@ -148,11 +151,22 @@ class Method:
     dequantized: bool = False  # multiply by the dequantized weight instead (the kernels' reference in tests)
     quant_head: bool = False  # lm_head quantized too (NAME:qhead); the paper, and the main rows, keep it bf16
 
-    def make(self, w: torch.Tensor | list[torch.Tensor], seed: int) -> nn.Module:
+    @property
+    def on_tinygemm(self) -> bool:
+        """Its linears run on the tinygemm kernels (an any4lib format, not a peer, not the dequantized reference)."""
+        return self.format is not None and not self.dequantized and self.name.split(":")[0] not in PEERS
+
+    def swiglu_mode(self, requested: str, fuse: bool) -> str:
+        """Where the MLP's silu(gate) * up runs: 'epilogue' (in the fused gate/up GEMM: tinygemm only) or 'compiled'
+        (ops that torch.compile fuses)."""
+        return "epilogue" if requested == "epilogue" and fuse and self.on_tinygemm else "compiled"
+
+    def make(self, w: torch.Tensor | list[torch.Tensor], seed: int, swiglu: bool = False) -> nn.Module:
         """The module standing in for nn.Linear with weight `w` [N, K] (bf16, on the run's device).
 
         A list of weights is one fused linear of their stacked rows (qkv_proj, gate_up_proj): each part is quantized
         on its own and the quantized parts are stacked, so the layer is exactly the unfused layers side by side.
+        swiglu (tinygemm methods, w = [gate, up]): the layer returns silu(gate) * up (PackedWeight.from_gate_up).
         """
         parts = [w] if isinstance(w, torch.Tensor) else list(w)
         w = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -163,16 +177,21 @@ class Method:
         if self.name == "bnb-nf4":
             # Blocks of 64 run along rows (K = 4096 is a multiple of 64): quantizing the stack = stacking the parts.
             return BnbNF4Linear(w)
+        from .. import kernels
+
         dtype = w.dtype
         del w
-        q = cat_quantized([quantize(p, self.format, group_size=self.group_size,
-                                    **({"seed": seed} if self.learned else {})) for p in parts])
+        quantized = [quantize(p, self.format, group_size=self.group_size, **({"seed": seed} if self.learned else {}))
+                     for p in parts]
+        if swiglu:
+            if not self.on_tinygemm or len(quantized) != 2:
+                raise ValueError(f"swiglu: {self.name} must run on the tinygemm kernels, with w = [gate, up]")
+            return PackedLinear(kernels.PackedWeight.from_gate_up(*quantized, dtype))
+        q = cat_rows(quantized)
         if self.name == "torch-int4":
             return TorchInt4Linear(q)
         if self.name == "gemlite-int4":
             return _gemlite_int4(q)
-        from .. import kernels
-
         if self.dequantized:
             # The weight the kernels stand for: tables rounded to the activation dtype as the packing stores them.
             exact = kernels.PackedWeight.from_quantized(q, dtype).unpack() if kernels.is_supported(q) else q
@@ -226,34 +245,13 @@ def method(name: str, group_size: int) -> Method:
     return Method(name, name, spec.fixed_group_size or group_size, learned=spec.learned)
 
 
-def cat_quantized(parts: list[QuantizedTensor]) -> QuantizedTensor:
-    """QuantizedTensors of the same format, K and group size stacked by rows (exact for per-row / per-group formats:
-    each row's codes, LUT, scales and zeros are its own; a shared table must be the same in every part)."""
-    from dataclasses import replace
-
-    first = parts[0]
-    if len(parts) == 1:
-        return first
-    for q in parts[1:]:
-        same = (q.format, q.bits, q.group_size, q.shape[1], q.tensor_scale)
-        if same != (first.format, first.bits, first.group_size, first.shape[1], first.tensor_scale):
-            raise ValueError(f"cannot stack {q.format} {tuple(q.shape)} onto {first.format} {tuple(first.shape)}: "
-                             "format, K, group size and tensor scale must match")
-    if all(q.lut.shape[0] == 1 for q in parts) and all(torch.equal(q.lut, first.lut) for q in parts):
-        lut = first.lut
-    else:
-        lut = torch.cat([q.lut.expand(q.shape[0], -1) for q in parts])
-    zero = None if first.zero is None else torch.cat([q.zero for q in parts])
-    return replace(first, codes=torch.cat([q.codes for q in parts]), lut=lut,
-                   scale=torch.cat([q.scale for q in parts]), zero=zero)
-
-
 # ---- building the model -----------------------------------------------------------------------------------------
 
 
 def build_model(config, meth: Method, device, seed: int = 0, reuse_budget_s: float = 60.0,
                 dtype=torch.bfloat16, progress: bool = True, fuse: bool = True,
-                attention: str = "triton", norm: str = "triton") -> tuple[LlamaDecoder, dict]:
+                attention: str = "triton", norm: str = "triton", swiglu: str = "epilogue"
+                ) -> tuple[LlamaDecoder, dict]:
     """The decoder on `device` with seeded random weights, every block Linear replaced by `meth`.
 
     Built on the meta device, so only what each method keeps is ever allocated. If quantizing the first block
@@ -261,7 +259,8 @@ def build_model(config, meth: Method, device, seed: int = 0, reuse_budget_s: flo
     layers (same codes, separate memory; the timing is unchanged since decode streams every weight once).
     fuse: q/k/v and gate/up as one linear each, built from the same random parts as the unfused model (so both
     models compute the same function). attention: the one-token attention on CUDA, 'triton' or 'sdpa'. norm: the
-    residual add + RMSNorm on CUDA, 'triton' or 'compiled' (LlamaDecoder.set_decode_norm).
+    residual add + RMSNorm on CUDA, 'triton' or 'compiled' (LlamaDecoder.set_decode_norm). swiglu: 'epilogue' puts
+    silu(gate) * up in the fused gate/up GEMM where the method can (Method.swiglu_mode), 'compiled' never.
     lm_head stays bf16 unless meth.quant_head.
     """
     from tqdm import tqdm
@@ -288,7 +287,8 @@ def build_model(config, meth: Method, device, seed: int = 0, reuse_budget_s: flo
                 layer = copy.deepcopy(model.model.layers[0].get_submodule(name))
             else:
                 sizes = getattr(linear, "split_sizes", [linear.out_features])
-                layer = meth.make([random_weight((n, linear.in_features)) for n in sizes], seed + i)
+                gated = name.endswith("gate_up_proj") and meth.swiglu_mode(swiglu, fuse) == "epilogue"
+                layer = meth.make([random_weight((n, linear.in_features)) for n in sizes], seed + i, swiglu=gated)
             block.set_submodule(name, layer)
         sync()
         if i == 0:
@@ -410,7 +410,7 @@ def time_generation(model: LlamaDecoder, batch: int, prompt_len: int, new: int, 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
 
-COLUMNS = ["method", "format", "group_size", "implementation", "layout", "attention", "norm", "lm_head", "batch", "prompt", "new", "decode_tok_s",
+COLUMNS = ["method", "format", "group_size", "implementation", "layout", "attention", "norm", "swiglu", "lm_head", "batch", "prompt", "new", "decode_tok_s",
            "decode_ms_per_step", "speedup_vs_bf16", "prefill_tok_s", "prefill_ms", "model_gb", "peak_mem_gb", "prefill_peak_mem_gb",
            "quantize_s_first_block", "codes_reused", "compile", "warmup_s", "status", "model_config",
            "git_commit", "git_dirty", "torch", "cuda", "device", "date"]
@@ -479,7 +479,15 @@ def run(args) -> list[dict]:
     out = Path(args.out)
     rows = _read_rows(out)
     variant = ("fused" if args.fuse else "separate", args.attention, args.norm)
-    rows = [r for r in rows if _variant(r) == variant]  # other layouts in the same CSV: kept, not compared
+
+    def swiglu_of(name: str) -> str:  # where this run's settings put a method's silu(gate) * up
+        try:
+            return method(name, args.group_size).swiglu_mode(args.swiglu, args.fuse)
+        except ValueError:
+            return "compiled"
+
+    # Other variants in the same CSV (rows from before the swiglu column ran it compiled): kept, not compared.
+    rows = [r for r in rows if _variant(r) == variant and (r.get("swiglu") or "compiled") == swiglu_of(r["method"])]
     done = {(r["method"], int(r["batch"])) for r in rows if r["status"].startswith("ok")}
     prov = provenance(device)
     common = {"prompt": args.prompt, "new": args.new, "compile": args.compile, "model_config": args.model_config,
@@ -496,7 +504,8 @@ def run(args) -> list[dict]:
             print(f"deadline of {args.deadline_s:.0f} s passed: skipping {meth.name} (rerun to resume)")
             continue
         base = {**common, "method": meth.name, "format": meth.format or "", "group_size": meth.group_size or "",
-                "implementation": meth.implementation(), "lm_head": meth.describe_head()}
+                "implementation": meth.implementation(), "lm_head": meth.describe_head(),
+                "swiglu": meth.swiglu_mode(args.swiglu, args.fuse)}
         try:
             # The last method's model sits in reference cycles (compiled blocks hold their module): free it now, or
             # it would count in this method's memory.
@@ -505,7 +514,7 @@ def run(args) -> list[dict]:
                 torch.cuda.empty_cache()
             before = torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else 0
             model, info = build_model(config, meth, device, seed=args.seed, reuse_budget_s=args.reuse_budget_s,
-                                      fuse=args.fuse, attention=args.attention, norm=args.norm)
+                                      fuse=args.fuse, attention=args.attention, norm=args.norm, swiglu=args.swiglu)
             model_gb = ((torch.cuda.memory_allocated() - before) / 1e9 if torch.device(device).type == "cuda"
                         else float("nan"))
         except Exception as err:  # a peer that is missing or fails: recorded, the run goes on
@@ -578,6 +587,9 @@ def parse_args(argv=None):
     parser.add_argument("--norm", default="triton", choices=["triton", "compiled"],
                         help="residual add + RMSNorm on CUDA: a Triton kernel that lets the next GEMM start early "
                              "(sm_90+), or the kernel torch.compile fuses from the same ops")
+    parser.add_argument("--swiglu", default="epilogue", choices=["epilogue", "compiled"],
+                        help="the MLP's silu(gate) * up: in the fused gate/up GEMM's epilogue (tinygemm methods, fused "
+                             "layout; the others run it compiled), or the kernel torch.compile fuses")
     parser.add_argument("--out", default="results/e2e/decode.csv")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the bench: profile one decode step per method x --profile-variants x batch")

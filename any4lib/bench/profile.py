@@ -104,8 +104,9 @@ def kernel_times(prof) -> tuple[dict, float]:
 
 def profile_one(config, meth, batch: int, fuse: bool, attention: str, prompt_len: int, new: int, device,
                 seed: int = 0, steps: int = 6, trace: Path | None = None,
-                compile: bool = True, norm: str = "triton") -> tuple[dict, list[str]]:
-    """Profile `steps` decode steps of one (method, layout, attention, norm, batch); then time it as the bench does.
+                compile: bool = True, norm: str = "triton", swiglu: str = "epilogue") -> tuple[dict, list[str]]:
+    """Profile `steps` decode steps of one (method, layout, attention, norm, swiglu, batch); then time it as the bench
+    does.
     Returns the CSV row and the text summary. compile=False (and a CPU device) is for smoke tests."""
     from .e2e import _eager, build_model, compile_blocks, graphed_step
 
@@ -114,7 +115,7 @@ def profile_one(config, meth, batch: int, fuse: bool, attention: str, prompt_len
     is_cuda = torch.device(device).type == "cuda"
     sync = torch.cuda.synchronize if is_cuda else (lambda: None)
     model, info = build_model(config, meth, device, seed=seed, reuse_budget_s=0.0, fuse=fuse, attention=attention,
-                              norm=norm, progress=False)
+                              norm=norm, swiglu=swiglu, progress=False)
     layers = len(model.model.layers)
     model.setup_caches(batch, prompt_len + new)
     if compile:
@@ -165,7 +166,7 @@ def profile_one(config, meth, batch: int, fuse: bool, attention: str, prompt_len
     per_step = {key: (calls / steps, us / steps) for key, (calls, us) in table.items()}
     attributed = sum(us for _, us in table.values())
     row = {"method": meth.name, "layout": "fused" if fuse else "separate", "attention": attention, "norm": norm,
-           "batch": batch,
+           "swiglu": meth.swiglu_mode(swiglu, fuse), "batch": batch,
            "lm_head": meth.describe_head(), "graphed_ms_per_step": graphed_ms,
            "attributed_pct": 100 * attributed / device_total if device_total else float("nan"),
            "codes_reused": info["codes_reused"]}
@@ -193,7 +194,7 @@ def summarize(row: dict, per_step: dict, layers: int) -> tuple[dict, list[str]]:
         row[f"us/step {key}"] = sums[key]
         row[f"kernels/step {key}"] = counts[key]
 
-    title = (f"{row['method']} b={row['batch']} {row['layout']}+{row['attention']}+{row['norm']} "
+    title = (f"{row['method']} b={row['batch']} {row['layout']}+{row['attention']}+{row['norm']}+{row['swiglu']} "
              f"lm_head={row['lm_head']}: "
              f"graphed {graphed_ms:.3f} ms/step ({row['graphed_tok_s']:.1f} tok/s); kernels "
              f"{row['kernel_ms_per_step']:.3f} ms/step, {row['kernels_per_step']:.0f} kernels/step, idle in the "
@@ -213,14 +214,14 @@ def parse_text(text: str) -> list[tuple[dict, dict]]:
     """Read profile .txt sections back: [(header fields, {(region, kernel name): (calls/step, us/step)})].
     The kernel lists are complete when a section lists fewer than 25 kernels (checked)."""
     sections = []
-    header = re.compile(r"^(\S+) b=(\d+) (\w+)\+(\w+)(?:\+(\w+))? lm_head=(\S+): graphed ([\d.]+) ms/step")
+    header = re.compile(r"^(\S+) b=(\d+) (\w+)\+(\w+)(?:\+(\w+))?(?:\+(\w+))? lm_head=(\S+): graphed ([\d.]+) ms/step")
     current, in_top = None, False
     for line in text.splitlines():
         m = header.match(line)
         if m:
-            method, batch, layout, attention, norm, head, ms = m.groups()
+            method, batch, layout, attention, norm, swiglu, head, ms = m.groups()
             current = ({"method": method, "batch": int(batch), "layout": layout, "attention": attention,
-                        "norm": norm or "compiled",
+                        "norm": norm or "compiled", "swiglu": swiglu or "compiled",
                         "lm_head": head, "graphed_ms_per_step": float(ms)}, {})
             sections.append(current)
             in_top = False
@@ -263,9 +264,10 @@ def run_profile(args) -> list[dict]:
                 try:
                     row, lines = profile_one(config, meth, b, layout == "fused", attention, args.prompt, args.new,
                                              args.device, seed=args.seed, trace=trace,
-                                             compile=args.compile != "none", norm=args.norm)
+                                             compile=args.compile != "none", norm=args.norm, swiglu=args.swiglu)
                 except Exception as err:  # recorded, the run goes on
-                    row = {"method": name, "layout": layout, "attention": attention, "norm": args.norm, "batch": b,
+                    row = {"method": name, "layout": layout, "attention": attention, "norm": args.norm,
+                           "swiglu": meth.swiglu_mode(args.swiglu, layout == "fused"), "batch": b,
                            "status": f"failed: {type(err).__name__}: {err}"[:300]}
                     lines = [f"{name} b={b} {variant}: {row['status']}"]
                     gc.collect()

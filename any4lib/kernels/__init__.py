@@ -2,6 +2,8 @@
 
     w = PackedWeight.from_quantized(quantize(weight, "any4", 128), dtype=torch.bfloat16).to("cuda")
     y = linear(x, w)   # CUDA op for m <= 16 rows of x, dequantize kernel + matmul above; the PyTorch reference on CPU
+    mlp = PackedWeight.from_gate_up(quantize(w_gate, "any4"), quantize(w_up, "any4"))
+    h = linear(x, mlp)  # silu(x @ w_gate^T) * (x @ w_up^T), the activation in the GEMM's epilogue on CUDA
 
 Importing this module builds nothing and never touches CUDA: the kernels build on first GPU use (build.py).
 """
@@ -12,10 +14,10 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from ..qtensor import QuantizedTensor
+from ..qtensor import QuantizedTensor, cat_rows
 from . import ops, packing
 from .build import load_kernels
-from .reference import linear_reference
+from .reference import linear_reference, swiglu_reference
 
 MAX_KERNEL_ROWS = 16  # m above this: the dequantize kernel + cuBLAS
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -58,7 +60,8 @@ class PackedWeight:
     """A 4-bit [n, k] weight in tinygemm's layout (docs/KERNELS.md). Tensors: codes, scales, lut (None for int4).
 
     int_codes: the int4 table (code - 8), computed in the kernel instead of looked up. dtype: the activation dtype
-    the scales and LUT are stored in; x must match it.
+    the scales and LUT are stored in; x must match it. swiglu: the rows are SwiGLU's gate and up projections
+    interleaved by 8 (from_gate_up), and `linear` returns silu(gate) * up, [..., n / 2].
     """
 
     codes: torch.Tensor
@@ -70,6 +73,7 @@ class PackedWeight:
     int_codes: bool
     format: str
     dtype: torch.dtype
+    swiglu: bool = False
 
     TENSORS = ("codes", "scales", "lut")
 
@@ -96,6 +100,20 @@ class PackedWeight:
             format=q.format,
             dtype=dtype,
         )
+
+    @classmethod
+    def from_gate_up(cls, gate: QuantizedTensor, up: QuantizedTensor, dtype: torch.dtype = torch.bfloat16
+                     ) -> PackedWeight:
+        """SwiGLU's gate and up projections ([h, k] each, one format and group size, h a multiple of 8) as one weight:
+        `linear(x, w)` is silu(x @ gate^T) * (x @ up^T), [..., h], on CUDA in one kernel (the GEMM's epilogue).
+        The rows are stored interleaved by 8 (packing.gate_up_rows); unpack() and dequantize() keep that order."""
+        if gate.shape != up.shape:
+            raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+        if gate.shape[0] % 8:
+            raise ValueError(f"gate and up need a multiple of 8 rows (the kernel pairs them 8 by 8), got {gate.shape[0]}")
+        stacked = cat_rows([gate, up])
+        order = packing.gate_up_rows(stacked.shape[0], stacked.device)
+        return replace(cls.from_quantized(stacked.select_rows(order), dtype), swiglu=True)
 
     def unpack(self) -> QuantizedTensor:
         """The QuantizedTensor this holds: codes exact, LUT / scale / zero as the dtype values the kernel uses."""
@@ -137,16 +155,22 @@ class PackedWeight:
 
     @property
     def shape(self) -> torch.Size:
+        """[n, k] of the stored weight (gate and up rows together for a swiglu weight)."""
         return torch.Size((self.n, self.k))
+
+    @property
+    def out_features(self) -> int:
+        """Columns of linear's output: n, or n / 2 for a swiglu weight."""
+        return self.n // 2 if self.swiglu else self.n
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
 def linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """y = x @ W^T for x [..., k] in w.dtype. CUDA: the tinygemm op for up to 16 rows, else the dequantize op +
-    cuBLAS (prefill).
-    CPU: the PyTorch reference (fp32 accumulation)."""
+    """y = x @ W^T for x [..., k] in w.dtype: [..., n]; a swiglu weight gives silu(gate) * up, [..., n / 2]. CUDA:
+    the tinygemm op for up to 16 rows (the activation in its epilogue), else the dequantize op + cuBLAS (prefill).
+    CPU: the PyTorch reference (fp32 accumulation, the products rounded to the dtype before the activation)."""
     if x.shape[-1] != w.k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects k = {w.k} (weight shape [{w.n}, {w.k}])")
     if x.dtype != w.dtype:
@@ -155,13 +179,15 @@ def linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
         raise ValueError(f"x is on {x.device} but the weight is on {w.device}; move one with .to()")
     rows = x.reshape(-1, w.k)
     if rows.shape[0] == 0:
-        return x.new_empty(*x.shape[:-1], w.n)
-    if not x.is_cuda:
-        out = linear_reference(rows, w.dequantize())
-    elif rows.shape[0] <= MAX_KERNEL_ROWS:
+        return x.new_empty(*x.shape[:-1], w.out_features)
+    if x.is_cuda and rows.shape[0] <= MAX_KERNEL_ROWS:
         if not torch.compiler.is_compiling():
             load_kernels()
-        out = ops.tinygemm_4bit(rows.contiguous(), w.codes, w.scales, w.lut, w.n, w.group_size, w.int_codes)
-    else:
+        out = ops.tinygemm_4bit(rows.contiguous(), w.codes, w.scales, w.lut, w.n, w.group_size, w.int_codes,
+                                w.swiglu)
+        return out.reshape(*x.shape[:-1], w.out_features)
+    if x.is_cuda:
         out = torch.nn.functional.linear(rows, w.dequantize(x.dtype))
-    return out.reshape(*x.shape[:-1], w.n)
+    else:
+        out = linear_reference(rows, w.dequantize())
+    return (swiglu_reference(out) if w.swiglu else out).reshape(*x.shape[:-1], w.out_features)

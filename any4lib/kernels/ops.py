@@ -16,16 +16,18 @@ def _load_for(t: torch.Tensor) -> None:
 
 torch.library.define(
     "any4lib::tinygemm_4bit",
-    "(Tensor x, Tensor codes, Tensor scales, Tensor? lut, int n, int group_size, bool int_codes) -> Tensor",
+    "(Tensor x, Tensor codes, Tensor scales, Tensor? lut, int n, int group_size, bool int_codes, bool swiglu=False) "
+    "-> Tensor",
 )
 
 
 @torch.library.register_fake("any4lib::tinygemm_4bit")
-def _tinygemm_4bit_fake(x, codes, scales, lut, n, group_size, int_codes):
+def _tinygemm_4bit_fake(x, codes, scales, lut, n, group_size, int_codes, swiglu=False):
     torch._check(x.dim() == 2, lambda: f"tinygemm_4bit: x must be [m, k], got {tuple(x.shape)}")
     torch._check(x.dtype in (torch.bfloat16, torch.float16), lambda: f"x must be bf16/fp16, got {x.dtype}")
+    torch._check(not swiglu or n % 16 == 0, lambda: f"tinygemm_4bit: swiglu needs n % 16 == 0, got n = {n}")
     _load_for(x)
-    return x.new_empty(x.shape[0], n)
+    return x.new_empty(x.shape[0], n // 2 if swiglu else n)
 
 
 torch.library.define(
@@ -41,8 +43,9 @@ def _tinygemm_dequantize_fake(codes, scales, lut, n, k, group_size, int_codes):
     return scales.new_empty(n, k)
 
 
-def tinygemm_4bit(x, codes, scales, lut, n: int, group_size: int, int_codes: bool) -> torch.Tensor:
-    return torch.ops.any4lib.tinygemm_4bit(x, codes, scales, lut, n, group_size, int_codes)
+def tinygemm_4bit(x, codes, scales, lut, n: int, group_size: int, int_codes: bool, swiglu: bool = False) -> torch.Tensor:
+    """y = x @ W^T [m, n]; swiglu (rows gate/up interleaved by 8): silu(gate) * up [m, n / 2] (reference.swiglu_reference)."""
+    return torch.ops.any4lib.tinygemm_4bit(x, codes, scales, lut, n, group_size, int_codes, swiglu)
 
 
 def tinygemm_dequantize(codes, scales, lut, n: int, k: int, group_size: int, int_codes: bool) -> torch.Tensor:

@@ -27,6 +27,15 @@ def _ceil_to(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def gate_up_rows(rows: int, device=None) -> torch.Tensor:
+    """The order a SwiGLU weight's stacked [gate; up] rows (rows = 2 h, h % 8 == 0) are packed in: gate rows 8j..8j+7
+    then up rows 8j..8j+7 for j = 0, 1, ..., so 16-row tile j holds the gate and up rows of outputs 8j..8j+7 (rows g
+    and g + 8 of the tile are one output's pair, which the kernel's epilogue combines)."""
+    if rows % 16:
+        raise ValueError(f"gate + up rows must be a multiple of 16 (8 per half), got {rows}")
+    return torch.arange(rows, device=device).view(2, rows // 16, 8).transpose(0, 1).reshape(rows)
+
+
 def pack_codes(codes: torch.Tensor, int_codes: bool) -> torch.Tensor:
     """uint8 codes [N, K] (values < 16) -> int32 [N_pad / 16, K_pad / 64, 32, 4]."""
     n, k = codes.shape

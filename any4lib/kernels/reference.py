@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y = x @ weight^T with fp32 accumulation, returned in x's dtype; weight is the dequantized [N, K] matrix."""
     return (x.float() @ weight.float().T).to(x.dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up computed in fp32 and rounded once to gate's dtype, as the tinygemm epilogue (and the kernel
+    torch.compile fuses from these ops) computes it."""
+    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+def swiglu_reference(h: torch.Tensor) -> torch.Tensor:
+    """silu_mul of h [..., n] whose columns are gate and up interleaved by 8 (packing.gate_up_rows): [..., n / 2]."""
+    blocks = h.unflatten(-1, (-1, 2, 8))
+    return silu_mul(blocks[..., 0, :].flatten(-2), blocks[..., 1, :].flatten(-2))
