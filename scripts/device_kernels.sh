@@ -41,8 +41,10 @@ from any4lib.kernels import PackedWeight, linear
 for fmt, g in [('int4', 64), ('any4', 32), ('nf4', 128), ('mxfp4', 32)]:
     for dtype in (torch.bfloat16, torch.float16):
         w = PackedWeight.from_quantized(random_quantized(fmt, 200, 352 if g == 32 else 384, g), dtype)
+        gated = PackedWeight.from_gate_up(*(random_quantized(fmt, 200, w.k, g) for _ in range(2)), dtype)
         for m in (1, 7, 9, 16, 40):  # 40: the dequantize kernel
             y = linear(torch.randn(m, w.k, device='cuda').to(dtype), w)
+            y = linear(torch.randn(m, w.k, device='cuda').to(dtype), gated)  # the SwiGLU epilogue
 torch.cuda.synchronize()
 print('memcheck run done')" ;;
     bench) run bench 400 python3 -m any4lib.bench.kernels --out "$OUT" ;;

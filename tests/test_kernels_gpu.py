@@ -200,17 +200,24 @@ def test_torch_compile_fullgraph(mode):
 
 @pytest.mark.parametrize("fmt", ["int4", "any4"])
 def test_early_start_reads_x_after_the_kernel_that_writes_it(fmt, monkeypatch):
-    # On sm_90+ the GEMM may start while the kernel before it runs (programmatic dependent launch); the decode
-    # bench's add + RMSNorm allows that at its first instruction. Replayed from CUDA graphs with fresh inputs each
-    # time, the GEMM must see this replay's normed x: bit for bit what the same graph gives with normal launches.
+    # On sm_90+ kernels may start while the kernel before them runs (programmatic dependent launch): the GEMM
+    # behind the decode bench's add + RMSNorm, which allows that at its first instruction, and the norm behind the
+    # GEMM, which allows it at its top. Replayed from CUDA graphs with fresh inputs each time, each kernel must see
+    # this replay's input: bit for bit what the same ops give run one at a time, with the GEMMs' early launch on or
+    # off (the norm is launched early either way).
     from any4lib.bench.rmsnorm import add_rms_norm
 
-    w = PackedWeight.from_quantized(random_quantized(fmt, 4096, 4096, 128), torch.bfloat16)
+    first, second = (PackedWeight.from_quantized(random_quantized(fmt, 4096, 4096, 128), torch.bfloat16)
+                     for _ in range(2))
     src, residual = (torch.randn(4, 4096, device="cuda").to(torch.bfloat16) for _ in range(2))
     norm_weight = torch.rand(4096, device="cuda").to(torch.bfloat16)
 
-    def step():
-        return linear(add_rms_norm(src, residual, norm_weight, 1e-5)[0], w)
+    def step(sync=lambda: None):
+        h = linear(src, first)
+        sync()
+        normed = add_rms_norm(h, residual, norm_weight, 1e-5)[0]
+        sync()
+        return linear(normed, second)
 
     graphs = {}
     for flag in ("1", "0"):  # the launch attribute is chosen when the op is called, here at capture
@@ -227,5 +234,5 @@ def test_early_start_reads_x_after_the_kernel_that_writes_it(fmt, monkeypatch):
         for flag, (graph, out) in graphs.items():
             graph.replay()
             outs[flag] = out.clone()
-        expected = step()  # eager, normal launches (the variable is still "0")
+        expected = step(torch.cuda.synchronize)  # each kernel launched after the one before has finished
         assert torch.equal(outs["0"], expected) and torch.equal(outs["1"], expected)

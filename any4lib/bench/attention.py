@@ -5,8 +5,10 @@
 Each program takes one (sequence, KV head) and one contiguous slice of the cache: the G query heads that share
 that KV head are the rows of one tl.dot, so each K/V tile is read once for all of them (grouped-query attention
 without repeating K/V). Keys past pos[0] (read on the device, so one CUDA graph serves every step) are masked;
-slices entirely past it exit after one load. A second kernel merges the slices' partial softmax sums; on sm_90+ it
-first allows the kernel queued after it (the o_proj GEMM, which waits for its output) to launch. The op is
+slices entirely past it exit after one load. A second kernel merges the slices' partial softmax sums. On sm_90+ both
+allow the kernel queued after them to launch at their first instruction (programmatic dependent launch): the merge
+kernel is launched so, and waits for the split kernel's sums before its loads; the o_proj GEMM after it waits for
+its output the same way. The op is
 opaque to torch.compile (torch.library.custom_op with a fake kernel), so compiled blocks and CUDA graphs call it
 as is. Triton is imported on first use: importing this module needs only torch.
 """
@@ -32,7 +34,10 @@ def _kernels():
                      sqb, sqh, sqg, skb, skh, skn, svb, svh, svn,
                      G, S, chunk, qk_scale,
                      HKV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-                     TILES: tl.constexpr, IEEE: tl.constexpr):
+                     TILES: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # the merge kernel may launch now: it waits for this grid's completion before reading (sm_90+)
+            tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
+                                      is_pure=False, pack=1)
         bh = tl.program_id(0)
         s = tl.program_id(1)
         b = bh // HKV
@@ -80,9 +85,12 @@ def _kernels():
     @triton.jit
     def combine_kernel(ACC, M, L, OUT, sob, soh, sog, G, S,
                        HKV: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # the o_proj GEMM may start now: it waits for this grid's completion before reading (sm_90+)
+        if PDL:
+            # The o_proj GEMM may start now: it waits for this grid's completion before reading (sm_90+). This grid
+            # is launched early too, behind the split kernel, and waits for its partial sums.
             tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
                                       is_pure=False, pack=1)
+            tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
         bh = tl.program_id(0)
         g = tl.program_id(1)
         offs_s = tl.arange(0, BLOCK_S)
@@ -125,6 +133,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
     slices, chunk = split_plan(batch * hkv, n, sms)
+    pdl = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
     acc = torch.empty(batch * hkv, slices, g, d, device=q.device, dtype=torch.float32)
     m = torch.empty(batch * hkv, slices, g, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
@@ -134,12 +143,12 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         g, slices, chunk, scale * math.log2(math.e),
-        HKV=hkv, BLOCK_G=max(MIN_ROWS, _next_pow2(g)), BLOCK=BLOCK_N, D=d, TILES=chunk // BLOCK_N, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        HKV=hkv, BLOCK_G=max(MIN_ROWS, _next_pow2(g)), BLOCK=BLOCK_N, D=d, TILES=chunk // BLOCK_N,
+        IEEE=q.dtype == torch.float32, PDL=pdl, num_warps=4, num_stages=2,
     )
     combine_kernel[(batch * hkv, g)](acc, m, l, out, out.stride(0), out.stride(1), out.stride(2), g, slices,
-                                     HKV=hkv, BLOCK_S=max(2, _next_pow2(slices)), D=d,
-                                     PDL=q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9, num_warps=4)
+                                     HKV=hkv, BLOCK_S=max(2, _next_pow2(slices)), D=d, PDL=pdl, num_warps=4,
+                                     **({"launch_pdl": True} if pdl else {}))
     return out
 
 

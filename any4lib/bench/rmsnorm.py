@@ -4,11 +4,12 @@
 
 total = x + residual, rounded to x's dtype (x itself when residual is None), and normed = RMSNorm(total): the same
 function and roundings as `decode.RMSNorm` applied to the sum, which torch.compile fuses into one kernel too. What
-this kernel adds is its first instruction: on sm_90+ it allows the kernel queued after it to launch (programmatic
-dependent launch). The tinygemm GEMM that follows every norm of a decoder block is launched so that it may start
-early: it streams its weight in and builds its tables while this kernel runs, and waits for this kernel's output
-before it reads it. One program normalises one row (D <= 16384). The op is opaque to torch.compile (a custom op
-with a fake kernel); Triton is imported on first use.
+this kernel adds is programmatic dependent launch on sm_90+, both ways: its first instruction allows the kernel
+queued after it to launch, and it is itself launched early, waiting for the previous kernel's output before its
+first load. The tinygemm GEMM that follows every norm of a decoder block streams its weight in and builds its tables
+while this kernel runs; the GEMM before it (which allows dependents at its top) hides this kernel's launch. One
+program normalises one row (D <= 16384). The op is opaque to torch.compile (a custom op with a fake kernel); Triton
+is imported on first use.
 """
 
 from __future__ import annotations
@@ -28,9 +29,13 @@ def _kernel():
     @triton.jit
     def add_rms_norm_kernel(X, R, W, NORMED, TOTAL, D, eps,
                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # the dependent waits for this grid's completion before reading: allowing it at once is safe
+        if PDL:
+            # The dependent waits for this grid's completion before reading: allowing it at once is safe. This grid
+            # is itself launched early (behind a GEMM that allows it at its top) and waits for that kernel's
+            # output before its first load.
             tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
                                       is_pure=False, pack=1)
+            tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         live = offs < D
@@ -75,7 +80,7 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: 
         block = triton.next_power_of_2(d)
         _kernel()[(rows,)](x, x if residual is None else residual.contiguous(), weight, normed, total, d, eps,
                            HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl,
-                           num_warps=max(1, min(16, block // 512)))
+                           num_warps=max(1, min(16, block // 512)), **({"launch_pdl": True} if pdl else {}))
     return normed, total
 
 
