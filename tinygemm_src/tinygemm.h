@@ -19,6 +19,7 @@ struct Problem {
   int lut_per_row;     // 1: a table per weight row; 0: one table for the whole matrix
   int m, n, k, n_tiles, k_chunks, groups, group_shift;  // group_size == 1 << group_shift
   int sm_count;        // multiprocessors of the device: picks the warps per tile
+  int sm_shared_bytes; // shared memory of one multiprocessor (see the launch of small early-started grids)
   int programmatic;    // 1: launch with programmatic stream serialization (sm_90+; see the kernel's prologue)
   int swiglu;          // 1: the rows are gate/up interleaved by 8 (n % 16 == 0); y [m, n / 2] = silu(gate) * up
 };

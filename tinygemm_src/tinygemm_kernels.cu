@@ -55,14 +55,17 @@ template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRo
 static cudaError_t run(const Problem& p, cudaStream_t stream, int* resident) {
   using S = Smem<kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl>;
   auto* kernel = tinygemm_kernel<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, kRepl>;
-  // Opt in to more than 48 KB of shared memory (static + dynamic) once per device, for the variant's largest need.
+  // Opt in to more than 48 KB of shared memory (static + dynamic) once per device, for the variant's largest need
+  // (or the half SM that a small early-started grid asks for, below).
   static std::atomic<uint64_t> raised{0};
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   const uint64_t bit = 1ull << (device & 63);
+  const int spread_bytes = p.sm_shared_bytes / 2;
   if (!(raised.load() & bit)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::max_bytes());
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               S::max_bytes() > spread_bytes ? S::max_bytes() : spread_bytes);
     if (err != cudaSuccess) return err;
     raised.fetch_or(bit);
   }
@@ -84,13 +87,18 @@ static cudaError_t run(const Problem& p, cudaStream_t stream, int* resident) {
     kernel<<<p.n_tiles / kTiles, kWarps * 32, bytes, stream>>>(p);
     return cudaGetLastError();
   }
-  // May start while the previous kernel in the stream runs: the kernel waits for it before it reads x.
+  // May start while the previous kernel in the stream runs: the kernel waits for it before it reads x. Started
+  // early, CTAs are placed on the SMs as the previous kernel's CTAs leave them, so a grid of at most one CTA per
+  // SM could put two on one SM and none on another (the down projection behind the SwiGLU GEMM at m = 16: int4 /
+  // nf4 decode at batch 16 5-7% slower). Asking for half an SM's shared memory keeps them one per SM, as a normal
+  // launch spreads them.
+  const int early_bytes = p.n_tiles / kTiles <= p.sm_count && bytes < spread_bytes ? spread_bytes : bytes;
   cudaLaunchAttribute early{};
   early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   early.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(p.n_tiles / kTiles), config.blockDim = dim3(kWarps * 32);
-  config.dynamicSmemBytes = bytes, config.stream = stream;
+  config.dynamicSmemBytes = early_bytes, config.stream = stream;
   config.attrs = &early, config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, kernel, p);
 }

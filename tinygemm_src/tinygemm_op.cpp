@@ -14,8 +14,9 @@
 namespace {
 
 struct DeviceInfo {
-  int sm_count;  // multiprocessors
-  int major;     // compute capability
+  int sm_count;         // multiprocessors
+  int major;            // compute capability
+  int sm_shared_bytes;  // shared memory per multiprocessor
 };
 
 const DeviceInfo& device_info(int device) {  // cached: asked once per device
@@ -24,6 +25,7 @@ const DeviceInfo& device_info(int device) {  // cached: asked once per device
   DeviceInfo& info = infos[device];
   if (info.sm_count == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sm_shared_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, device));
   }
   return info;
@@ -117,6 +119,7 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
   p.swiglu = swiglu;
   const DeviceInfo& info = device_info(x.get_device());
   p.sm_count = info.sm_count;
+  p.sm_shared_bytes = info.sm_shared_bytes;
   p.programmatic = programmatic_launch(info);
   const cudaError_t err = tinygemm::launch(p, x.scalar_type() == at::kBFloat16, int_codes, has_zero,
                                            c10::cuda::getCurrentCUDAStream());
