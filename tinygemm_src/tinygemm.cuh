@@ -484,7 +484,8 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
       // Rows 0-7 of tile j are gate rows 8j..8j+7 and rows 8-15 the up rows of the same index (the packing's
       // gate/up interleave), so a row's partner sits in this thread's reach: accumulator e + 2 of the same lane
       // (i + 64), or with paired rows the next lane (i + 1). Each product is rounded to the dtype first, as the
-      // GEMM output of the unfused path is, then silu(gate) * up in fp32.
+      // GEMM output of the unfused path is, then silu(gate) * up in fp32 with one rounding, as torch.compile's fused
+      // kernel of the same ops computes it.
       if (row >= 8) continue;
       const float gate = D::round(total(i)), up = D::round(total(kPairedRows ? i + 1 : i + 64));
       y[static_cast<size_t>(col) * (p.n / 2) + (tile0 + tt) * 8 + row] = D::from_float(gate / (1.f + expf(-gate)) * up);

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.reference import silu_mul
 from .attention import decode_attention
 from .rmsnorm import add_rms_norm
 
@@ -172,7 +171,7 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, -1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(silu_mul(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
