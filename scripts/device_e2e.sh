@@ -130,7 +130,8 @@ for step in "${steps[@]}"; do
         --deadline-s $(( limit - 150 )) --out results/e2e/controls/decode_reduce_overhead.csv 2>&1 | tee "$OUT/reduce_overhead.log"
       rc=${PIPESTATUS[0]}
       cp results/e2e/controls/decode_reduce_overhead.csv "$OUT/" 2>/dev/null ;;
-    *) echo "unknown step $step (profile, bench, qhead, sdpa-control, pdl-ab, swiglu-ab, tests, reduce-overhead)"; rc=2 ;;
+    *) echo "unknown step $step (profile, bench, qhead, sdpa-control, pdl-ab, swiglu-ab, tests,"\
+         "reduce-overhead)"; rc=2 ;;
   esac
   echo "== $step: exit $rc after $((SECONDS - start)) s"
   [ "$rc" = 0 ] || status=1

@@ -231,8 +231,9 @@ def test_swiglu_epilogue_is_the_same_model():
     assert all(block.mlp.gate_up_proj.swiglu for block in model.model.layers)
     assert torch.equal(greedy_tokens("any4"), greedy_tokens("any4", swiglu="compiled"))
     # Only the tinygemm methods, fused, have the epilogue.
-    for name, fuse, mode in [("int4", True, "epilogue"), ("int4", False, "compiled"), ("int4:dequant", True, "compiled"),
-                             ("torch-int4", True, "compiled"), ("bf16", True, "compiled")]:
+    for name, fuse, mode in [("int4", True, "epilogue"), ("int4", False, "compiled"),
+                             ("int4:dequant", True, "compiled"), ("torch-int4", True, "compiled"),
+                             ("bf16", True, "compiled")]:
         assert e2e.method(name, 128).swiglu_mode("epilogue", fuse) == mode, name
     assert e2e.method("int4", 128).swiglu_mode("compiled", True) == "compiled"
 

@@ -410,7 +410,8 @@ def time_generation(model: LlamaDecoder, batch: int, prompt_len: int, new: int, 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
 
-COLUMNS = ["method", "format", "group_size", "implementation", "layout", "attention", "norm", "swiglu", "lm_head", "batch", "prompt", "new", "decode_tok_s",
+COLUMNS = ["method", "format", "group_size", "implementation", "layout", "attention", "norm", "swiglu", "lm_head",
+           "batch", "prompt", "new", "decode_tok_s",
            "decode_ms_per_step", "speedup_vs_bf16", "prefill_tok_s", "prefill_ms", "model_gb", "peak_mem_gb", "prefill_peak_mem_gb",
            "quantize_s_first_block", "codes_reused", "compile", "warmup_s", "status", "model_config",
            "git_commit", "git_dirty", "torch", "cuda", "device", "date"]

@@ -110,7 +110,8 @@ class PackedWeight:
         if gate.shape != up.shape:
             raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
         if gate.shape[0] % 8:
-            raise ValueError(f"gate and up need a multiple of 8 rows (the kernel pairs them 8 by 8), got {gate.shape[0]}")
+            raise ValueError(f"gate and up need a multiple of 8 rows (the kernel pairs them 8 by 8), "
+                             f"got {gate.shape[0]}")
         stacked = cat_rows([gate, up])
         order = packing.gate_up_rows(stacked.shape[0], stacked.device)
         return replace(cls.from_quantized(stacked.select_rows(order), dtype), swiglu=True)

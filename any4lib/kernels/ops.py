@@ -43,8 +43,10 @@ def _tinygemm_dequantize_fake(codes, scales, lut, n, k, group_size, int_codes):
     return scales.new_empty(n, k)
 
 
-def tinygemm_4bit(x, codes, scales, lut, n: int, group_size: int, int_codes: bool, swiglu: bool = False) -> torch.Tensor:
-    """y = x @ W^T [m, n]; swiglu (rows gate/up interleaved by 8): silu(gate) * up [m, n / 2] (reference.swiglu_reference)."""
+def tinygemm_4bit(x, codes, scales, lut, n: int, group_size: int, int_codes: bool,
+                  swiglu: bool = False) -> torch.Tensor:
+    """y = x @ W^T [m, n]; swiglu (rows gate/up interleaved by 8): silu(gate) * up [m, n / 2]
+    (reference.swiglu_reference)."""
     return torch.ops.any4lib.tinygemm_4bit(x, codes, scales, lut, n, group_size, int_codes, swiglu)
 
 

@@ -12,8 +12,9 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_reference(h: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of h [..., n] whose columns are gate and up interleaved by 8 (packing.gate_up_rows): [..., n / 2],
-    as PyTorch computes it in h's dtype (silu rounded, then the product). The kernel's epilogue rounds once, as the
-    kernel torch.compile fuses from the same ops does: the two differ by at most about one rounding step."""
+    """silu(gate) * up of h [..., n] whose columns are gate and up interleaved by 8 (packing.gate_up_rows):
+    [..., n / 2], as PyTorch computes it in h's dtype (silu rounded, then the product). The kernel's epilogue rounds
+    once, as the kernel torch.compile fuses from the same ops does: the two differ by at most about one rounding
+    step."""
     blocks = h.unflatten(-1, (-1, 2, 8))
     return F.silu(blocks[..., 0, :].flatten(-2)) * blocks[..., 1, :].flatten(-2)
