@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import decode_attention
-from .rmsnorm import add_rms_norm
+from .rmsnorm import add_rms_norm, add_rms_norm_reference
 
 
 def rope_theta(config) -> float:
@@ -43,18 +43,14 @@ class RMSNorm(nn.Module):
         self.kernel = "compiled"  # or "triton": see add_and_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return add_rms_norm_reference(x, None, self.weight, self.eps)[0]
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(x + residual), x + residual); residual None: (self(x), x). kernel "compiled": PyTorch ops, which
         torch.compile fuses into one kernel; "triton" (CUDA): rmsnorm.add_rms_norm, the same function in one kernel
         that lets the GEMM after it start early."""
-        if self.kernel == "triton" and x.is_cuda:
-            return add_rms_norm(x, residual, self.weight, self.eps)
-        if residual is not None:
-            x = x + residual
-        return self(x), x
+        norm = add_rms_norm if self.kernel == "triton" and x.is_cuda else add_rms_norm_reference
+        return norm(x, residual, self.weight, self.eps)
 
 
 class KVCache(nn.Module):

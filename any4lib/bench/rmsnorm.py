@@ -86,7 +86,8 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: 
 
 def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """decode.RMSNorm's arithmetic on x + residual, in plain PyTorch."""
+    """RMSNorm of x + residual in plain PyTorch (decode.RMSNorm's arithmetic, which torch.compile fuses): the sum
+    rounded to the dtype, the normalised value rounded, then scaled by the weight."""
     total = x if residual is None else x + residual
     tf = total.float()
     normed = (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
