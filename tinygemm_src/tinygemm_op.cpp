@@ -31,10 +31,10 @@ const DeviceInfo& device_info(int device) {  // cached: asked once per device
   return info;
 }
 
-// Programmatic dependent launch needs sm_90+; ANY4_TINYGEMM_PDL=0 turns it off (read at each call, so a process can
-// compare both: a CUDA graph keeps what its capture saw).
-bool programmatic_launch(const DeviceInfo& info) {
-  const char* env = std::getenv("ANY4_TINYGEMM_PDL");
+// Programmatic dependent launch and bulk copies need sm_90+; ANY4_TINYGEMM_PDL=0 / ANY4_TINYGEMM_BULK=0 turn them
+// off (read at each call, so a process can compare both: a CUDA graph keeps what its capture saw).
+bool sm90_feature(const DeviceInfo& info, const char* switch_name) {
+  const char* env = std::getenv(switch_name);
   return info.major >= 9 && !(env && std::string(env) == "0");
 }
 
@@ -120,7 +120,8 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
   const DeviceInfo& info = device_info(x.get_device());
   p.sm_count = info.sm_count;
   p.sm_shared_bytes = info.sm_shared_bytes;
-  p.programmatic = programmatic_launch(info);
+  p.programmatic = sm90_feature(info, "ANY4_TINYGEMM_PDL");
+  p.bulk_copies = sm90_feature(info, "ANY4_TINYGEMM_BULK");
   const cudaError_t err = tinygemm::launch(p, x.scalar_type() == at::kBFloat16, int_codes, has_zero,
                                            c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "tinygemm_4bit: kernel launch failed: ", cudaGetErrorString(err));
