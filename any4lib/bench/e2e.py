@@ -214,8 +214,9 @@ class Method:
         if dist is None:
             if self.dequantized:
                 return "any4lib dequantized weight, dense matmul"
-            off = os.environ.get("ANY4_TINYGEMM_PDL") == "0"  # read by the kernels' binding at each call
-            return "any4lib tinygemm kernels" + (" (programmatic launch off)" if off else "")
+            switches = {"ANY4_TINYGEMM_PDL": "programmatic launch", "ANY4_TINYGEMM_BULK": "bulk copies"}
+            off = [what for var, what in switches.items() if os.environ.get(var) == "0"]  # read by the binding
+            return "any4lib tinygemm kernels" + (f" ({', '.join(off)} off)" if off else "")
         try:
             return f"{dist} {metadata.version(dist)}"
         except metadata.PackageNotFoundError:
