@@ -220,6 +220,7 @@ def test_early_start_reads_x_after_the_kernel_that_writes_it(fmt, rows, monkeypa
         sync()
         return linear(normed, second)
 
+    monkeypatch.setenv("ANY4_TINYGEMM_BULK", "1")  # at m = 1: x arrives by bulk copies, issued after the wait
     graphs = {}
     for flag in ("1", "0"):  # the launch attribute is chosen when the op is called, here at capture
         monkeypatch.setenv("ANY4_TINYGEMM_PDL", flag)
@@ -244,9 +245,9 @@ BULK_SHAPES = [(4096, 4096, 128), (6144, 4096, 32), (4096, 14336, 64), (8, 256, 
 
 @pytest.mark.parametrize("fmt", ["int4", "any4", "nf4", "mxfp4"])
 def test_bulk_copies_give_the_bits_of_per_lane_copies(fmt, monkeypatch):
-    # At m <= 2 with k % 128 == 0 the kernel copies its units with bulk (TMA) copies on sm_90+; with
-    # ANY4_TINYGEMM_BULK=0 every lane copies its 16 bytes instead. The arithmetic is the same, so are the bits,
-    # for plain GEMMs and the SwiGLU epilogue, in both dtypes.
+    # With ANY4_TINYGEMM_BULK=1, at m <= 2 with k % 128 == 0, the kernel copies its units with bulk (TMA) copies on
+    # sm_90+; with 0 every lane copies its 16 bytes. The arithmetic is the same, so are the bits, for plain GEMMs
+    # and the SwiGLU epilogue, in both dtypes.
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("bulk copies need sm_90+")
     for n, k, group_size in BULK_SHAPES:

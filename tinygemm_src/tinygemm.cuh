@@ -11,10 +11,10 @@
 // registers, and loaded scales and x in the iteration that used them, exposing their latency); the x-fragment
 // reads become fixed-address shared loads without bounds predicates (the copy zero-fills past k); and the
 // per-unit work (issuing copies, applying scales at g >= 128) is paid once per 128 k.
-// Bulk copies (v14, kBulk: m <= 2, k % 128 == 0, sm_90+): one lane of the warp copies a unit with 3-4 bulk (TMA)
-// requests that complete on the slot's mbarrier, instead of 32 lanes' cp.async of 16 bytes each. At m <= 2 the loop
-// is short of issue slots, and the per-lane copies (their predicates, addresses and the no-ops ptxas puts in front
-// of each LDGSTS) were ~80 of its ~310 instructions a unit.
+// Bulk copies (v14, kBulk: m <= 2, k % 128 == 0, sm_90+, ANY4_TINYGEMM_BULK=1): one lane of the warp copies a unit
+// with 3-4 bulk (TMA) requests that complete on the slot's mbarrier, instead of 32 lanes' cp.async of 16 bytes
+// each. At m <= 2 the loop is short of issue slots, and the per-lane copies (their predicates, addresses and the
+// no-ops ptxas puts in front of each LDGSTS) were ~80 of its ~310 instructions a unit.
 //
 // Dequantization is w = lut[code] * scale + zero. The mma runs on the raw LUT values; scale and zero are applied
 // to the fp32 partial sums once per group: acc += scale * sum(x * lut[c]) + zero * sum(x). sum(x) comes from a

@@ -214,9 +214,11 @@ class Method:
         if dist is None:
             if self.dequantized:
                 return "any4lib dequantized weight, dense matmul"
-            switches = {"ANY4_TINYGEMM_PDL": "programmatic launch", "ANY4_TINYGEMM_BULK": "bulk copies"}
-            off = [what for var, what in switches.items() if os.environ.get(var) == "0"]  # read by the binding
-            return "any4lib tinygemm kernels" + (f" ({', '.join(off)} off)" if off else "")
+            # The binding's switches, read at each call: early launch is on unless turned off, bulk copies off
+            # unless turned on.
+            notes = ["programmatic launch off"] if os.environ.get("ANY4_TINYGEMM_PDL") == "0" else []
+            notes += ["bulk copies on"] if os.environ.get("ANY4_TINYGEMM_BULK", "0") != "0" else []
+            return "any4lib tinygemm kernels" + (f" ({', '.join(notes)})" if notes else "")
         try:
             return f"{dist} {metadata.version(dist)}"
         except metadata.PackageNotFoundError:
