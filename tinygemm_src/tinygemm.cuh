@@ -166,8 +166,7 @@ __device__ __forceinline__ void barrier_expect(uint32_t bar, int bytes) {
 
 __device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t parity) {  // until phase `parity` completes
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // The retry loop inside one asm block (its labels are local to the braces): written as a C++ loop around
-  // try_wait, ptxas rematerialised the lane's fragment offsets in every unit instead of keeping them in registers.
+  // The retry loop inside one asm block (its labels are local to the braces, so every inlined copy has its own).
   asm volatile(
       "{ .reg .pred p;\n"
       "retry: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
@@ -317,9 +316,10 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   constexpr int kZ = kHasZero ? 2 : 1;
   constexpr int kStride = 8 * kRepl;  // words between consecutive pairs of one lane's table copy
   extern __shared__ __align__(16) uint8_t smem[];
-  // warp is read through a shuffle so that the compiler knows it is the same in every lane: the bulk copies' operands
-  // derived from it then live in uniform registers (otherwise ptxas wraps each copy in a loop over the lanes).
-  const int lane = threadIdx.x & 31, warp = __shfl_sync(0xFFFFFFFFu, threadIdx.x >> 5, 0), g = lane >> 2, t = lane & 3;
+  // warp is read through a shuffle so that the compiler knows it is the same in every lane: the bulk copies'
+  // operands derived from it then live in uniform registers (otherwise ptxas wraps each copy in a loop over lanes).
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int warp = __shfl_sync(0xFFFFFFFFu, threadIdx.x >> 5, 0);
   const int tile0 = blockIdx.x * kTiles;  // the dispatch launches only grids where n_tiles % kTiles == 0
   const int scale_bytes = S::scale_bytes(p), stage_bytes = S::stage_bytes(p);
   uint8_t* const ring = smem + S::table_bytes(p) + warp * kStages * stage_bytes;
@@ -357,8 +357,8 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   // Copies this warp's next unit (the i-th: k = 128 (warp + i kWarps) ..) into slot i % kStages: the weight part
   // (codes, scales) and the x part, called for i = 0, 1, 2, ... in order each, so the sources are running pointers
   // stepped once per call: recomputing them from i took ~40 of the loop's instructions per unit (64-bit products,
-  // the group arithmetic). Nothing is issued past the end. Bulk copies: lane 0 copies the whole unit (each piece is
-  // contiguous in memory and in the slot), announcing its bytes on the slot's barrier first.
+  // the group arithmetic). Nothing is issued past the end. Bulk copies: one lane copies the whole unit (each piece
+  // is contiguous in memory and in the slot), announcing its bytes on the slot's barrier first.
   const uint4* next_codes = (kBulk ? tile_codes : codes) + 2 * warp * 32;
   int next_chunk = 2 * warp;
   const int first_group = (warp * kUnitK) >> p.group_shift;  // kWarps * 128 is a whole number of groups (<= 256)
