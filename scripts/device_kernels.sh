@@ -6,8 +6,6 @@
 #   $VARIANTS checked and timed side by side on three Llama shapes, then the candidate's bench there; VARIANT_TESTS=0
 #   and CANDIDATE=0 skip the tests and the candidate's bench),
 #   debug (the bad-input test under cuda-gdb),
-#   env-ab (the bench on $SHAPES / $ROWS in two processes of one build, with the environment setting $AB_ENV, e.g.
-#   ANY4_TINYGEMM_BULK=1, and without: a switch of the binding measured against the default in one call),
 #   ab (the bench on $SHAPES / $ROWS with this tree's kernels, then with the tinygemm sources in $BASELINE_SRC, a
 #   carried copy of an earlier tinygemm_src, in a second process: a change measured against its baseline in one call)
 # Logs and the benchmark CSV go to $OUT (default /tmp/any4_kernels). Run from the repository root; set
@@ -78,10 +76,6 @@ torch.cuda.synchronize()" ;;
           && cp -r "${BASELINE_SRC:?set BASELINE_SRC}/." tinygemm_src/  # the baseline's files only
         run ab_baseline 300 python3 -m any4lib.bench.kernels --out "$OUT/baseline" --shapes "$shapes" --rows "$rows"
         rm -rf tinygemm_src && mkdir tinygemm_src && cp -r "$saved/." tinygemm_src/ ;;
-    env-ab) shapes=${SHAPES:-28672x4096,4096x14336,6144x4096,4096x4096} rows=${ROWS:-1,2,4}
-        run env_ab_default 300 python3 -m any4lib.bench.kernels --out "$OUT/default" --shapes "$shapes" --rows "$rows"
-        run env_ab_switched 300 env "${AB_ENV:?set AB_ENV}" python3 -m any4lib.bench.kernels --out "$OUT/switched" \
-          --shapes "$shapes" --rows "$rows" ;;
     debug) run debug 200 cuda-gdb -batch -ex run -ex bt --args python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_kernels_gpu.py -k bad_inputs ;;
     *) echo "unknown step $step"; status=1 ;;

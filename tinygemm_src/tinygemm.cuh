@@ -11,10 +11,6 @@
 // registers, and loaded scales and x in the iteration that used them, exposing their latency); the x-fragment
 // reads become fixed-address shared loads without bounds predicates (the copy zero-fills past k); and the
 // per-unit work (issuing copies, applying scales at g >= 128) is paid once per 128 k.
-// Bulk copies (v14, kBulk: m <= 2, k % 128 == 0, sm_90+, ANY4_TINYGEMM_BULK=1): one lane of the warp copies a unit
-// with 3-4 bulk (TMA) requests that complete on the slot's mbarrier, instead of 32 lanes' cp.async of 16 bytes
-// each. At m <= 2 the loop is short of issue slots, and the per-lane copies (their predicates, addresses and the
-// no-ops ptxas puts in front of each LDGSTS) were ~80 of its ~310 instructions a unit.
 //
 // Dequantization is w = lut[code] * scale + zero. The mma runs on the raw LUT values; scale and zero are applied
 // to the fp32 partial sums once per group: acc += scale * sum(x * lut[c]) + zero * sum(x). sum(x) comes from a
@@ -72,20 +68,15 @@ constexpr int kUnitK = 2 * kChunkK;  // k per ring slot: two 16-byte code loads 
 // Shared-memory carve-up of one CTA, computed the same way on the host (launch size) and the device:
 //   [pair tables (LUT formats)] [kWarps rings of kStages slots], later reused for the cross-warp sums.
 // A slot: kTiles x 1 KB of codes (2 chunks x 32 lanes x 16 B), kTiles x the unit's scales (1 to 4 groups x 8 lane
-// groups x 2 rows x (scale[, zero]) x 2 B), then m rows x 256 B of x (128 bf16/fp16 of k each), kXPitch apart.
-template <bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages, int kRepl, bool kBulk>
+// groups x 2 rows x (scale[, zero]) x 2 B), then m rows x 256 B of x (128 bf16/fp16 of k each).
+template <bool kIntCodes, bool kHasZero, int kMTiles, int kTiles, int kWarps, int kStages, int kRepl>
 struct Smem {
   static constexpr int kZ = kHasZero ? 2 : 1;
-  // A bulk copy cannot swizzle: its second x row starts 32 bytes further along the banks instead, so the two rows'
-  // fragment reads (the same offsets in each) fall in different banks.
-  static constexpr int kXPitch = kBulk ? 288 : 256;
   __host__ __device__ static int groups_per_unit(const Problem& p) {
     return p.group_shift >= 7 ? 1 : 1 << (7 - p.group_shift);
   }
   __host__ __device__ static int scale_bytes(const Problem& p) { return groups_per_unit(p) * 32 * kZ; }
-  __host__ __device__ static int stage_bytes(const Problem& p) {
-    return kTiles * (1024 + scale_bytes(p)) + kXPitch * p.m;
-  }
+  __host__ __device__ static int stage_bytes(const Problem& p) { return kTiles * (1024 + scale_bytes(p)) + 256 * p.m; }
   // Per tile: 256 pairs x 8 row pairs (g, g + 8) x kRepl copies; one such table when the matrix shares a LUT.
   __host__ __device__ static int table_bytes(const Problem& p) {
     return kIntCodes ? 0 : (p.lut_per_row ? kTiles : 1) * 256 * 8 * kRepl * 4;
@@ -97,7 +88,7 @@ struct Smem {
   }
   static int max_bytes() {  // the largest any problem of this variant asks for: all rows, g32, a LUT per row
     Problem p{};
-    p.m = kBulk ? 2 : 8 * kMTiles, p.group_shift = 5, p.lut_per_row = 1;
+    p.m = 8 * kMTiles, p.group_shift = 5, p.lut_per_row = 1;
     return bytes(p);
   }
 };
@@ -141,69 +132,6 @@ __device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_gr
 template <int kPending>
 __device__ __forceinline__ void copy_wait() {  // until at most kPending of this thread's newest groups are in flight
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
-
-// Bulk copies (sm_90+; only the kBulk variants call these, which the dispatch launches only there). A slot's
-// mbarrier completes its phase when its one arrival (the issuing lane's, announcing the unit's bytes) has come and
-// every announced byte has landed.
-__device__ __forceinline__ void barrier_init(uint32_t bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void barrier_init_fence() {  // makes the initialised barriers visible to the copy engine
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void barrier_expect(uint32_t bar, int bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t parity) {  // until phase `parity` completes
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // The retry loop inside one asm block (its labels are local to the braces, so every inlined copy has its own).
-  asm volatile(
-      "{ .reg .pred p;\n"
-      "retry: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra retry; }" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-#endif
-}
-
-// True in one lane of the (converged) warp. ptxas knows the lane is alone, so the bulk copies it issues are not
-// wrapped in a loop over the active lanes, as under `if (lane == 0)`.
-__device__ __forceinline__ bool elect_one_lane() {
-  uint32_t elected = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("{ .reg .pred p; elect.sync _|p, 0xFFFFFFFF; selp.u32 %0, 1, 0, p; }" : "=r"(elected));
-#endif
-  return elected;
-}
-
-// bytes (a multiple of 16) from 16-byte aligned global src to shared dst, counted on the mbarrier bar.
-__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, int bytes, uint32_t bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
-               "l"(src), "r"(bytes), "r"(bar)
-               : "memory");
-#endif
-}
-
-__device__ __forceinline__ void bulk_copy_stream(uint32_t dst, const void* src, int bytes, uint32_t bar,
-                                                 uint64_t policy) {  // the same, evict-first in L2 (the codes)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::
-          "r"(dst),
-      "l"(src), "r"(bytes), "r"(bar), "l"(policy)
-      : "memory");
-#endif
 }
 
 // The A fragment (4 registers of 2 values: rows g, g+8, g, g+8; k pairs 0-1, 0-1, 2-3, 2-3) from one word of codes.
@@ -308,25 +236,20 @@ __device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_ro
 // row g (c & 2 == 0) or g + 8 (c & 2 == 2) with x row c / 4: lane (g, t), c = 2 t, holds it in accumulators 0 and
 // 3 (tests/test_kernels.py multiplies these fragments through the PTX maps).
 template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRows, int kTiles, int kWarps,
-          int kStages, int kRepl, bool kBulk>
+          int kStages, int kRepl>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(const Problem p) {
   using D = Dtype<T>;
-  using S = Smem<kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl, kBulk>;
-  static_assert(!kBulk || kMTiles == 1, "bulk copies carry at most 2 rows of x");
+  using S = Smem<kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl>;
   constexpr int kZ = kHasZero ? 2 : 1;
   constexpr int kStride = 8 * kRepl;  // words between consecutive pairs of one lane's table copy
   extern __shared__ __align__(16) uint8_t smem[];
-  // warp is read through a shuffle so that the compiler knows it is the same in every lane: the bulk copies'
-  // operands derived from it then live in uniform registers (otherwise ptxas wraps each copy in a loop over lanes).
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int warp = __shfl_sync(0xFFFFFFFFu, threadIdx.x >> 5, 0);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int tile0 = blockIdx.x * kTiles;  // the dispatch launches only grids where n_tiles % kTiles == 0
   const int scale_bytes = S::scale_bytes(p), stage_bytes = S::stage_bytes(p);
   uint8_t* const ring = smem + S::table_bytes(p) + warp * kStages * stage_bytes;
   const uint32_t ring_at = shared_address(ring);
 
-  const uint4* tile_codes = p.codes + static_cast<size_t>(tile0) * p.k_chunks * 32;
-  const uint4* codes = tile_codes + lane;
+  const uint4* codes = p.codes + static_cast<size_t>(tile0) * p.k_chunks * 32 + lane;
   const uint8_t* scales = static_cast<const uint8_t*>(p.scales) + static_cast<size_t>(tile0) * p.groups * 32 * kZ;
   const T* x = static_cast<const T*>(p.x);
   uint64_t policy;
@@ -357,46 +280,16 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   // Copies this warp's next unit (the i-th: k = 128 (warp + i kWarps) ..) into slot i % kStages: the weight part
   // (codes, scales) and the x part, called for i = 0, 1, 2, ... in order each, so the sources are running pointers
   // stepped once per call: recomputing them from i took ~40 of the loop's instructions per unit (64-bit products,
-  // the group arithmetic). Nothing is issued past the end. Bulk copies: one lane copies the whole unit (each piece
-  // is contiguous in memory and in the slot), announcing its bytes on the slot's barrier first.
-  const uint4* next_codes = (kBulk ? tile_codes : codes) + 2 * warp * 32;
+  // the group arithmetic). Nothing is issued past the end.
+  const uint4* next_codes = codes + 2 * warp * 32;
   int next_chunk = 2 * warp;
   const int first_group = (warp * kUnitK) >> p.group_shift;  // kWarps * 128 is a whole number of groups (<= 256)
   const int group_step = (kWarps * kUnitK) >> p.group_shift;
-  const uint8_t* next_scales = scales + (kBulk ? 0 : scale_src) + first_group * 32 * kZ;
+  const uint8_t* next_scales = scales + scale_src + first_group * 32 * kZ;
   int next_group = first_group + scale_group;
-  const T* next_x = x + (kBulk ? 0 : x_src) + warp * kUnitK;
+  const T* next_x = x + x_src + warp * kUnitK;
   int next_x_k = warp * kUnitK + x_k;
-  __shared__ uint64_t barriers[kBulk ? kWarps * kStages : 1];  // bulk copies: one per slot of each warp's ring
-  const uint32_t barrier_at = shared_address(barriers + warp * kStages);
-  const int unit_bytes = kTiles * (1024 + scale_bytes) + 256 * p.m;
-  auto issue_weights_bulk = [&](int i) {
-    if (i >= n_mine) return;
-    if (elect_one_lane()) {
-      const unsigned s = static_cast<unsigned>(i) % kStages;
-      const uint32_t slot = ring_at + s * stage_bytes, bar = barrier_at + s * 8;
-      barrier_expect(bar, unit_bytes);  // x follows in issue_x
-#pragma unroll
-      for (int tt = 0; tt < kTiles; ++tt) {
-        bulk_copy_stream(slot + tt * 1024, next_codes + static_cast<size_t>(tt) * p.k_chunks * 32, 1024, bar, policy);
-        bulk_copy(slot + kTiles * 1024 + tt * scale_bytes, next_scales + static_cast<size_t>(tt) * p.groups * 32 * kZ,
-                  scale_bytes, bar);
-      }
-    }
-    next_codes += 2 * kWarps * 32;
-    next_scales += group_step * 32 * kZ;
-  };
-  auto issue_x_bulk = [&](int i) {
-    if (i >= n_mine) return;
-    if (elect_one_lane()) {
-      const unsigned s = static_cast<unsigned>(i) % kStages;
-      const uint32_t slot = ring_at + s * stage_bytes, bar = barrier_at + s * 8;
-      bulk_copy(slot + x_base, next_x, 256, bar);
-      if (p.m == 2) bulk_copy(slot + x_base + S::kXPitch, next_x + p.k, 256, bar);
-    }
-    next_x += kWarps * kUnitK;
-  };
-  auto issue_weights_lanes = [&](int i) {
+  auto issue_weights = [&](int i) {
     if (i >= n_mine) return;
     const uint32_t slot = ring_at + (static_cast<unsigned>(i) % kStages) * stage_bytes;
     const bool second = next_chunk + 1 < p.k_chunks;  // an odd chunk count leaves the last unit one chunk
@@ -416,7 +309,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
     next_scales += group_step * 32 * kZ;
     next_group += group_step;
   };
-  auto issue_x_lanes = [&](int i) {
+  auto issue_x = [&](int i) {
     if (i >= n_mine) return;
     const uint32_t slot = ring_at + (static_cast<unsigned>(i) % kStages) * stage_bytes;
     const bool ok = next_x_k < p.k;  // k is a multiple of 32: a piece is all in or all out
@@ -428,26 +321,12 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
     next_x += kWarps * kUnitK;
     next_x_k += kWarps * kUnitK;
   };
-  auto issue_weights = [&](int i) {
-    if constexpr (kBulk) issue_weights_bulk(i); else issue_weights_lanes(i);
-  };
-  auto issue_x = [&](int i) {
-    if constexpr (kBulk) issue_x_bulk(i); else issue_x_lanes(i);
-  };
 
   // Programmatic dependent launch (sm_90+, see allow_dependent_grid): everything up to the wait reads only the
   // weight (codes, scales, LUT), which no earlier kernel writes, so it overlaps the previous kernel when this grid
   // starts early: the first units' codes stream in and the pair tables are built. x is read, and y written, only
   // after the wait. Each unit is one commit group (empty past the end, so the group count stays in step with the
-  // waits below); the first group also holds the weight copies of the units issued before the wait. With bulk
-  // copies a unit's weight and x parts complete on the same barrier, which expects both from the start.
-  if constexpr (kBulk) {
-    if (lane == 0) {
-      for (int s = 0; s < kStages; ++s) barrier_init(barrier_at + s * 8);
-      barrier_init_fence();
-    }
-    __syncwarp();
-  }
+  // waits below); the first group also holds the weight copies of the units issued before the wait.
   allow_dependent_grid();
 #pragma unroll 1
   for (int i = 0; i < kStages - 1; ++i) issue_weights(i);
@@ -463,7 +342,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
 #pragma unroll 1
   for (int i = 0; i < kStages - 1; ++i) {
     issue_x(i);
-    if constexpr (!kBulk) copy_commit();
+    copy_commit();
   }
   const int tile_words = p.lut_per_row ? 256 * kStride : 0;  // table words between tiles of the CTA
 
@@ -471,9 +350,8 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   // are never copied and read as zero.
   const int x_row = kPairedRows ? g >> 2 : g;  // the x row of this lane's B column
   int x_at[4];
-  const int x_swizzle = kBulk ? 0 : (x_row & 3) << 1;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) x_at[j] = x_row * S::kXPitch + (((2 * j + (t >> 1)) ^ x_swizzle) << 4) + 8 * (t & 1);
+  for (int j = 0; j < 4; ++j) x_at[j] = x_row * 256 + (((2 * j + (t >> 1)) ^ ((x_row & 3) << 1)) << 4) + 8 * (t & 1);
   bool row_ok[kMTiles];
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) row_ok[mt] = mt * 8 + x_row < p.m;
@@ -487,15 +365,11 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   float acc[kTiles][kMTiles][4] = {};
 #pragma unroll 1
   for (int i = 0; i < n_mine; ++i) {
-    if constexpr (kBulk) {
-      barrier_wait(barrier_at + (static_cast<unsigned>(i) % kStages) * 8, (static_cast<unsigned>(i) / kStages) & 1);
-    } else {
-      copy_wait<kStages - 2>();  // unit i's group has landed (this lane's copies)
-    }
+    copy_wait<kStages - 2>();  // unit i's group has landed (this lane's copies)
     __syncwarp();  // ... and the other lanes' too; all lanes are done reading slot (i - 1) % kStages
     issue_weights(i + kStages - 1);  // refill that slot kStages - 1 units ahead, before this unit's math
     issue_x(i + kStages - 1);
-    if constexpr (!kBulk) copy_commit();
+    copy_commit();
     const uint8_t* slot = ring + (static_cast<unsigned>(i) % kStages) * stage_bytes;
     const uint8_t* unit_scales = slot + kTiles * 1024 + g * 4 * kZ;
     const uint8_t* xs = slot + x_base;
@@ -581,7 +455,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   // Sum the warps' k-slices through shared memory (the rings and tables are free once every copy has landed).
   // Accumulator e of lane l holds row (l / 4) + 8 * (e / 2), column 2 * (l % 4) + e % 2 of its (tile, m-tile).
   constexpr int kOut = kTiles * kMTiles * 4;
-  if constexpr (!kBulk) copy_wait<0>();  // (every bulk copy was waited for in the loop)
+  copy_wait<0>();
   __syncthreads();
   float* partial = reinterpret_cast<float*>(smem);  // [kWarps][kOut][32]
 #pragma unroll

@@ -51,10 +51,10 @@ static constexpr Config config() { return kChosen; }
 // Launches the variant, or with `resident` set launches nothing and stores how many of its CTAs one SM holds at once
 // for this problem (registers, shared memory and threads all counted: the occupancy calculator).
 template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRows, int kTiles, int kWarps,
-          int kStages, int kRepl, bool kBulk>
+          int kStages, int kRepl>
 static cudaError_t run(const Problem& p, cudaStream_t stream, int* resident) {
-  using S = Smem<kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl, kBulk>;
-  auto* kernel = tinygemm_kernel<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, kRepl, kBulk>;
+  using S = Smem<kIntCodes, kHasZero, kMTiles, kTiles, kWarps, kStages, kRepl>;
+  auto* kernel = tinygemm_kernel<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, kRepl>;
   // Opt in to more than 48 KB of shared memory (static + dynamic) once per device, for the variant's largest need
   // (or the half SM that a small early-started grid asks for, below).
   static std::atomic<uint64_t> raised{0};
@@ -104,16 +104,16 @@ static cudaError_t run(const Problem& p, cudaStream_t stream, int* resident) {
 }
 
 template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRows, int kTiles, int kWarps,
-          int kStages, bool kBulk>
+          int kStages>
 static cudaError_t for_repl(const Problem& p, cudaStream_t stream, int* resident) {
   // Int codes have no tables; two tiles take half the copies (the same 32 KB at 4) so the x-heavy rings still fit.
   if constexpr (kIntCodes) {
-    return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 1, kBulk>(p, stream, resident);
+    return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 1>(p, stream, resident);
   } else if constexpr (kTiles > 1) {
     TG_IF (config().repl == 4) {
-      return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 2, kBulk>(p, stream, resident);
+      return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 2>(p, stream, resident);
     } else {
-      return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 1, kBulk>(p, stream, resident);
+      return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 1>(p, stream, resident);
     }
   } else {
     TG_IF (config().repl == 4) {
@@ -124,32 +124,29 @@ static cudaError_t for_repl(const Problem& p, cudaStream_t stream, int* resident
       // meant >= 3 per SM; the grids v11 moved to 4 warps (1-3 waves of 8-warp CTAs) take it untested.
       if constexpr (!kPairedRows && kWarps == 4) {
         if (!p.lut_per_row) {
-          return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 2, kBulk>(p, stream,
-                                                                                                      resident);
+          return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 2>(p, stream, resident);
         }
       }
-      return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 4, kBulk>(p, stream, resident);
+      return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 4>(p, stream, resident);
     } else TG_IF (config().repl == 2) {
-      return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 2, kBulk>(p, stream, resident);
+      return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 2>(p, stream, resident);
     } else {
-      return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 1, kBulk>(p, stream, resident);
+      return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 1>(p, stream, resident);
     }
   }
 }
 
-template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRows, int kTiles, int kWarps,
-          bool kBulk>
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRows, int kTiles, int kWarps>
 static cudaError_t for_stages(const Problem& p, cudaStream_t stream, int* resident = nullptr) {
   // At m > 8 a slot carries 16 rows of x (4 KB): fewer slots keep the shared memory per CTA in bounds.
   TG_IF ((kIntCodes ? config().stages : config().lut_stages) == 4) {
-    return for_repl<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, 4 / kMTiles, kBulk>(p, stream,
-                                                                                                     resident);
+    return for_repl<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, 4 / kMTiles>(p, stream, resident);
   } else {
-    return for_repl<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, 2, kBulk>(p, stream, resident);
+    return for_repl<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, 2>(p, stream, resident);
   }
 }
 
-template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRows, int kTiles, bool kBulk = false>
+template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRows, int kTiles>
 static cudaError_t for_warps(const Problem& p, cudaStream_t stream) {
   // 8 warps per CTA when the grid fits in one wave of 8-warp CTAs: with few CTAs (small n) they keep enough loads
   // in flight to fill the memory system. Otherwise 4: longer k-slices per warp, fewer CTA start-ups (and table
@@ -158,28 +155,19 @@ static cudaError_t for_warps(const Problem& p, cudaStream_t stream) {
   int warps = kIntCodes ? config().warps : config().lut_warps;
   if (!warps) {
     int resident = 0;
-    const cudaError_t err =
-        for_stages<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, 8, kBulk>(p, stream, &resident);
+    const cudaError_t err = for_stages<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, 8>(p, stream, &resident);
     if (err != cudaSuccess) return err;
     warps = p.n_tiles / kTiles <= resident * p.sm_count ? 8 : 4;
   }
-  if (warps == 4) return for_stages<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, 4, kBulk>(p, stream);
-  return for_stages<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, 8, kBulk>(p, stream);
+  if (warps == 4) return for_stages<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, 4>(p, stream);
+  return for_stages<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, 8>(p, stream);
 }
-
-static bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 template <typename T, bool kIntCodes, bool kHasZero>
 static cudaError_t for_rows(const Problem& p, cudaStream_t stream) {
-  // Bulk copies (see the kernel) where every unit is whole and every piece starts 16-byte aligned (x is checked by
-  // the binding; weights sliced out of a larger buffer may not be).
-  const bool bulk = p.bulk_copies && p.m <= 2 && p.k % kUnitK == 0 && aligned16(p.codes) && aligned16(p.scales);
-  if constexpr (kIntCodes) {
-    if (bulk) return for_warps<T, kIntCodes, kHasZero, 1, false, 1, true>(p, stream);
-  } else if (p.m <= 2) {
+  if constexpr (!kIntCodes) {
     // One or two rows of x: the A registers as the pair tables give them (no regrouping prmts; see the kernel).
-    if (bulk) return for_warps<T, kIntCodes, kHasZero, 1, true, 1, true>(p, stream);
-    return for_warps<T, kIntCodes, kHasZero, 1, true, 1>(p, stream);
+    if (p.m <= 2) return for_warps<T, kIntCodes, kHasZero, 1, true, 1>(p, stream);
   }
   if (p.m <= 8) return for_warps<T, kIntCodes, kHasZero, 1, false, 1>(p, stream);
   // Two tiles per CTA at m > 8 when the tile count splits evenly and still gives (nearly) every SM a CTA.

@@ -214,11 +214,8 @@ class Method:
         if dist is None:
             if self.dequantized:
                 return "any4lib dequantized weight, dense matmul"
-            # The binding's switches, read at each call: early launch is on unless turned off, bulk copies off
-            # unless turned on.
-            notes = ["programmatic launch off"] if os.environ.get("ANY4_TINYGEMM_PDL") == "0" else []
-            notes += ["bulk copies on"] if os.environ.get("ANY4_TINYGEMM_BULK", "0") != "0" else []
-            return "any4lib tinygemm kernels" + (f" ({', '.join(notes)})" if notes else "")
+            off = os.environ.get("ANY4_TINYGEMM_PDL") == "0"  # read by the kernels' binding at each call
+            return "any4lib tinygemm kernels" + (" (programmatic launch off)" if off else "")
         try:
             return f"{dist} {metadata.version(dist)}"
         except metadata.PackageNotFoundError:
