@@ -5,7 +5,8 @@
 # masked SDPA) against the new (fused; Triton split-K decode attention), b=1: results/e2e/profile/profile.{csv,txt}.
 # BENCH_OUT: another CSV for the bench step (a control). qhead: optional rows with lm_head quantized too.
 # sdpa-control: the new layout with masked SDPA attention. pdl-ab: programmatic dependent launch x the norm kernel.
-# swiglu-ab: silu(gate) * up in the gate/up GEMM's epilogue against its own kernel.
+# swiglu-ab: silu(gate) * up in the gate/up GEMM's epilogue against its own kernel. env-ab: the default against the
+# environment setting $AB_ENV (e.g. ANY4_TINYGEMM_PREFETCH=1), named $AB_NAME in the control CSVs.
 # With ANY4_RESTORE_CLEAN=1 (on the device only: it overwrites files), .carry/clean (files of a committed tree, laid
 # out as in the repository) is copied over the tree first, so that a run measures committed kernels even when the
 # working tree it was sent from holds someone's unfinished edits.
@@ -118,6 +119,21 @@ for step in "${steps[@]}"; do
         [ "${PIPESTATUS[0]}" = 0 ] || rc=1
       done
       cp results/e2e/controls/decode_swiglu.csv "$OUT/" 2>/dev/null ;;
+    env-ab)
+      # A switch of the binding against the default, side by side in one call (batch $AB_BATCH, default 1):
+      # results/e2e/controls/decode_${AB_NAME}_{default,switched}.csv.
+      build_kernels
+      rc=0
+      for side in default switched; do
+        csv=results/e2e/controls/decode_${AB_NAME:?set AB_NAME}_$side.csv
+        setting=()
+        [ $side = switched ] && setting=("${AB_ENV:?set AB_ENV}")
+        env "${setting[@]}" timeout "${AB_LIMIT_S:-150}" python3 -m any4lib.bench.e2e --model-config llama3-8b \
+          --formats "${AB_METHODS:-any4,int4}" --peers "" --batch "${AB_BATCH:-1}" --prompt 512 --new 128 \
+          --out "$csv" 2>&1 | tee -a "$OUT/env_ab.log"
+        [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+        cp "$csv" "$OUT/" 2>/dev/null
+      done ;;
     tests)
       timeout "${TESTS_LIMIT_S:-200}" python3 -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_e2e.py ${TESTS_K:+-k "$TESTS_K"} \
         2>&1 | tee "$OUT/tests.log"
@@ -130,7 +146,7 @@ for step in "${steps[@]}"; do
         --deadline-s $(( limit - 150 )) --out results/e2e/controls/decode_reduce_overhead.csv 2>&1 | tee "$OUT/reduce_overhead.log"
       rc=${PIPESTATUS[0]}
       cp results/e2e/controls/decode_reduce_overhead.csv "$OUT/" 2>/dev/null ;;
-    *) echo "unknown step $step (profile, bench, qhead, sdpa-control, pdl-ab, swiglu-ab, tests,"\
+    *) echo "unknown step $step (profile, bench, qhead, sdpa-control, pdl-ab, swiglu-ab, env-ab, tests,"\
          "reduce-overhead)"; rc=2 ;;
   esac
   echo "== $step: exit $rc after $((SECONDS - start)) s"

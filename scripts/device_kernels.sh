@@ -5,7 +5,9 @@
 #   variants (a -DTINYGEMM_TUNING build: GPU tests with the chosen variant, then every variant in
 #   $VARIANTS checked and timed side by side on three Llama shapes, then the candidate's bench there; VARIANT_TESTS=0
 #   and CANDIDATE=0 skip the tests and the candidate's bench),
-#   debug (the bad-input test under cuda-gdb),
+#   debug (the bad-input test under cuda-gdb), ncu-e2e (ncu of a decode layer's four GEMMs at m = 1, any4 and int4),
+#   env-ab (the bench on $SHAPES / $ROWS in two processes of one build, with the environment setting $AB_ENV, e.g.
+#   ANY4_TINYGEMM_PREFETCH=1, and without: a switch of the binding measured against the default in one call),
 #   ab (the bench on $SHAPES / $ROWS with this tree's kernels, then with the tinygemm sources in $BASELINE_SRC, a
 #   carried copy of an earlier tinygemm_src, in a second process: a change measured against its baseline in one call)
 # Logs and the benchmark CSV go to $OUT (default /tmp/any4_kernels). Run from the repository root; set
@@ -60,6 +62,18 @@ for fmt, m in (('int4', 1), ('any4', 1), ('any4', 16)):
     w = PackedWeight.from_quantized(random_quantized(fmt, 28672, 8192, 128), torch.bfloat16)
     linear(torch.randn(m, 8192, device='cuda', dtype=torch.bfloat16), w)
 torch.cuda.synchronize()" ;;
+    ncu-e2e) run ncu_e2e 300 ncu --clock-control none --kernel-name regex:tinygemm \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section SchedulerStats python3 -c "
+import torch
+from any4lib.bench.kernels import random_quantized
+from any4lib.kernels import PackedWeight, linear
+for fmt in ('any4', 'int4'):  # a decode layer's GEMMs at m = 1: q/k/v, o, gate/up (SwiGLU), down
+    for n, k, gated in ((6144, 4096, False), (4096, 4096, False), (14336, 4096, True), (4096, 14336, False)):
+        q = lambda: random_quantized(fmt, n, k, 128)
+        w = PackedWeight.from_gate_up(q(), q()) if gated else PackedWeight.from_quantized(q())
+        linear(torch.randn(1, k, device='cuda', dtype=torch.bfloat16), w)
+torch.cuda.synchronize()" ;;
     variants) export ANY4_TINYGEMM_CUDA_FLAGS=-DTINYGEMM_TUNING
         run variants_build 300 python3 -c "from any4lib.kernels import load_kernels; load_kernels(); print('loaded')"
         find "$ANY4_CACHE" -name "*.so" -newer "$OUT/device.txt" -exec cuobjdump --dump-resource-usage {} \; \
@@ -76,6 +90,10 @@ torch.cuda.synchronize()" ;;
           && cp -r "${BASELINE_SRC:?set BASELINE_SRC}/." tinygemm_src/  # the baseline's files only
         run ab_baseline 300 python3 -m any4lib.bench.kernels --out "$OUT/baseline" --shapes "$shapes" --rows "$rows"
         rm -rf tinygemm_src && mkdir tinygemm_src && cp -r "$saved/." tinygemm_src/ ;;
+    env-ab) shapes=${SHAPES:-28672x4096,4096x14336,6144x4096,4096x4096} rows=${ROWS:-1,2,4}
+        run env_ab_default 300 python3 -m any4lib.bench.kernels --out "$OUT/default" --shapes "$shapes" --rows "$rows"
+        run env_ab_switched 300 env "${AB_ENV:?set AB_ENV}" python3 -m any4lib.bench.kernels --out "$OUT/switched" \
+          --shapes "$shapes" --rows "$rows" ;;
     debug) run debug 200 cuda-gdb -batch -ex run -ex bt --args python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_kernels_gpu.py -k bad_inputs ;;
     *) echo "unknown step $step"; status=1 ;;
