@@ -6,7 +6,7 @@
 # BENCH_OUT: another CSV for the bench step (a control). qhead: optional rows with lm_head quantized too.
 # sdpa-control: the new layout with masked SDPA attention. pdl-ab: programmatic dependent launch x the norm kernel.
 # swiglu-ab: silu(gate) * up in the gate/up GEMM's epilogue against its own kernel. env-ab: the default against the
-# environment setting $AB_ENV (e.g. ANY4_TINYGEMM_PREFETCH=1), named $AB_NAME in the control CSVs.
+# environment setting $AB_ENV (e.g. ANY4_TINYGEMM_PDL=0), named $AB_NAME in the control CSVs.
 # With ANY4_RESTORE_CLEAN=1 (on the device only: it overwrites files), .carry/clean (files of a committed tree, laid
 # out as in the repository) is copied over the tree first, so that a run measures committed kernels even when the
 # working tree it was sent from holds someone's unfinished edits.

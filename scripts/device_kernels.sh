@@ -7,7 +7,7 @@
 #   and CANDIDATE=0 skip the tests and the candidate's bench),
 #   debug (the bad-input test under cuda-gdb), ncu-e2e (ncu of a decode layer's four GEMMs at m = 1, any4 and int4),
 #   env-ab (the bench on $SHAPES / $ROWS in two processes of one build, with the environment setting $AB_ENV, e.g.
-#   ANY4_TINYGEMM_PREFETCH=1, and without: a switch of the binding measured against the default in one call),
+#   ANY4_TINYGEMM_PDL=0, and without: a switch of the binding measured against the default in one call),
 #   ab (the bench on $SHAPES / $ROWS with this tree's kernels, then with the tinygemm sources in $BASELINE_SRC, a
 #   carried copy of an earlier tinygemm_src, in a second process: a change measured against its baseline in one call)
 # Logs and the benchmark CSV go to $OUT (default /tmp/any4_kernels). Run from the repository root; set

@@ -239,30 +239,3 @@ def test_early_start_reads_x_after_the_kernel_that_writes_it(fmt, monkeypatch):
             outs[flag] = out.clone()
         expected = step(torch.cuda.synchronize)  # each kernel launched after the one before has finished
         assert torch.equal(outs["0"], expected) and torch.equal(outs["1"], expected)
-
-
-SWITCH_SHAPES = [(4096, 4096, 128), (6144, 4096, 32), (4096, 14336, 64), (8, 256, 256), (200, 352, 32)]
-
-
-@pytest.mark.parametrize("fmt", ["int4", "any4", "nf4", "mxfp4"])
-def test_l2_prefetch_changes_no_bits(fmt, monkeypatch):
-    # With ANY4_TINYGEMM_PREFETCH=1 each CTA first asks L2 for its weight slice (sm_90+): a hint that changes no
-    # arithmetic, so the bits equal those without it, for plain GEMMs and the SwiGLU epilogue, one and two tiles per
-    # CTA (m = 16), odd n and k, both dtypes.
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the L2 prefetch needs sm_90+")
-    for n, k, group_size in SWITCH_SHAPES:
-        group_size = 32 if fmt == "mxfp4" else group_size
-        for dtype in (torch.bfloat16, torch.float16):
-            plain = PackedWeight.from_quantized(random_quantized(fmt, n, k, group_size), dtype)
-            gated = PackedWeight.from_gate_up(*(random_quantized(fmt, 8 * (n // 16 + 1), k, group_size)
-                                                for _ in range(2)), dtype)
-            for w in (plain, gated):
-                for m in (1, 2, 5, 16):
-                    x = torch.randn(m, k, device="cuda").to(dtype)
-                    outs = {}
-                    for flag in ("1", "0"):
-                        monkeypatch.setenv("ANY4_TINYGEMM_PREFETCH", flag)
-                        outs[flag] = run_poisoned(x, w)
-                    assert torch.isfinite(outs["1"]).all(), f"{fmt} {n}x{k} m={m}: unwritten outputs"
-                    assert torch.equal(outs["1"], outs["0"]), f"{fmt} {n}x{k} g{group_size} m={m} {dtype}"

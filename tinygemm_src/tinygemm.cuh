@@ -127,14 +127,6 @@ __device__ __forceinline__ void allow_dependent_grid() {
 #endif
 }
 
-// Asks L2 for `bytes` (a multiple of 16) of global memory from a 16-byte aligned address, with no destination and
-// nothing to wait for: later copies of those bytes find them in L2 or already on their way (sm_90+; a no-op before).
-__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
-#endif
-}
-
 __device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 
 template <int kPending>
@@ -260,15 +252,6 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) tinygemm_kernel(cons
   const uint4* codes = p.codes + static_cast<size_t>(tile0) * p.k_chunks * 32 + lane;
   const uint8_t* scales = static_cast<const uint8_t*>(p.scales) + static_cast<size_t>(tile0) * p.groups * 32 * kZ;
   const T* x = static_cast<const T*>(p.x);
-  // v15 (p.prefetch_l2): one thread asks L2 for the CTA's whole weight slice (its tiles' codes, then their scales:
-  // each contiguous) before anything else. The rings keep only 1 to 3 units a warp in flight, and ncu of a decode
-  // layer's GEMMs at m = 1 found them latency-bound (DRAM 32-60% busy, 2.8-4.5 warps a scheduler, register- and
-  // shared-memory-limited). The request costs no registers or shared memory, and in a grid started early (below) it
-  // streams the slice while the kernel before it still runs.
-  if (p.prefetch_l2 && threadIdx.x == 0) {
-    prefetch_l2(p.codes + static_cast<size_t>(tile0) * p.k_chunks * 32, kTiles * p.k_chunks * 512u);
-    prefetch_l2(scales, static_cast<uint32_t>(kTiles * p.groups * 32 * kZ));
-  }
   uint64_t policy;
   asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
   const int k_units = (p.k_chunks + 1) >> 1;

@@ -21,7 +21,6 @@ struct Problem {
   int sm_count;        // multiprocessors of the device: picks the warps per tile
   int sm_shared_bytes; // shared memory of one multiprocessor (see the launch of small early-started grids)
   int programmatic;    // 1: launch with programmatic stream serialization (sm_90+; see the kernel's prologue)
-  int prefetch_l2;     // 1: each CTA asks L2 for its whole weight slice at its start (sm_90+; see the kernel)
   int swiglu;          // 1: the rows are gate/up interleaved by 8 (n % 16 == 0); y [m, n / 2] = silu(gate) * up
 };
 

@@ -31,13 +31,11 @@ const DeviceInfo& device_info(int device) {  // cached: asked once per device
   return info;
 }
 
-// Programmatic dependent launch and the L2 prefetch need sm_90+. The switches are read at each call, so a process can
-// compare both settings (a CUDA graph keeps what its capture saw): ANY4_TINYGEMM_PDL=0 turns early launch off;
-// the prefetch is off until ANY4_TINYGEMM_PREFETCH=1 (not yet measured: docs/KERNELS.md, v15).
-bool sm90_feature(const DeviceInfo& info, const char* switch_name, bool by_default) {
-  const char* env = std::getenv(switch_name);
-  const bool on = env && *env ? std::string(env) != "0" : by_default;
-  return info.major >= 9 && on;
+// Programmatic dependent launch needs sm_90+; ANY4_TINYGEMM_PDL=0 turns it off (read at each call, so a process can
+// compare both: a CUDA graph keeps what its capture saw).
+bool programmatic_launch(const DeviceInfo& info) {
+  const char* env = std::getenv("ANY4_TINYGEMM_PDL");
+  return info.major >= 9 && !(env && std::string(env) == "0");
 }
 
 // Integers reach TORCH_CHECK messages as strings: streaming an int64 from this JIT-built library crashed inside
@@ -128,8 +126,7 @@ at::Tensor tinygemm_4bit(const at::Tensor& x, const at::Tensor& codes, const at:
   const DeviceInfo& info = device_info(x.get_device());
   p.sm_count = info.sm_count;
   p.sm_shared_bytes = info.sm_shared_bytes;
-  p.programmatic = sm90_feature(info, "ANY4_TINYGEMM_PDL", true);
-  p.prefetch_l2 = sm90_feature(info, "ANY4_TINYGEMM_PREFETCH", false);
+  p.programmatic = programmatic_launch(info);
   const cudaError_t err = tinygemm::launch(p, x.scalar_type() == at::kBFloat16, int_codes, has_zero,
                                            c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "tinygemm_4bit: kernel launch failed: ", cudaGetErrorString(err));
