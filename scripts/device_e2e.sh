@@ -6,7 +6,8 @@
 # BENCH_OUT: another CSV for the bench step (a control). qhead: optional rows with lm_head quantized too.
 # sdpa-control: the new layout with masked SDPA attention. pdl-ab: programmatic dependent launch x the norm kernel.
 # swiglu-ab: silu(gate) * up in the gate/up GEMM's epilogue against its own kernel. env-ab: the default against the
-# environment setting $AB_ENV (e.g. ANY4_TINYGEMM_PDL=0), named $AB_NAME in the control CSVs.
+# environment setting $AB_ENV (e.g. ANY4_TINYGEMM_PDL=0), tree-ab: this tree against a carried earlier one
+# ($BASELINE_TREE); both named $AB_NAME in the control CSVs.
 # With ANY4_RESTORE_CLEAN=1 (on the device only: it overwrites files), .carry/clean (files of a committed tree, laid
 # out as in the repository) is copied over the tree first, so that a run measures committed kernels even when the
 # working tree it was sent from holds someone's unfinished edits.
@@ -55,6 +56,20 @@ EOF
 build_kernels() {
   timeout 300 python3 -c "from any4lib.kernels import load_kernels; load_kernels(); print('kernels loaded')" \
     2>&1 | tee "$OUT/build.log"
+}
+
+# One side of an A/B: the bench of $AB_METHODS at batch $AB_BATCH (default any4, int4 at 1) run in folder $2 with the
+# environment settings after it, into results/e2e/controls/decode_${AB_NAME}_$1.csv.
+ab_side() {
+  local side=$1 dir=$2
+  shift 2
+  local csv=$PWD/results/e2e/controls/decode_${AB_NAME:?set AB_NAME}_$side.csv
+  (cd "$dir" && env "$@" timeout "${AB_LIMIT_S:-150}" python3 -m any4lib.bench.e2e --model-config llama3-8b \
+    --formats "${AB_METHODS:-any4,int4}" --peers "" --batch "${AB_BATCH:-1}" --prompt 512 --new 128 --out "$csv") \
+    2>&1 | tee -a "$OUT/ab.log"
+  local rc=${PIPESTATUS[0]}
+  cp "$csv" "$OUT/" 2>/dev/null
+  return "$rc"
 }
 
 for step in "${steps[@]}"; do
@@ -120,20 +135,20 @@ for step in "${steps[@]}"; do
       done
       cp results/e2e/controls/decode_swiglu.csv "$OUT/" 2>/dev/null ;;
     env-ab)
-      # A switch of the binding against the default, side by side in one call (batch $AB_BATCH, default 1):
+      # A switch of the binding against the default, side by side in one call:
       # results/e2e/controls/decode_${AB_NAME}_{default,switched}.csv.
       build_kernels
       rc=0
-      for side in default switched; do
-        csv=results/e2e/controls/decode_${AB_NAME:?set AB_NAME}_$side.csv
-        setting=()
-        [ $side = switched ] && setting=("${AB_ENV:?set AB_ENV}")
-        env "${setting[@]}" timeout "${AB_LIMIT_S:-150}" python3 -m any4lib.bench.e2e --model-config llama3-8b \
-          --formats "${AB_METHODS:-any4,int4}" --peers "" --batch "${AB_BATCH:-1}" --prompt 512 --new 128 \
-          --out "$csv" 2>&1 | tee -a "$OUT/env_ab.log"
-        [ "${PIPESTATUS[0]}" = 0 ] || rc=1
-        cp "$csv" "$OUT/" 2>/dev/null
-      done ;;
+      ab_side default . || rc=1
+      ab_side switched . "${AB_ENV:?set AB_ENV}" || rc=1 ;;
+    tree-ab)
+      # This tree against $BASELINE_TREE, a carried copy of an earlier commit's any4lib and tinygemm_src (e.g. from
+      # `git archive`; its commit in $AB_BASELINE_COMMIT), side by side in one call:
+      # results/e2e/controls/decode_${AB_NAME}_{baseline,new}.csv.
+      build_kernels
+      rc=0
+      ab_side baseline "${BASELINE_TREE:?set BASELINE_TREE}" ANY4_GIT_COMMIT="${AB_BASELINE_COMMIT:-unknown}" || rc=1
+      ab_side new . || rc=1 ;;
     tests)
       timeout "${TESTS_LIMIT_S:-200}" python3 -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_e2e.py ${TESTS_K:+-k "$TESTS_K"} \
         2>&1 | tee "$OUT/tests.log"
@@ -146,7 +161,7 @@ for step in "${steps[@]}"; do
         --deadline-s $(( limit - 150 )) --out results/e2e/controls/decode_reduce_overhead.csv 2>&1 | tee "$OUT/reduce_overhead.log"
       rc=${PIPESTATUS[0]}
       cp results/e2e/controls/decode_reduce_overhead.csv "$OUT/" 2>/dev/null ;;
-    *) echo "unknown step $step (profile, bench, qhead, sdpa-control, pdl-ab, swiglu-ab, env-ab, tests,"\
+    *) echo "unknown step $step (profile, bench, qhead, sdpa-control, pdl-ab, swiglu-ab, env-ab, tree-ab, tests,"\
          "reduce-overhead)"; rc=2 ;;
   esac
   echo "== $step: exit $rc after $((SECONDS - start)) s"

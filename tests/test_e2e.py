@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from any4lib import quantize
 from any4lib.bench import e2e
-from any4lib.bench.attention import decode_attention, decode_attention_reference, split_plan
+from any4lib.bench.attention import (decode_attention, decode_attention_reference, decode_attention_step, rotate_half,
+                                     split_plan)
 from any4lib.bench.decode import LlamaDecoder, decode, generate, prefill
 
 TINY = e2e.model_config("tiny")
@@ -133,6 +134,41 @@ def test_decode_attention_reference_and_cpu_op_match_masked_sdpa(p):
     torch.testing.assert_close(decode_attention(q, k, v, pos), expected)  # the custom op's CPU path
 
 
+def _step_inputs(b, hkv, g, d, n, p, dtype=torch.float32, device="cpu"):
+    """A fused projection of one token, a filled cache and the RoPE angles at position p."""
+    qkv = torch.randn(b, hkv * (g + 2), d, device=device).to(dtype)
+    kv = torch.randn(2, b, hkv, n, d, device=device).to(dtype)
+    angles = (p + 1) * torch.rand(d // 2, device=device)
+    cos, sin = torch.cat([angles, angles]).cos(), torch.cat([angles, angles]).sin()
+    return qkv, kv, cos, sin, torch.tensor([p], device=device)
+
+
+@pytest.mark.parametrize("p", [0, 17, 39])
+def test_decode_attention_step_cpu_op_rotates_writes_the_cache_and_attends(p):
+    torch.manual_seed(p)
+    qkv, kv, cos, sin, pos = _step_inputs(2, 2, 3, 16, 40, p)
+    before = kv.clone()
+    out = decode_attention_step(qkv, kv, cos, sin, pos)
+    q, k, v = qkv[:, :6], qkv[:, 6:8], qkv[:, 8:]
+    # RoPE by its definition: each pair (x_i, x_{i + d/2}) turned by its angle.
+    x1, x2 = k[..., :8], k[..., 8:]
+    c, s = cos[:8], sin[:8]
+    torch.testing.assert_close(kv[0, :, :, p], torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1))
+    torch.testing.assert_close(kv[1, :, :, p], v)
+    keep = torch.arange(40) != p
+    assert torch.equal(kv[:, :, :, keep], before[:, :, :, keep])  # only position p is written
+    expected = _masked_sdpa(rotate_half(q, cos, sin).reshape(2, 2, 3, 16), kv[0], kv[1], pos)
+    torch.testing.assert_close(out, expected)
+
+
+def test_decode_attention_ops_pass_opcheck():
+    # Schemas (the cache declared mutated), fake kernels and their shapes, as torch.compile will use them.
+    torch.manual_seed(0)
+    torch.library.opcheck(decode_attention_step, _step_inputs(2, 2, 3, 16, 40, 7))
+    q, k, v = torch.randn(2, 2, 3, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    torch.library.opcheck(decode_attention, (q, k, v, torch.tensor([7])))
+
+
 def test_split_plan_covers_the_cache():
     for programs, max_len in [(8, 640), (32, 640), (128, 640), (1, 17), (8, 8192)]:
         slices, chunk = split_plan(programs, max_len, 132)
@@ -155,6 +191,21 @@ for b, hkv, g, d, n, p, dtype, tol in [(1, 2, 4, 64, 100, 70, torch.float32, 1e-
     ref = decode_attention_reference(q.double(), k.double(), v.double(), pos)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < tol, (b, hkv, g, d, n, p, dtype, err)
+# The decode step from a fused projection (RoPE and the cache write in the split kernel) against its reference.
+from any4lib.bench.attention import decode_attention_step_triton, decode_attention_step_reference
+for b, hkv, g, d, n, p, dtype, tol in [(1, 2, 4, 64, 100, 70, torch.float32, 1e-5), (2, 1, 3, 32, 130, 0, torch.float32, 1e-5),
+                                       (2, 2, 1, 32, 64, 63, torch.float16, 2e-3)]:
+    qkv = torch.randn(b, hkv * (g + 2), d).to(dtype)
+    kv = torch.randn(2, b, hkv, n, d).to(dtype)
+    angles = torch.rand(d // 2) * p
+    cos, sin = torch.cat([angles, angles]).cos(), torch.cat([angles, angles]).sin()
+    pos = torch.tensor([p])
+    kv_ref = kv.double()
+    out = decode_attention_step_triton(qkv, kv, cos, sin, pos)
+    ref = decode_attention_step_reference(qkv.double(), kv_ref, cos.double(), sin.double(), pos)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < tol, (b, hkv, g, d, n, p, dtype, err)
+    torch.testing.assert_close(kv.double(), kv_ref, rtol=tol, atol=tol)
 print("ok")
 """
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -361,6 +412,26 @@ def test_decode_attention_kernel_on_gpu(dtype):
         ref = decode_attention_reference(q.double(), k.double(), v.double(), pos)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert torch.isfinite(out).all() and err < (1e-5 if dtype == torch.float32 else 1e-2), (b, n, p, err)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_decode_attention_step_kernel_on_gpu(dtype):
+    from any4lib.bench.attention import decode_attention_step_reference, decode_attention_step_triton
+
+    torch.manual_seed(0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for b, hkv, g, d, n, p in [(1, 8, 4, 128, 640, 511), (1, 8, 4, 128, 640, 639), (4, 8, 4, 128, 640, 0),
+                               (16, 8, 4, 128, 640, 600), (3, 2, 3, 64, 100, 77), (2, 4, 8, 128, 4096, 3000)]:
+        qkv, kv, cos, sin, pos = _step_inputs(b, hkv, g, d, n, p, dtype, "cuda")
+        kv_ref = kv.double()
+        out = decode_attention_step_triton(qkv, kv, cos, sin, pos)
+        ref = decode_attention_step_reference(qkv.double(), kv_ref, cos.double(), sin.double(), pos)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert torch.isfinite(out).all() and err < tol, (b, n, p, err)
+        # The written k is RoPE rounded to the dtype once (the reference rounds each product in float64).
+        torch.testing.assert_close(kv.double(), kv_ref, rtol=tol, atol=tol)
 
 
 @pytest.mark.gpu

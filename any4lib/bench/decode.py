@@ -10,7 +10,8 @@ Three decode-speed options, all rewrites of the same function:
   is the same quantized model with fewer, larger GEMMs. A gate_up_proj whose `swiglu` attribute is true returns
   silu(gate) * up itself (the tinygemm epilogue, kernels.PackedWeight.from_gate_up).
 - `decode_attention = "triton"`: a one-token step on CUDA reads the cache through a split-K Triton kernel
-  (`attention.py`) that stops at the filled length, instead of SDPA with a boolean mask over the whole cache.
+  (`attention.py`) that stops at the filled length, instead of SDPA with a boolean mask over the whole cache; with
+  fused projections the same kernel also applies RoPE and writes the new key and value into the cache.
 - `set_decode_norm("triton")`: each residual add + RMSNorm on CUDA is one Triton kernel (`rmsnorm.py`) that lets
   the tinygemm GEMM after it start early, instead of the kernel torch.compile fuses from the same ops (same
   roundings; the fp32 sum of squares may add up in another order).
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import decode_attention
+from .attention import decode_attention, decode_attention_step, rotate_half
 from .rmsnorm import add_rms_norm, add_rms_norm_reference
 
 
@@ -55,7 +56,8 @@ class RMSNorm(nn.Module):
 
 class KVCache(nn.Module):
     """Keys and values of every position so far, one buffer [2, batch, kv_heads, max_len, head_dim] (k = [0],
-    v = [1]), written in place: one write per step for both, which torch.compile fuses with RoPE of k."""
+    v = [1]), written in place: one write per step for both, which torch.compile fuses with RoPE of k (a one-token
+    step with fused projections and the Triton attention writes it inside the attention kernel instead)."""
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
@@ -87,13 +89,6 @@ def stack_linears(linears: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # transformers' Llama convention: the two halves of the head dimension form the rotated pairs.
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -120,6 +115,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, pos, mask):
         b, t, _ = x.shape
+        if t == 1 and self.fused and self.decode_attention == "triton" and x.is_cuda:
+            # RoPE and the cache write inside the attention kernel (two kernels a layer fewer): attention.py
+            qkv = self.qkv_proj(x).view(b, -1, self.head_dim)
+            out = decode_attention_step(qkv, self.kv_cache.kv, cos[0], sin[0], pos)
+            return self.o_proj(out.reshape(b, 1, -1))
         if self.fused:
             q, k, v = self.qkv_proj(x).split(
                 [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1)
@@ -128,7 +128,7 @@ class Attention(nn.Module):
         q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
         k, v = self.kv_cache.update(pos, k, v)
         # Grouped-query attention without copying K/V per query head: the `group` query heads that share a KV
         # head become `group` times as many query rows of that head (rows of the mask repeated to match).
