@@ -396,6 +396,12 @@ def test_graphed_and_compiled_quantized_decode_on_gpu(name):
     assert torch.equal(greedy_tokens(name, "cuda", "blocks")[:, :2], eager[:, :2])
 
 
+# (batch, KV heads, query heads per KV head, head dim, cache length, position): the bench's shapes at b = 1, 4, 16
+# with pos in the middle, at the end and at 0, and odd ones.
+GPU_DECODE_CASES = [(1, 8, 4, 128, 640, 511), (1, 8, 4, 128, 640, 639), (4, 8, 4, 128, 640, 0),
+                    (16, 8, 4, 128, 640, 600), (3, 2, 3, 64, 100, 77), (2, 4, 8, 128, 4096, 3000)]
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -403,8 +409,7 @@ def test_decode_attention_kernel_on_gpu(dtype):
     from any4lib.bench.attention import decode_attention_triton
 
     torch.manual_seed(0)
-    for b, hkv, g, d, n, p in [(1, 8, 4, 128, 640, 511), (1, 8, 4, 128, 640, 639), (4, 8, 4, 128, 640, 0),
-                               (16, 8, 4, 128, 640, 600), (3, 2, 3, 64, 100, 77), (2, 4, 8, 128, 4096, 3000)]:
+    for b, hkv, g, d, n, p in GPU_DECODE_CASES:
         q, k, v = (torch.randn(b, hkv, m, d, device="cuda", dtype=dtype) for m in (g, n, n))
         pos = torch.tensor([p], device="cuda")
         out = torch.full_like(q, float("nan"))
@@ -422,8 +427,7 @@ def test_decode_attention_step_kernel_on_gpu(dtype):
 
     torch.manual_seed(0)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for b, hkv, g, d, n, p in [(1, 8, 4, 128, 640, 511), (1, 8, 4, 128, 640, 639), (4, 8, 4, 128, 640, 0),
-                               (16, 8, 4, 128, 640, 600), (3, 2, 3, 64, 100, 77), (2, 4, 8, 128, 4096, 3000)]:
+    for b, hkv, g, d, n, p in GPU_DECODE_CASES:
         qkv, kv, cos, sin, pos = _step_inputs(b, hkv, g, d, n, p, dtype, "cuda")
         kv_ref = kv.double()
         out = decode_attention_step_triton(qkv, kv, cos, sin, pos)
