@@ -101,3 +101,22 @@ def test_rerun_keeps_the_folder_and_bad_requests_say_what_to_do(tiny, tmp_path):
         write_standin(scaled_down("llama-3-8b", vocab_size=200), tmp_path / "v", tokenizer, progress=False)
     with pytest.raises(ValueError, match="unknown stand-in 'llama-4'; choose one of llama-3.2-1b"):
         standin_config("llama-4")
+
+
+def test_scale_bench_times_every_stage_of_a_standin_and_skips_a_stored_run(tiny, tmp_path, data_root, capsys):
+    from any4lib.bench import scale
+
+    _, tokenizer = tiny
+    folder = write_standin(scaled_down("moe-small", vocab_size=300), tmp_path / "moe", tokenizer, progress=False)
+    args = ["--model", str(folder), "--format", "int4", "--group-size", "64", "--seq-len", "32", "--windows", "2",
+            "--formats", "nf4",
+            "--device", "cpu", "--store", str(tmp_path / "scale")]  # fmt: skip
+    record = scale.main(args)
+    metrics = record["metrics"]
+    assert set(metrics["stages"]) == {"load", "calibrate", "quantize", "save", "load_quantized", "perplexity"}
+    assert all(s["seconds"] > 0 and s["peak_gpu_gb"] is None for s in metrics["stages"].values())
+    assert list(metrics["quantize_other_formats"]) == ["nf4"] and metrics["ppl_tokens"] == 2 * 31
+    assert metrics["quantized_layers"] == 2 * (4 + 2 * 8)  # attention and both projections of 8 experts, per layer
+    assert record["config"]["standin"]["name"] == "moe-small" and record["provenance"]["git"]
+    again = scale.main(args)  # stored: nothing recomputed
+    assert again == record and len(list((tmp_path / "scale").glob("*.json"))) == 1
