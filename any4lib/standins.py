@@ -18,6 +18,7 @@ its own size (it must not exceed the model's), and the config's bos / eos / pad 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -86,7 +87,7 @@ def standin_config(name: str, seed: int = 0, **overrides):
 def scaled_down(name: str, seed: int = 0, vocab_size: int | None = None, layers: int = 2):
     """A test-sized copy of stand-in `name`: the same structure (GQA ratio, RoPE scaling, tied embeddings, experts
     and top-k) with hidden size 128, 2 layers and `vocab_size` (default: the published one)."""
-    fields = STANDINS[name][1] if name in STANDINS else {}
+    fields = STANDINS[name][1] if name in STANDINS else {}  # an unknown name: standin_config says so
     group = fields.get("num_attention_heads", 8) // fields.get("num_key_value_heads", 8)
     overrides = dict(
         hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_key_value_heads=2,
@@ -243,8 +244,7 @@ def write_standin(
     The folder appears only when complete (written beside it, then renamed); a folder already holding the same
     stand-in (config and seed) is kept as it is.
     """
-    if isinstance(config, str):
-        config = standin_config(config, seed)
+    config = standin_config(config, seed) if isinstance(config, str) else copy.deepcopy(config)
     config.any4_standin = {**config.any4_standin, "seed": seed}
     folder = Path(folder)
     tokenizer = load_tokenizer(tokenizer)
