@@ -20,6 +20,7 @@ from .formats import get_format
 from .model import bits_per_weight, load_model, quantize_model
 from .nn import use_kernels
 from .results import ResultStore
+from .standins import standin_label
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 UNQUANTIZED = "bf16"
@@ -111,6 +112,9 @@ def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, d
         "dtype": str(dtype).removeprefix("torch."),
     }
     # Keys only where they are not the default, so earlier records keep the keys they were stored under.
+    label = standin_label(model)
+    if label:  # random weights: the record says its ppl is no accuracy
+        config["standin"] = label["name"]
     if kernels:
         config["path"] = f"tinygemm, {KERNEL_CHUNK}-token chunks"
     if seed:

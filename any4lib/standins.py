@@ -219,6 +219,18 @@ def standin_bytes(config) -> int:
     return 2 * sum(torch.Size(s).numel() for s in shapes.values())
 
 
+def standin_label(model: str | os.PathLike) -> dict | None:
+    """The `any4_standin` label of a local model folder (or a name under data_root()/models), None for any other
+    model: records and tables made from a stand-in carry it."""
+    from .model import resolve_model
+
+    source = resolve_model(model)
+    config = Path(source) / "config.json" if not isinstance(source, str) else None
+    if config is None or not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("any4_standin")
+
+
 def load_tokenizer(tokenizer=None):
     """A tokenizer object: given, or loaded from a folder / a model name under data_root()/models."""
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):

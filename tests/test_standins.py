@@ -120,3 +120,15 @@ def test_scale_bench_times_every_stage_of_a_standin_and_skips_a_stored_run(tiny,
     assert record["config"]["standin"]["name"] == "moe-small" and record["provenance"]["git"]
     again = scale.main(args)  # stored: nothing recomputed
     assert again == record and len(list((tmp_path / "scale").glob("*.json"))) == 1
+
+
+def test_accuracy_records_of_a_standin_are_labelled(tiny, tmp_path, text_file):
+    from any4lib import experiments
+
+    _, tokenizer = tiny
+    folder = write_standin(scaled_down("llama-3.2-1b", vocab_size=300), tmp_path / "s", tokenizer, progress=False)
+    frame = experiments.accuracy_records(str(folder), ["bf16"], datasets=[str(text_file)], seq_len=32,
+                                         max_tokens=64, store=tmp_path / "acc", progress=False)  # fmt: skip
+    assert frame.ppl[0] > 1
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "acc").glob("*.json")]
+    assert record["config"]["standin"] == "llama-3.2-1b"

@@ -24,6 +24,7 @@ from ..evaluate import evaluate_perplexity
 from ..experiments import KERNEL_CHUNK, REPO_ROOT, calibration_stats
 from ..model import bits_per_weight, load_model, load_quantized, quantize_model, quantized_layers, save_quantized
 from ..results import ResultStore
+from ..standins import standin_label
 
 FOUR_BIT = ["int4", "nf4", "fp4", "mxfp4", "nvfp4"]
 
@@ -84,14 +85,6 @@ def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
-def _standin_label(model: str):
-    from transformers import AutoConfig
-
-    from ..model import resolve_model
-
-    return getattr(AutoConfig.from_pretrained(resolve_model(model)), "any4_standin", None)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m any4lib.bench.scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -108,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
     config = {
-        "task": "scale", "model": args.model, "standin": _standin_label(args.model), "format": args.format,
+        "task": "scale", "model": args.model, "standin": standin_label(args.model), "format": args.format,
         "group_size": args.group_size, "calibration": args.calibration, "dataset": args.dataset,
         "seq_len": args.seq_len, "windows": args.windows, "formats": formats, "device": torch.device(args.device).type,
     }
