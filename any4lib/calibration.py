@@ -207,9 +207,14 @@ def calibrate(
     which `n_samples` random windows of `seq_len` tokens are drawn (default: the model's context, at most 2048).
     mode: "offline" measures every layer on the unquantized model; "online" also keeps the windows so that
     quantize_model re-measures each layer after quantizing the layers before it.
+    MoE experts stored as 3-D parameters are first split into one linear layer per expert (in place, the same
+    function: any4lib.moe), so each expert's statistics cover the tokens routed to it.
     """
     if mode not in MODES:
         raise ValueError(f"unknown calibration mode {mode!r}; choose one of {MODES}")
+    from .moe import unstack_experts
+
+    unstack_experts(model)
     if seq_len is None:
         seq_len = min(2048, getattr(model.config, "max_position_embeddings", 2048))
     inputs, source = calibration_inputs(tokenizer, dataset, prompt, n_samples, seq_len, seed)

@@ -45,7 +45,7 @@ def _load(args):
         return load_quantized(path, args.device).to(dtype), AutoTokenizer.from_pretrained(path)
     model, tokenizer = load_model(args.model, dtype=dtype, device=args.device)
     if getattr(args, "format", None):
-        stats = calibration_stats(model, tokenizer, args.calibration, args.seq_len or 2048)
+        stats = calibration_stats(model, tokenizer, args.calibration)
         quantize_model(model, args.format, args.group_size, stats, exclude=args.exclude)
     return model, tokenizer
 
@@ -70,7 +70,8 @@ def cmd_eval(args) -> None:
             "calibration": args.calibration, "dtype": args.dtype, "device": torch.device(args.device).type}
     todo = [{"task": "perplexity", "dataset": d, "seq_len": args.seq_len or 2048, "max_tokens": args.max_tokens}
             for d in args.datasets]
-    todo += [{"task": "zeroshot", "dataset": t, "limit": args.limit} for t in args.tasks]
+    shots = {"num_fewshot": args.num_fewshot} if args.num_fewshot else {}  # zero-shot records keep their keys
+    todo += [{"task": "zeroshot", "dataset": t, "limit": args.limit} | shots for t in args.tasks]
     todo = [base | item for item in todo]
     missing = [config for config in todo if not store.has(config)]
     if missing:
@@ -82,7 +83,8 @@ def cmd_eval(args) -> None:
             else:
                 from .zeroshot import evaluate_tasks
 
-                metrics = evaluate_tasks(model, tokenizer, [config["dataset"]], data_dir=args.data_dir, limit=args.limit)
+                metrics = evaluate_tasks(model, tokenizer, [config["dataset"]], data_dir=args.data_dir, limit=args.limit,
+                                         num_fewshot=args.num_fewshot)
             store.put(config, metrics, args.device)
     for config in todo:
         record = store.get(config)
@@ -111,7 +113,7 @@ def cmd_analyze(args) -> None:
     if not args.format:
         raise SystemExit("any4 analyze needs --format (the format to analyze)")
     reference, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    stats = calibration_stats(reference, tokenizer, args.calibration, args.seq_len or 2048)
+    stats = calibration_stats(reference, tokenizer, args.calibration)
     quantized = quantize_model(copy.deepcopy(reference), args.format, args.group_size, stats, exclude=args.exclude)
     rows = layer_report(reference, quantized, tokenizer)
     print(f"{'layer':40} {'weight_rel':>10} {'output_rel':>10} {'isolated':>10}")
@@ -130,6 +132,8 @@ def cmd_accuracy(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .model import DEFAULT_EXCLUDE
+
     parser = argparse.ArgumentParser(prog="any4", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -141,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant = argparse.ArgumentParser(add_help=False)
     quant.add_argument("--format", default=None, help="any4, int4, nf4, fp4, mxfp4, ... (any4lib.list_formats())")
     quant.add_argument("--group-size", type=group_size_arg, default=128, help="int, or 'row' for per-row")
-    quant.add_argument("--calibration", default="prompt", help="'prompt', 'none' or '<set>:<N>' (+ '@online')")
-    quant.add_argument("--exclude", type=csv_arg, default=["lm_head"], help="layer name patterns to keep unquantized")
+    quant.add_argument("--calibration", default="prompt",
+                       help="'prompt', 'none', '<set>:<N>' or '<set>:<N>x<L>' (N windows of L tokens; + '@online')")
+    quant.add_argument("--exclude", type=csv_arg, default=list(DEFAULT_EXCLUDE),
+                       help="layer name patterns to keep unquantized (default: lm_head and MoE routers)")
 
     commands.add_parser("quantize", parents=[common, quant], help="quantize and save").set_defaults(run=cmd_quantize)
     ev = commands.add_parser("eval", parents=[common, quant], help="perplexity and zero-shot tasks")
@@ -150,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", type=csv_arg, default=[], help="zero-shot tasks, comma-separated")
     ev.add_argument("--data-dir", default=None, help="folder of local task files")
     ev.add_argument("--limit", type=int, default=None, help="examples per task")
+    ev.add_argument("--num-fewshot", type=int, default=0, help="examples before each task question (default 0)")
     ev.add_argument("--max-tokens", type=int, default=None, help="tokens per text set")
     ev.set_defaults(run=cmd_eval)
     cal = commands.add_parser("calibrate", parents=[common], help="save activation statistics")

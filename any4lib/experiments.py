@@ -20,6 +20,7 @@ from .formats import get_format
 from .model import bits_per_weight, load_model, quantize_model
 from .nn import use_kernels
 from .results import ResultStore
+from .standins import standin_label
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 UNQUANTIZED = "bf16"
@@ -83,18 +84,22 @@ def _load(model: str, dtype: torch.dtype, device: str):
     return (net if dtype == torch.bfloat16 else net.to(dtype)), tokenizer
 
 
-def calibration_stats(net, tokenizer, calibration: str, seq_len: int) -> ActivationStats | None:
-    """"prompt" (the paper's one prompt), "<set>:<N>" (N windows of seq_len from a text set), "none";
-    a "@online" suffix asks for online calibration."""
+def calibration_stats(net, tokenizer, calibration: str) -> ActivationStats | None:
+    """"prompt" (the paper's one prompt), "<set>:<N>" (N windows of a text set, each of the model's context up to
+    2048 tokens), "<set>:<N>x<L>" (N windows of L tokens, e.g. "c4_train:128x4096"), "none"; a "@online" suffix
+    asks for online calibration. The calibration's windows never depend on the evaluation's."""
     spec, _, mode = calibration.partition("@")
     mode = mode or "offline"
     if spec == "none":
         return None
     if spec == "prompt":
         return calibrate(net, tokenizer, mode=mode, progress=False)
-    dataset, _, n = spec.rpartition(":")
-    if not dataset or not n.isdigit():
-        raise ValueError(f"calibration {calibration!r}: use 'prompt', 'none' or '<set>:<N>' (e.g. 'heldout:128')")
+    dataset, _, size = spec.rpartition(":")
+    n, _, length = size.partition("x")
+    if not dataset or not n.isdigit() or not (length.isdigit() or not length):
+        raise ValueError(f"calibration {calibration!r}: use 'prompt', 'none', '<set>:<N>' or '<set>:<N>x<L>' "
+                         "(e.g. 'heldout:128', 'c4_train:128x2048')")
+    seq_len = int(length) if length else None
     return calibrate(net, tokenizer, dataset, n_samples=int(n), seq_len=seq_len, mode=mode, progress=False)
 
 
@@ -107,6 +112,9 @@ def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, d
         "dtype": str(dtype).removeprefix("torch."),
     }
     # Keys only where they are not the default, so earlier records keep the keys they were stored under.
+    label = standin_label(model)
+    if label:  # random weights: the record says its ppl is no accuracy
+        config["standin"] = label["name"]
     if kernels:
         config["path"] = f"tinygemm, {KERNEL_CHUNK}-token chunks"
     if seed:
@@ -166,7 +174,7 @@ def accuracy_records(
             net, quantize_seconds = base, 0.0
             if fmt != UNQUANTIZED:
                 if calib not in stats_cache:
-                    stats_cache[calib] = calibration_stats(base, tokenizer, calib, seq_len)
+                    stats_cache[calib] = calibration_stats(base, tokenizer, calib)
                 start = time.perf_counter()
                 options = {"seed": seed} if get_format(fmt).learned else {}
                 net = quantize_model(copy.deepcopy(base), fmt, group_size, stats_cache[calib], progress=False, **options)

@@ -21,13 +21,14 @@ from tqdm.auto import tqdm
 
 from .calibration import ActivationStats, record_inputs
 from .formats import get_format
+from .moe import ROUTER_PATTERNS, expert_sample_weight, unstack_experts
 from .nn import QuantLinear
 from .qtensor import QuantizedTensor
 from .quant import quantize, valid_group_sizes
 
 QUANT_CONFIG = "quant.json"
 WEIGHTS = "model.safetensors"
-DEFAULT_EXCLUDE = ("lm_head",)
+DEFAULT_EXCLUDE = ("lm_head", *ROUTER_PATTERNS)
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -89,12 +90,15 @@ def quantize_model(
 ) -> nn.Module:
     """Replace the chosen nn.Linear layers of `model` by QuantLinear in format `fmt` (in place; returns model).
 
-    include / exclude: glob or regex patterns on qualified layer names; lm_head is excluded by default.
+    include / exclude: glob or regex patterns on qualified layer names; lm_head and MoE routers are excluded by
+    default. MoE experts stored as 3-D parameters are first split into one linear layer per expert (any4lib.moe).
     calibration: statistics from any4lib.calibrate; anyN formats weigh their k-means by them (|mean input| per
-    feature); without them every weight counts the same. With an "online" calibration each layer's statistics are
-    re-measured on the partly quantized model just before the layer is quantized.
+    feature); without them every weight counts the same (so does an expert no calibration token was routed to).
+    With an "online" calibration each layer's statistics are re-measured on the partly quantized model just before
+    the layer is quantized.
     options: passed to any4lib.quantize (anyN k-means settings).
     """
+    unstack_experts(model)
     names = _order_by_forward(select_linear_layers(model, include, exclude), calibration)
     _check_group_size(model, names, fmt, group_size)
     online = calibration is not None and calibration.mode == "online"
@@ -105,9 +109,9 @@ def quantize_model(
         sample_weight = None
         if online:
             fresh = record_inputs(model, calibration.inputs, ActivationStats(), layers=[name], stop_after=name)
-            sample_weight = fresh.sample_weight(name, statistic)
+            sample_weight = expert_sample_weight(fresh, name, statistic)
         elif calibration is not None:
-            sample_weight = calibration.sample_weight(name, statistic)
+            sample_weight = expert_sample_weight(calibration, name, statistic)
         try:
             q = quantize(linear.weight, fmt, group_size, sample_weight=sample_weight, **options)
         except ValueError as err:
@@ -184,6 +188,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
     tensors = load_file(os.fspath(path / WEIGHTS))
+    unstack_experts(model)  # quantize_model split 3-D experts into per-expert layers before quantizing them
     for name, spec in layers.items():
         # Placeholder codes of the right shape: load_state_dict below fills the buffer from either layout (QuantLinear
         # packs a version 1 folder's one-code-a-byte tensor as it loads).

@@ -1,18 +1,26 @@
 """Where data lives, and the named text sets the evaluations and calibration read.
 
 The data folder is never part of the repository: it is `$ANY4_DATA`, else `../shared/data` beside the checkout.
-A named set is read from its local file under that folder when present, else from the Hugging Face hub.
+A named set is read from its local file under that folder when present, else from the Hugging Face hub (when the
+hub is reachable: offline, the error says at once where to put a local copy).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlparse
 
 DATA_ENV = "ANY4_DATA"
 CACHE_ENV = "ANY4_CACHE"
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+# The any4 paper's perplexity slice of the large sets: the first 256 windows of 2048 tokens of the stream. Reading
+# 8 characters per token of it bounds the download while leaving enough text for any tokenizer.
+PAPER_WINDOWS, PAPER_SEQ_LEN = 256, 2048
+STREAM_CHARS = 8 * PAPER_WINDOWS * PAPER_SEQ_LEN
 
 
 def cache_root() -> Path:
@@ -35,6 +43,7 @@ class TextSet:
     hub: tuple[str, str | None, str, str] | None = None  # (dataset id, config, split, text field)
     hub_files: str | None = None  # data_files, for hub sets read from one shard
     joiner: str = "\n\n"
+    max_chars: int | None = None  # streamed: the first records, up to this many characters (None: the whole split)
 
 
 TEXT_SETS: dict[str, TextSet] = {
@@ -44,10 +53,33 @@ TEXT_SETS: dict[str, TextSet] = {
     "ptb_valid": TextSet("ptb/valid.txt", ("ptb_text_only", "penn_treebank", "validation", "sentence"), joiner="\n"),
     "c4": TextSet(
         "c4/validation.txt", ("allenai/c4", None, "validation", "text"),
-        hub_files="en/c4-validation.00000-of-00008.json.gz", joiner=" ",
+        hub_files="en/c4-validation.00000-of-00008.json.gz", joiner=" ", max_chars=STREAM_CHARS,
     ),
+    # GPTQ's calibration shard of C4.
+    "c4_train": TextSet(
+        "c4/train.txt", ("allenai/c4", None, "train", "text"),
+        hub_files="en/c4-train.00000-of-01024.json.gz", joiner=" ", max_chars=STREAM_CHARS,
+    ),
+    "codeparrot": TextSet(
+        "codeparrot/validation.txt", ("huggingface-course/codeparrot-ds-valid", None, "validation", "content"),
+        max_chars=STREAM_CHARS,
+    ),
+    "pile": TextSet("pile/train.txt", ("monology/pile-uncopyrighted", None, "train", "text"), max_chars=STREAM_CHARS),
     "heldout": TextSet("corpora/ref-en/heldout.txt"),
 }
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers: False at once when HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE,
+    TRANSFORMERS_OFFLINE) is set, else whether $HF_ENDPOINT's host (huggingface.co) accepts a connection."""
+    if any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in OFFLINE_ENV):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def calibration_prompt() -> str:
@@ -82,16 +114,31 @@ def load_text(name_or_path: str | os.PathLike) -> str:
     tried = [str(data_root() / spec.local)]
     if spec.hub is None:
         raise FileNotFoundError(f"text set {name!r} is local only and was not found at {tried[0]}; set {DATA_ENV}")
-    hub_id, config, split, field = spec.hub
+    hub_id, config, split, _ = spec.hub
     tried.append(f"hub {hub_id}" + (f"/{config}" if config else "") + f" [{split}]")
+    how = f"Put the text at {tried[0]} or point {DATA_ENV} at a folder holding {spec.local}."
+    if not hub_reachable():
+        raise FileNotFoundError(f"text set {name!r} not found; tried: {'; '.join(tried)} (the hub is unreachable: "
+                                f"offline, or {', '.join(OFFLINE_ENV[:1])} is set). {how}")
     try:
-        import datasets  # lazily: only the hub fallback needs it
-
-        kwargs = {"data_files": {split: spec.hub_files}} if spec.hub_files else {}
-        rows = datasets.load_dataset(hub_id, config, split=split, **kwargs)
+        return _hub_text(spec)
     except Exception as err:  # the hub's errors vary (offline, missing config, auth): report them all the same way
         raise FileNotFoundError(
-            f"text set {name!r} not found; tried: {'; '.join(tried)} ({type(err).__name__}: {err}). "
-            f"Put the file at {tried[0]} or point {DATA_ENV} at a folder holding it."
+            f"text set {name!r} not found; tried: {'; '.join(tried)} ({type(err).__name__}: {err}). {how}"
         ) from err
-    return spec.joiner.join(rows[field])
+
+
+def _hub_text(spec: TextSet) -> str:
+    import datasets  # lazily: only the hub fallback needs it
+
+    hub_id, config, split, field = spec.hub
+    kwargs = {"data_files": {split: spec.hub_files}} if spec.hub_files else {}
+    if spec.max_chars is None:
+        return spec.joiner.join(datasets.load_dataset(hub_id, config, split=split, **kwargs)[field])
+    texts, size = [], 0
+    for row in datasets.load_dataset(hub_id, config, split=split, streaming=True, **kwargs):
+        texts.append(row[field])
+        size += len(row[field]) + len(spec.joiner)
+        if size >= spec.max_chars:
+            break
+    return spec.joiner.join(texts)

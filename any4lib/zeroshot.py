@@ -1,19 +1,23 @@
-"""Zero-shot tasks through lm-eval, read from local files (no hub needed).
+"""Zero-shot (and few-shot) tasks through lm-eval: its own task registry when the hub is reachable, else local files.
 
-Each task is a YAML in `any4lib/tasks/` with lm-eval's prompts and metrics for the built-in task of that name and
-`data_files` naming a JSONL file (the hub dataset's records, one per line). The folder holding those files is
-`<tasks dir>/<task>/`, the tasks dir being the `data_dir` argument, else `$ANY4_TASKS`, else `data_root()/tasks`.
+Where a task comes from (resolve_task): with a tasks folder named explicitly (`data_dir`, `$ANY4_TASKS`) a shipped
+task reads its local files; otherwise, when the Hugging Face hub is reachable, lm-eval's registry runs any task it
+knows by name (downloading its data); offline, the shipped tasks read their local files from `data_root()/tasks`.
+
+Each shipped task is a YAML in `any4lib/tasks/` with lm-eval's prompts and metrics for the built-in task of that
+name and `data_files` naming a JSONL file (the hub dataset's records, one per line), found in `<tasks dir>/<task>/`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from .paths import data_root
+from .paths import data_root, hub_reachable
 
 TASKS_ENV = "ANY4_TASKS"
 ALIASES = {"lambada": "lambada_openai"}
@@ -55,6 +59,34 @@ def task_config(name: str, data_dir: str | os.PathLike | None = None) -> dict:
     return config
 
 
+@functools.cache
+def task_registry():
+    """lm-eval's index of its built-in tasks (built once: it reads a few thousand YAMLs)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def resolve_task(name: str, data_dir: str | os.PathLike | None = None) -> dict | str:
+    """What lm-eval runs for task `name`: a shipped task's config with its local files, or the name itself for
+    lm-eval's registry (see the module doc for the order)."""
+    explicit = data_dir is not None or bool(os.environ.get(TASKS_ENV))
+    if explicit and ALIASES.get(name, name) in list_tasks():
+        return task_config(name, data_dir)
+    if hub_reachable():
+        if name in task_registry().all_tasks:
+            return name
+        raise ValueError(f"lm-eval has no task {name!r} (`lm-eval ls tasks` lists them); shipped local tasks: "
+                         f"{', '.join(list_tasks())}")
+    try:
+        return task_config(name, data_dir)
+    except (ValueError, FileNotFoundError) as err:
+        raise FileNotFoundError(
+            f"zero-shot task {name!r}: the Hugging Face hub is unreachable, so lm-eval's registry cannot fetch its "
+            f"data, and no local copy serves it: {err}"
+        ) from err
+
+
 def evaluate_tasks(
     model,
     tokenizer,
@@ -62,13 +94,15 @@ def evaluate_tasks(
     data_dir: str | os.PathLike | None = None,
     limit: int | None = None,
     batch_size: int = 16,
+    num_fewshot: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Zero-shot metrics per task, e.g. `{"piqa": {"acc": .., "acc_stderr": .., "acc_norm": .., ...}}`.
+    """Metrics per task, e.g. `{"piqa": {"acc": .., "acc_stderr": .., "acc_norm": .., ...}}`.
 
-    `model` is any in-memory HF causal LM (quantized or not) on the device it should run on; `limit` caps the
-    examples per task (for quick checks: not comparable with full-set numbers).
+    tasks: any lm-eval task name when the hub is reachable, else the shipped ones (resolve_task). `model` is any
+    in-memory HF causal LM (quantized or not) on the device it should run on; `num_fewshot` examples precede each
+    question (0: zero-shot, as the paper); `limit` caps the examples per task (for quick checks: not comparable
+    with full-set numbers).
     """
-    configs = [task_config(t, data_dir) for t in tasks]  # fail on a missing file before loading lm-eval
     try:  # lazily: lm-eval is slow to import
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
@@ -76,14 +110,16 @@ def evaluate_tasks(
     except ImportError as err:
         raise ImportError(f"zero-shot tasks need lm-eval's HF backend: pip install 'lm-eval[hf]' ({err})") from err
 
+    resolved = [resolve_task(t, data_dir) for t in tasks]  # fail on a missing task or file before running any
+    from_registry = any(isinstance(r, str) for r in resolved)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     out = simple_evaluate(
         model=lm,
-        tasks=configs,
-        num_fewshot=0,
+        tasks=resolved,
+        num_fewshot=num_fewshot,
         limit=limit,
         log_samples=False,
-        task_manager=TaskManager(include_defaults=False),
+        task_manager=task_registry() if from_registry else TaskManager(include_defaults=False),
     )
     # lm-eval keys metrics "acc,none" (metric, filter); every task here has the single default filter
     return {

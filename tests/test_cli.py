@@ -45,3 +45,20 @@ def test_accuracy_delegates_to_the_experiments_runner(monkeypatch):
     monkeypatch.setattr("any4lib.experiments.main", seen.append)
     main(["accuracy", "--profile", "groups", "--profile", "calibration"])
     assert seen == [["accuracy", "--model", "ref-en-16m", "--device", "cpu", "--profile", "groups", "--profile", "calibration"]]
+
+
+def test_eval_passes_few_shot_counts_and_keys_records_by_them(tiny_folder, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def evaluate_tasks(model, tokenizer, tasks, data_dir=None, limit=None, num_fewshot=0):
+        calls.append((tasks, limit, num_fewshot))
+        return {tasks[0]: {"acc": 0.25 * (1 + num_fewshot)}}
+
+    monkeypatch.setattr("any4lib.zeroshot.evaluate_tasks", evaluate_tasks)
+    base = ["eval", "--model", str(tiny_folder), "--datasets", "", "--tasks", "arc_easy", "--limit", "5",
+            "--out", str(tmp_path / "r")]  # fmt: skip
+    main(base + ["--num-fewshot", "2"])
+    main(base)
+    assert calls == [(["arc_easy"], 5, 2), (["arc_easy"], 5, 0)]
+    configs = [json.loads(p.read_text())["config"] for p in (tmp_path / "r").glob("*.json")]
+    assert sorted(c.get("num_fewshot", 0) for c in configs) == [0, 2]

@@ -75,7 +75,73 @@ def test_missing_dataset_names_every_place_tried(tmp_path, monkeypatch):
 
 def test_hub_fallback_joins_the_rows(tmp_path, monkeypatch):
     monkeypatch.setenv("ANY4_DATA", str(tmp_path))
+    monkeypatch.setattr(paths, "hub_reachable", lambda: True)
     rows = {"text": ["first", "second"]}
     hub = types.SimpleNamespace(load_dataset=lambda *a, **k: rows)
     monkeypatch.setitem(sys.modules, "datasets", hub)
     assert paths.load_text("wikitext2") == "first\n\nsecond"
+
+
+@pytest.mark.parametrize("name, hub", [
+    ("c4", ("allenai/c4", None, "validation", {"validation": "en/c4-validation.00000-of-00008.json.gz"})),
+    ("codeparrot", ("huggingface-course/codeparrot-ds-valid", None, "validation", None)),
+    ("pile", ("monology/pile-uncopyrighted", None, "train", None)),
+])  # fmt: skip
+def test_paper_sets_stream_only_their_slice(tmp_path, monkeypatch, name, hub):
+    """The any4 paper reads the first 256 windows of 2048 tokens of each stream: only that prefix is fetched."""
+    monkeypatch.setenv("ANY4_DATA", str(tmp_path))
+    monkeypatch.setattr(paths, "hub_reachable", lambda: True)
+    field = "content" if name == "codeparrot" else "text"
+    calls, served = [], []
+
+    def load_dataset(path, config, split, streaming=False, data_files=None):
+        calls.append((path, config, split, data_files, streaming))
+        for i in range(10**6):
+            served.append(i)
+            yield {field: f"{i:07d}" * 100}  # 700 characters a record
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    text = paths.load_text(name)
+    assert calls == [(*hub, True)]
+    joiner = paths.TEXT_SETS[name].joiner
+    records = -(-paths.STREAM_CHARS // (700 + len(joiner)))  # the fewest that reach the budget
+    assert len(served) == records and text.startswith("0000000") and text.endswith(f"{records - 1:07d}")
+    assert paths.STREAM_CHARS == 8 * 256 * 2048
+
+
+def test_offline_hub_sets_fail_at_once_naming_the_set_and_where_to_put_it(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("ANY4_DATA", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def never(*args, **kwargs):
+        raise AssertionError("offline: the hub must not be tried")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=never))
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"'codeparrot' not found.*hub is unreachable.*Put the text at "
+                       rf"{tmp_path}/codeparrot/validation.txt or point ANY4_DATA at a folder holding"):
+        paths.load_text("codeparrot")
+    assert time.perf_counter() - start < 1.0
+    (tmp_path / "pile").mkdir()
+    (tmp_path / "pile" / "train.txt").write_text("a local copy")
+    assert paths.load_text("pile") == "a local copy"
+
+
+def test_hub_reachable_asks_the_endpoint(monkeypatch):
+    import socket
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        assert paths.hub_reachable(timeout=1)
+        monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+        assert not paths.hub_reachable(timeout=1)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")
+    assert not paths.hub_reachable(timeout=1)  # the port is closed now

@@ -64,9 +64,19 @@ def test_accuracy_records_rerun_computes_nothing(tmp_path, data_root, monkeypatc
 
 def test_calibration_spec_errors(tiny):
     model, tokenizer = tiny
-    with pytest.raises(ValueError, match="use 'prompt', 'none' or '<set>:<N>'"):
-        experiments.calibration_stats(model, tokenizer, "heldout:many", 64)
-    assert experiments.calibration_stats(model, tokenizer, "none", 64) is None
+    for bad in ("heldout:many", "heldout:8xlong", ":8"):
+        with pytest.raises(ValueError, match="use 'prompt', 'none', '<set>:<N>' or '<set>:<N>x<L>'"):
+            experiments.calibration_stats(model, tokenizer, bad)
+    assert experiments.calibration_stats(model, tokenizer, "none") is None
+
+
+def test_calibration_windows_are_their_own_not_the_evaluation_s(tiny, text_file):
+    """'<set>:<N>x<L>' draws N windows of L tokens; '<set>:<N>' windows of the model's context (up to 2048)."""
+    model, tokenizer = tiny
+    stats = experiments.calibration_stats(model, tokenizer, f"{text_file}:3x40")
+    assert stats.tokens["lm_head"] == 3 * 40 and stats.source.endswith("3x40 seed 0")
+    stats = experiments.calibration_stats(model, tokenizer, f"{text_file}:2@online")
+    assert [w.shape for w in stats.inputs] == [(1, 256)] * 2  # tiny's 256 positions
 
 
 def test_learned_formats_run_once_per_seed(tmp_path, data_root):

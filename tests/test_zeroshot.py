@@ -165,3 +165,73 @@ def test_missing_task_files_name_the_task_and_path(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="shipped tasks: arc_challenge"):
         task_config("mmlu")
     assert list_tasks() == sorted(FIXTURES)
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """A stand-in for lm-eval's task registry (a TaskManager over one task folder) with the hub 'reachable':
+    task `two_choice` has a train split of one record twice (so its 1-shot context is known whichever lm-eval draws)
+    and 3 validation records."""
+    from lm_eval.tasks import TaskManager
+
+    from any4lib import zeroshot
+
+    train = [{"q": "Is ice cold?", "choices": ["yes", "no"], "label": 0}] * 2
+    valid = [{"q": "Is fire cold?", "choices": ["yes", "no"], "label": 1},
+             {"q": "Is snow white?", "choices": ["yes", "no"], "label": 0},
+             {"q": "Is coal white?", "choices": ["yes", "no"], "label": 1}]  # fmt: skip
+    for split, records in (("train", train), ("validation", valid)):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "two_choice.yaml").write_text(
+        f"task: two_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {tmp_path}/train.jsonl\n"
+        f"    validation: {tmp_path}/validation.jsonl\noutput_type: multiple_choice\ntraining_split: train\n"
+        "validation_split: validation\ndoc_to_text: \"Q: {{q}}\\nA:\"\ndoc_to_target: label\n"
+        "doc_to_choice: \"{{choices}}\"\nmetric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+    )
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    monkeypatch.setattr(zeroshot, "task_registry", lambda: manager)
+    monkeypatch.setattr(zeroshot, "hub_reachable", lambda: True)
+    monkeypatch.delenv("ANY4_TASKS", raising=False)
+    return train, valid
+
+
+def test_registry_tasks_run_by_name_with_few_shot_and_limit(registry, tiny_lm):
+    model, tok = tiny_lm
+    train, valid = registry
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.extend((args[0] if args else kwargs["input_ids"]).tolist())
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        got = evaluate_tasks(model, tok, ["two_choice"], num_fewshot=1, limit=2, batch_size=4)
+    finally:
+        handle.remove()
+    shot = train[0]
+    context = f"Q: {shot['q']}\nA: {shot['choices'][shot['label']]}\n\n"  # the one training record, lm-eval's layout
+    correct = []
+    for doc in valid[:2]:  # limit=2
+        ll = [loglikelihood(model, tok, context + f"Q: {doc['q']}\nA:", " " + c)[0] for c in doc["choices"]]
+        correct.append(max(range(2), key=lambda i: ll[i]) == doc["label"])
+    assert got["two_choice"]["acc"] == pytest.approx(sum(correct) / 2)
+    inputs = [tok.decode(ids) for ids in seen]
+    assert any(context + "Q: Is snow white?" in text for text in inputs)  # the shot reached the model
+    assert not any("coal" in text for text in inputs)  # the third record is past the limit
+    with pytest.raises(ValueError, match="lm-eval has no task 'mmlu_pro_x'.*shipped local tasks: arc_challenge"):
+        evaluate_tasks(model, tok, ["mmlu_pro_x"])
+
+
+def test_offline_without_a_local_copy_names_both_sources(tmp_path, monkeypatch):
+    from any4lib import zeroshot
+
+    monkeypatch.setattr(zeroshot, "hub_reachable", lambda: False)
+    monkeypatch.delenv("ANY4_TASKS", raising=False)
+    monkeypatch.setenv("ANY4_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="'mmlu': the Hugging Face hub is unreachable.*shipped tasks: arc_"):
+        zeroshot.resolve_task("mmlu")
+    with pytest.raises(FileNotFoundError, match=f"'piqa': the Hugging Face hub is unreachable.*{tmp_path}/tasks/piqa"):
+        zeroshot.resolve_task("piqa")
+    (tmp_path / "tasks" / "piqa").mkdir(parents=True)
+    (tmp_path / "tasks" / "piqa" / "validation.jsonl").write_text("{}\n")
+    assert zeroshot.resolve_task("piqa")["dataset_kwargs"]["data_files"]["validation"].startswith(str(tmp_path))

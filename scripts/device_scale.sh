@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Paper scale (issue 24) for the Llama-3-8B stand-in in one device call, from the repository root:
+#   scripts/device_pipeline.sh carry                  # here, beside ../shared/data: ref-en-16m (its tokenizer is the
+#                                                     # stand-in's) and the heldout text, into .carry/data
+#   ANY4_GIT_COMMIT=<sha> scripts/device_scale.sh [standin] [bench]   # on the device, .carry named in `carry`
+# Steps (default both; to fit the 10-minute call limit, run `standin` then `bench` on the same warm machine):
+# 1. Writes the stand-in (published Llama-3-8B shapes, seeded random weights, 16 GB in 4 shards) under $STANDINS
+#    unless it is there: time, memory and machinery only, never accuracy.
+# 2. python -m any4lib.bench.scale: load, calibrate (the prompt), quantize any4 g128, save, load_quantized and a
+#    4-window perplexity through the kernels, each stage timed with its peak GPU memory; then the quantize time of
+#    int4, nf4, fp4, MX-FP4 and NVFP4. A run already in results/scale/ is skipped.
+# Logs go to $OUT; the result files it wrote come back as $OUT/results.tar (unpack it at the repository root).
+set -uo pipefail
+OUT=${OUT:-/tmp/any4_scale}
+STANDINS=${STANDINS:-/tmp/any4_standins}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD ANY4_DATA=${ANY4_DATA:-$PWD/.carry/data} ANY4_CACHE=${ANY4_CACHE:-/tmp/any4_cache}
+status=0
+touch "$OUT/.start"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+steps=${*:-standin bench}
+if [[ " $steps " == *" standin "* ]]; then
+  python3 scripts/make_standins.py llama-3-8b --out "$STANDINS" 2>&1 | tail -n 2 | tee "$OUT/standin.log" || status=1
+fi
+if [[ " $steps " == *" bench "* ]]; then
+  python3 -m any4lib.bench.scale --model "$STANDINS/llama-3-8b-standin" --format any4 --group-size 128 --device cuda \
+    2>&1 | tee "$OUT/scale_8b.log" || status=1
+fi
+find results -type f -newer "$OUT/.start" | tar -cf "$OUT/results.tar" -T -
+tar -tf "$OUT/results.tar"
+exit $status
