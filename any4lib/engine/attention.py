@@ -244,7 +244,7 @@ def decode_attention_step_reference(qkv, kv, cos, sin, pos, scale: float | None 
     return decode_attention_reference(q.reshape(batch, hkv, g, d), kv[0], kv[1], pos, scale)
 
 
-@torch.library.custom_op("any4lib_bench::decode_attention", mutates_args=())
+@torch.library.custom_op("any4lib_engine::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Attention of one new token per sequence over the cache: q [B, Hkv, G, D], k/v [B, Hkv, N, D], pos [1]."""
     if q.is_cuda:
@@ -257,7 +257,7 @@ def _(q, k, v, pos):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("any4lib_bench::decode_attention_step", mutates_args=("kv",))
+@torch.library.custom_op("any4lib_engine::decode_attention_step", mutates_args=("kv",))
 def decode_attention_step(qkv: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           pos: torch.Tensor) -> torch.Tensor:
     """One decode step's attention from the fused projection of the new token, qkv [B, Hkv * (G + 2), D] (query heads,
