@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import grids
 from ..formats import get_format, list_formats
 from ..nn import QuantLinear
 from ..peers import PEERS, BnbNF4Linear, TorchInt4Linear, gemlite_int4
-from ..qtensor import cat_rows
+from ..qtensor import QuantizedTensor, cat_rows
 from ..quant import quantize
 from .model import LlamaDecoder
 
@@ -212,3 +213,22 @@ def build_model(config, meth: Method, device, seed: int = 0, reuse_budget_s: flo
         model.lm_head = meth.make(model.lm_head.weight, seed + len(blocks))
     sync()
     return model.eval().requires_grad_(False), info
+
+
+def random_quantized(fmt: str, n: int, k: int, group_size: int, device="cuda") -> QuantizedTensor:
+    """A valid weight of the format with random codes, tables and scales (k-means on 28672 x 8192 would take
+    minutes per draw; the kernel's speed and correctness do not depend on how the values were learned)."""
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device)
+    scale = torch.rand(n, k // group_size, device=device) * 0.02 + 1e-3
+    zero = torch.randn(n, k // group_size, device=device) * 0.01
+    if fmt == "int4":
+        lut = (torch.arange(16, device=device) - 8.0)[None]
+    elif fmt == "any4":
+        lut = torch.sort(torch.randn(n, 16, device=device) * 3, dim=1).values
+    elif fmt == "nf4":
+        lut, zero = grids.NF4_LEVELS[None].to(device), None
+    else:  # fp4, mxfp4: the E2M1 grid; MX scales are powers of two
+        lut, zero = grids.E2M1[None].to(device), None
+    if fmt == "mxfp4":
+        scale = torch.exp2(torch.randint(-12, -4, scale.shape, device=device).float())
+    return QuantizedTensor(fmt, 4, group_size, codes, lut.float(), scale, zero)
