@@ -298,11 +298,11 @@ class LlamaDecoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return next(self.model.embed_tokens.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return next(self.model.embed_tokens.parameters()).device
 
     def fuse_projections(self, swiglu: bool = True) -> LlamaDecoder:
         """Stack q/k/v and gate/up of every block into one linear each (exact; see the module docstring); swiglu:
