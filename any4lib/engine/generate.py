@@ -229,9 +229,8 @@ class Engine:
                  compile: str = "auto", attention: str = "triton", norm: str = "triton"):
         if compile not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {compile!r}: use {', '.join(COMPILE_MODES)}")
-        device = next(model.parameters()).device
-        dtype = model.model.embed_tokens.weight.dtype
         check_model(model)
+        device, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
         if dtype in (torch.bfloat16, torch.float16):
             pack_model(model, dtype)
         fuse = device.type == "cuda" if fuse is None else fuse
@@ -303,9 +302,12 @@ class Engine:
 
         eos_ids = _eos_ids(self.tokenizer) if eos else ()
         greedy_step = temperature == 0
-        self.decoder.set_padding(torch.tensor([longest - len(i) for i in ids] + [0] * (self.max_batch - len(ids)),
-                                              device=self.decoder.device))
-        step = self.step(greedy_step) if len(ids) <= self.max_batch else None
+        if len(ids) > self.max_batch:
+            raise ValueError(f"batch of {len(ids)} prompts, but the cache was built for {self.max_batch}; build the "
+                             f"Engine with max_batch >= {len(ids)} (any4lib.generate grows it)")
+        rows = ids + [ids[-1]] * (self.max_batch - len(ids))  # as generate_ids fills the static batch
+        self.decoder.set_padding(torch.tensor([longest - len(i) for i in rows], device=self.decoder.device))
+        step = self.step(greedy_step)
         out = generate_ids(self.decoder, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed, eos_ids=eos_ids, stop=stop, on_tokens=on_tokens, step=step,
                            pad_id=_pad_id(self.tokenizer))
@@ -365,22 +367,20 @@ def _hf_generate(model, tokenizer, prompts, max_new_tokens, temperature: float =
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    finally:
-        tokenizer.padding_side = side
+    eos_ids = _eos_ids(tokenizer) if eos else []
+    ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    longest, pad = max(map(len, ids)), _pad_id(tokenizer)
+    batch = {"input_ids": torch.tensor([[pad] * (longest - len(i)) + i for i in ids], device=device),
+             "attention_mask": torch.tensor([[0] * (longest - len(i)) + [1] * len(i) for i in ids], device=device)}
     sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0) \
         if temperature > 0 else dict(do_sample=False)
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=_pad_id(tokenizer),
-                             eos_token_id=_eos_ids(tokenizer) or None, **sampling)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                             eos_token_id=eos_ids or None, **sampling)
     seconds = time.perf_counter() - start
-    new = out[:, batch["input_ids"].shape[1]:].tolist()
-    eos_ids = set(_eos_ids(tokenizer))
-    tokens = [[t for t in _until(row, eos_ids)] for row in new]
+    new = out[:, longest:].tolist()
+    tokens = [_until(row, set(eos_ids)) for row in new]
     return Generation(tokens=tokens, texts=[tokenizer.decode(t, skip_special_tokens=True) for t in tokens],
                       timing={"total_s": seconds, "decode_tok_s": sum(map(len, tokens)) / seconds})
 
