@@ -194,11 +194,15 @@ class QuantLinear(nn.Module):
 
 
 def pack_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """pack(dtype) every QuantLinear of `model` in place; a layer the kernels cannot run stays in contract form
-    (dequantized weight), said once per layer in the "any4lib" log. Returns the model."""
+    """pack(dtype) every QuantLinear of `model` in place; a layer the kernels cannot run stays in contract form and
+    gets its dequantized weight in `dtype` now (so a compiled step only reads it), said once per layer in the
+    "any4lib" log. Returns the model."""
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear) and not module.pack(dtype):
-            _note_unpacked(name, module.unpacked_reason())
+            reason = module.unpacked_reason()
+            _note_unpacked(name, reason)
+            module._cache["reason"] = reason
+            module.dequantized_weight(dtype)
     return model
 
 

@@ -48,9 +48,10 @@ PROMPTS = [[5, 17, 3, 44, 8, 90, 12, 7, 61], [33, 2], [70, 70, 1, 9, 4]]
 
 
 def hf_greedy(model, prompt: list[int], new: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
+    ids = torch.tensor([prompt], device=model.device)
+    with torch.no_grad():  # the mask given: transformers would mask every token equal to pad_token_id otherwise
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
@@ -60,7 +61,7 @@ def assert_agrees(model, prompt, expected, got):
         return
     i = next(i for i, (a, b) in enumerate(zip(expected, got)) if a != b)
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + expected[:i]])).logits[0, -1].float()
+        logits = model(torch.tensor([prompt + expected[:i]], device=model.device)).logits[0, -1].float()
     top = logits.topk(2).values
     gap = (top[0] - top[1]).item()
     assert gap <= BF16_TIE * max(1.0, top[0].abs().item()), (

@@ -116,7 +116,8 @@ def time_hf_generate(path: str, meth: Method, batch: int, prompt_len: int, new: 
         sync()
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, **options)
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
+                           min_new_tokens=tokens, **options)
         sync()
         return time.perf_counter() - t0
 
