@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import any4lib
+import any4lib.engine.random_weights
 from any4lib.engine import Engine, LlamaDecoder, UnsupportedModel, generate_ids
 from any4lib.engine.rope import inv_freq
 from any4lib.engine.sampling import sample
@@ -237,3 +238,15 @@ def test_any4lib_generate_grows_its_engine_and_falls_back_for_other_architecture
     with pytest.warns(UserWarning, match="using transformers' generate instead"):
         out = any4lib.generate(gpt2, tokenizer, ["Once", "Twice upon"], 5, eos=False)
     assert out.tokens[0] == hf_greedy(gpt2, tokenizer("Once")["input_ids"], 5)
+
+
+def test_heads_the_triton_kernel_does_not_take_use_masked_sdpa(caplog):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=8,
+                         num_key_value_heads=4, vocab_size=50)  # head_dim 8, as stories260K
+    with caplog.at_level(logging.WARNING, logger="any4lib"):
+        decoder = LlamaDecoder(config).set_decode_attention("triton")
+    assert decoder.model.layers[0].self_attn.decode_attention == "sdpa" and "head_dim" in caplog.text
+    assert LlamaDecoder(any4lib.engine.random_weights.model_config("tiny")).set_decode_attention(
+        "triton").model.layers[0].self_attn.decode_attention == "triton"

@@ -22,14 +22,18 @@ Three decode-speed options, all rewrites of the same function:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..nn import QuantLinear
-from .attention import decode_attention, decode_attention_step, rotate_half
+from .attention import decode_attention, decode_attention_step, rotate_half, serves_head_dim
 from .rmsnorm import add_rms_norm, add_rms_norm_reference
 from .rope import check_rope, rope_tables
+
+log = logging.getLogger("any4lib")
 
 COVERED = ("LlamaForCausalLM (Llama 1/2/3/3.1/3.2 and llama2.c checkpoints loaded as Llama): no biases, SiLU MLP, "
            "RoPE default or llama3")
@@ -316,6 +320,11 @@ class LlamaDecoder(nn.Module):
         """'sdpa' (masked SDPA over the whole cache) or 'triton' (split-K kernel over the filled part, CUDA)."""
         if impl not in ("sdpa", "triton"):
             raise ValueError(f"decode attention {impl!r}: use 'sdpa' or 'triton'")
+        head_dim = self.model.layers[0].self_attn.head_dim
+        if impl == "triton" and not serves_head_dim(head_dim):
+            log.warning("decode attention runs masked SDPA: the Triton kernel takes head_dim a power of two >= 16, "
+                        "this model's is %d", head_dim)
+            impl = "sdpa"
         for block in self.model.layers:
             block.self_attn.decode_attention = impl
         return self
