@@ -22,7 +22,7 @@ EXPECTED = {
     "04_ablations": (["04_ablations"], ["04_group_size", "04_calibration", "04_paper_group_size"]),
     "05_kernel_speedups": (
         ["05_kernel_speedups", "05_kernel_bandwidth", "05_e2e_decode"],
-        ["05_kernel_us", "05_reference_h100", "05_e2e_decode"]),
+        ["05_kernel_us", "05_reference_h100", "05_e2e_decode", "05_generation"]),
     "06_lut_explorer": (["06_lut_explorer"], ["06_lut_explorer"]),
 }
 NEEDS_TEXT = {"03_accuracy", "04_ablations"}  # evaluate perplexity on the held-out text under data_root()
