@@ -93,13 +93,17 @@ def _clones(weight, nbytes: int) -> list:
     return [weight] + [clone(weight) for _ in range(max(2, math.ceil(ROTATE_BYTES / nbytes)) - 1)]
 
 
+# The measured columns of every row (weight shape n x k, activation rows m, median microseconds, bytes moved, their
+# rate and its share of the device's copy rate); the provenance columns follow them in the CSV. Readers (notebook
+# 05) take the names from here.
+COLUMNS = ("n", "k", "m", "method", "median_us", "bytes", "gbps", "fraction_of_copy")
+
+
 def timing_row(n: int, k: int, m: int, method: str, us: float, weight_bytes: int, copy_bps: float) -> dict:
     """A result row: the bytes one call moves (weight + x + y in bf16) and their rate, also as a share of copy."""
     moved = weight_bytes + 2 * m * (k + n)
-    return {
-        "n": n, "k": k, "m": m, "method": method, "median_us": round(us, 2), "bytes": moved,
-        "gbps": round(moved / us / 1e3, 1), "fraction_of_copy": round(moved / (us * 1e-6) / copy_bps, 3),
-    }
+    values = (n, k, m, method, round(us, 2), moved, round(moved / us / 1e3, 1), round(moved / (us * 1e-6) / copy_bps, 3))
+    return dict(zip(COLUMNS, values))
 
 
 def bench_shape(n: int, k: int, copy_bps: float, rows=ROWS) -> list[dict]:
