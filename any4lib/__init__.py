@@ -3,6 +3,7 @@
     model, tokenizer = any4lib.load_model("meta-llama/Llama-3.2-1B")   # or a local folder
     any4lib.quantize_model(model, "any4", calibration=any4lib.calibrate(model, tokenizer))
     any4lib.perplexity(model, tokenizer, "wikitext2")
+    any4lib.generate(model, tokenizer, ["The capital of France is"], max_new_tokens=32).texts
 
 Importing the package is cheap and never touches CUDA: the model-level API (which needs transformers) is loaded on
 first use, and the kernels build on first GPU use.
@@ -21,6 +22,9 @@ _LAZY = {
     "ActivationStats": "calibration",
     "QuantLinear": "nn",
     "use_kernels": "nn",
+    "pack_model": "nn",
+    "generate": "engine.generate",
+    "Engine": "engine.generate",
     "quantize_model": "model",
     "save_quantized": "model",
     "load_quantized": "model",

@@ -1,4 +1,4 @@
-"""`any4 quantize | eval | calibrate | analyze | accuracy`: the library's pipeline from the shell.
+"""`any4 quantize | eval | calibrate | analyze | accuracy | generate`: the library's pipeline from the shell.
 
 --model is a Hugging Face folder or hub id, a llama2.c checkpoint, a name under data_root()/models, or (eval,
 analyze) a folder written by `any4 quantize`.
@@ -124,6 +124,31 @@ def cmd_analyze(args) -> None:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 
 
+def cmd_generate(args) -> None:
+    from .engine.generate import generate
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("any4 generate needs --prompt TEXT (repeatable) or --prompts-file FILE")
+    model, tokenizer = _load(args)
+    stream = None
+    if not args.no_stream:
+        def stream(i, text):
+            print(text if len(prompts) == 1 else f"[{i}] {text!r}", end="" if len(prompts) == 1 else "\n", flush=True)
+
+        if len(prompts) == 1:
+            print(prompts[0], end="", flush=True)
+    out = generate(model, tokenizer, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop_strings=args.stop or (), stream=stream,
+                   compile=args.compile)
+    print()
+    for prompt, text in zip(prompts, out.texts):
+        print(json.dumps({"prompt": prompt, "text": text}))
+    print(json.dumps({"timing": {k: round(v, 4) for k, v in out.timing.items()}}), file=sys.stderr)
+
+
 def cmd_accuracy(args) -> None:
     from .experiments import main as experiments_main
 
@@ -165,6 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--mode", choices=["offline", "online"], default="offline")
     cal.set_defaults(run=cmd_calibrate)
     commands.add_parser("analyze", parents=[common, quant], help="per-layer error").set_defaults(run=cmd_analyze)
+    gen = commands.add_parser("generate", parents=[common, quant], help="generate text (streamed) on the engine")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    gen.add_argument("--prompts-file", default=None, help="a file of prompts, one a line")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    gen.add_argument("--no-stream", action="store_true", help="print the texts at the end only")
+    gen.add_argument("--compile", default="auto", help="decode step: auto, blocks, reduce-overhead, cudagraph, none")
+    gen.set_defaults(run=cmd_generate)
     acc = commands.add_parser("accuracy", help="the accuracy tables (any4lib.experiments)")
     acc.add_argument("--model", default="ref-en-16m")
     acc.add_argument("--device", default="cpu")

@@ -161,19 +161,33 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) ->
     """Write the quantized model to folder `path` (see the module doc); the tokenizer too when given."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    layers = {
-        name: {
-            "format": m.format, "bits": m.bits, "group_size": m.group_size,
-            "out_features": m.out_features, "in_features": m.in_features,
-        }
-        for name, m in quantized_layers(model).items()
-    }
-    (path / QUANT_CONFIG).write_text(json.dumps({"version": 2, "layers": layers}, indent=2) + "\n")
+    layers = {name: _layer_spec(m) for name, m in quantized_layers(model).items()}
+    (path / QUANT_CONFIG).write_text(json.dumps({"version": 3, "layers": layers}, indent=2) + "\n")
     model.config.save_pretrained(path)
     save_file(_unshared_state(model), os.fspath(path / WEIGHTS), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+def _layer_spec(m: QuantLinear) -> dict:
+    spec = {"format": m.format, "bits": m.bits, "group_size": m.group_size, "out_features": m.out_features,
+            "in_features": m.in_features, "form": m.form}
+    if m.form == "packed":
+        spec |= {"dtype": str(m.packed.dtype).removeprefix("torch."), "int_codes": m.packed.int_codes,
+                 "swiglu": m.packed.swiglu, "rows": m.packed.n}
+    return spec
+
+
+def _packed_layer(name: str, spec: dict, tensors: dict) -> QuantLinear:
+    from .kernels import PackedWeight
+
+    packed = PackedWeight(
+        codes=tensors[f"{name}.packed_codes"], scales=tensors[f"{name}.packed_scales"],
+        lut=tensors.get(f"{name}.packed_lut"), n=spec["rows"], k=spec["in_features"], group_size=spec["group_size"],
+        int_codes=spec["int_codes"], format=spec["format"], dtype=getattr(torch, spec["dtype"]), swiglu=spec["swiglu"],
+    )
+    return QuantLinear.from_packed(packed, tensors.get(f"{name}.bias"))
 
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
@@ -190,6 +204,9 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     tensors = load_file(os.fspath(path / WEIGHTS))
     unstack_experts(model)  # quantize_model split 3-D experts into per-expert layers before quantizing them
     for name, spec in layers.items():
+        if spec.get("form") == "packed":
+            set_submodule(model, name, _packed_layer(name, spec, tensors))
+            continue
         # Placeholder codes of the right shape: load_state_dict below fills the buffer from either layout (QuantLinear
         # packs a version 1 folder's one-code-a-byte tensor as it loads).
         codes = torch.zeros(spec["out_features"], spec["in_features"], dtype=torch.uint8)

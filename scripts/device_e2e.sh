@@ -150,7 +150,7 @@ for step in "${steps[@]}"; do
       ab_side baseline "${BASELINE_TREE:?set BASELINE_TREE}" ANY4_GIT_COMMIT="${AB_BASELINE_COMMIT:-unknown}" || rc=1
       ab_side new . || rc=1 ;;
     tests)
-      timeout "${TESTS_LIMIT_S:-200}" python3 -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_e2e.py ${TESTS_K:+-k "$TESTS_K"} \
+      timeout "${TESTS_LIMIT_S:-200}" python3 -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_e2e.py tests/test_engine_gpu.py ${TESTS_K:+-k "$TESTS_K"} \
         2>&1 | tee "$OUT/tests.log"
       rc=${PIPESTATUS[0]} ;;
     reduce-overhead)

@@ -38,7 +38,7 @@ for step in $steps; do
     sanitizer) run sanitizer 300 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
         --error-exitcode 3 python3 -c "
 import torch
-from any4lib.bench.kernels import random_quantized
+from any4lib.engine.random_weights import random_quantized
 from any4lib.kernels import PackedWeight, linear
 for fmt, g in [('int4', 64), ('any4', 32), ('nf4', 128), ('mxfp4', 32)]:
     for dtype in (torch.bfloat16, torch.float16):
@@ -56,7 +56,7 @@ print('memcheck run done')" ;;
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
         --section ComputeWorkloadAnalysis python3 -c "
 import torch
-from any4lib.bench.kernels import random_quantized
+from any4lib.engine.random_weights import random_quantized
 from any4lib.kernels import PackedWeight, linear
 for fmt, m in (('int4', 1), ('any4', 1), ('any4', 16)):
     w = PackedWeight.from_quantized(random_quantized(fmt, 28672, 8192, 128), torch.bfloat16)
@@ -66,7 +66,7 @@ torch.cuda.synchronize()" ;;
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
         --section WarpStateStats --section SchedulerStats python3 -c "
 import torch
-from any4lib.bench.kernels import random_quantized
+from any4lib.engine.random_weights import random_quantized
 from any4lib.kernels import PackedWeight, linear
 for fmt in ('any4', 'int4'):  # a decode layer's GEMMs at m = 1: q/k/v, o, gate/up (SwiGLU), down
     for n, k, gated in ((6144, 4096, False), (4096, 4096, False), (14336, 4096, True), (4096, 14336, False)):

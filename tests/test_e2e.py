@@ -1,5 +1,6 @@
-"""End-to-end decode bench: the decoder against transformers' Llama, the quantized paths against the model that
-multiplies by the dequantized weights, and the bench run itself (CSV, provenance, resume) on a tiny config."""
+"""The engine's decoder on the benchmark's random-weight stand-in: against transformers' Llama, the quantized paths
+against the model that multiplies by the dequantized weights, the Triton decode ops; and the e2e bench run itself
+(CSV, provenance, resume) on a tiny config, through its entry points (run, parse_args, run_profile)."""
 
 import csv
 import importlib.util
@@ -12,12 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from any4lib import quantize
-from any4lib.bench import e2e
-from any4lib.bench.attention import (decode_attention, decode_attention_reference, decode_attention_step, rotate_half,
-                                     split_plan)
-from any4lib.bench.decode import LlamaDecoder, decode, generate, prefill
+from any4lib.bench.e2e import COLUMNS, parse_args, run
+from any4lib.engine import random_weights as rw
+from any4lib.engine.attention import (decode_attention, decode_attention_reference, decode_attention_step, rotate_half,
+                                      split_plan)
+from any4lib.engine.generate import generate_ids, make_step, prefill
+from any4lib.engine.model import LlamaDecoder
 
-TINY = e2e.model_config("tiny")
+TINY = rw.model_config("tiny")
 
 
 @pytest.fixture(autouse=True)
@@ -31,13 +34,23 @@ def greedy_tokens(name: str, device="cpu", compile_mode="none", batch=2, prompt=
                   **build):
     """Greedy tokens of the tiny model of method `name`; `build`: build_model's fuse / attention."""
     # reuse_budget_s=0: later blocks copy the first one's anyN codes, which halves the k-means time here.
-    model, _ = e2e.build_model(TINY, e2e.method(name, 128), device, seed=3, reuse_budget_s=0.0, dtype=dtype,
+    model, _ = rw.build_model(TINY, rw.method(name, 128), device, seed=3, reuse_budget_s=0.0, dtype=dtype,
                                progress=False, **build)
     return greedy_tokens_of(model, batch, prompt, new, compile_mode, device)
 
 
 def greedy_tokens_of(model, batch=2, prompt=12, new=6, compile_mode="none", device="cpu"):
-    return e2e.time_generation(model, batch, prompt, new, compile_mode, device, seed=5)["tokens"]
+    """Greedy continuation of a seeded random prompt through the engine's loop and compiled step, as the bench runs."""
+    model.setup_caches(batch, prompt + new)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        step = make_step(model, compile_mode, batch, device)
+        return continuation(model, ids, new, step)
+
+
+def continuation(model, prompt: torch.Tensor, new: int, step=None) -> torch.Tensor:
+    """[B, new] greedy tokens after prompt [B, T] (caches set up already)."""
+    return torch.tensor(generate_ids(model, prompt.tolist(), new, step=step).tokens)
 
 
 def test_decoder_matches_transformers_llama():
@@ -59,14 +72,14 @@ def test_decoder_matches_transformers_llama():
         # Both compute RMSNorm and RoPE tables in float32, each in its own order: float32 rounding apart.
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         # Incremental decode through the static cache equals recomputing the whole sequence each step.
-        tokens = generate(ours, prompt, 8)
+        tokens = continuation(ours, prompt, 8)
         full = torch.cat([prompt, tokens], 1)
         recomputed = reference(full[:, :-1]).logits[:, 8:].argmax(-1)
     assert torch.equal(tokens, recomputed)
 
 
 def test_fused_projections_compute_the_same_model():
-    config = e2e.model_config("tiny")
+    config = rw.model_config("tiny")
     torch.manual_seed(1)
     ours = LlamaDecoder(config).double()
     for p in ours.parameters():
@@ -86,13 +99,13 @@ def test_fused_projections_compute_the_same_model():
     with torch.no_grad():
         torch.testing.assert_close(fused(prompt, torch.arange(7)), ours(prompt, torch.arange(7)), rtol=1e-12,
                                    atol=1e-12)
-        assert torch.equal(generate(fused, prompt, 6), generate(ours, prompt, 6))
+        assert torch.equal(continuation(fused, prompt, 6), continuation(ours, prompt, 6))
 
 
 @pytest.mark.parametrize("name", ["int4:dequant", "any4:dequant", "nf4:dequant", "torch-int4"])
 def test_fused_quantized_layers_stack_the_separate_ones(name):
     # Same random parts, each quantized on its own: the fused weight is the separate weights stacked, bit for bit.
-    build = lambda fuse: e2e.build_model(TINY, e2e.method(name, 128), "cpu", seed=3, reuse_budget_s=0.0,  # noqa: E731
+    build = lambda fuse: rw.build_model(TINY, rw.method(name, 128), "cpu", seed=3, reuse_budget_s=0.0,  # noqa: E731
                                          progress=False, fuse=fuse)[0]
     fused, separate = build(True), build(False)
     x = torch.randn(3, TINY.hidden_size, dtype=torch.bfloat16)
@@ -106,13 +119,13 @@ def test_fused_quantized_layers_stack_the_separate_ones(name):
 
 
 def test_quantized_lm_head_option():
-    meth = e2e.method("int4:dequant:qhead", 128)
+    meth = rw.method("int4:dequant:qhead", 128)
     assert meth.quant_head and meth.format == "int4" and meth.describe_head() == "int4:dequant"
     with pytest.raises(ValueError, match="bf16:qhead"):
-        e2e.method("bf16:qhead", 128)
-    model, _ = e2e.build_model(TINY, meth, "cpu", seed=3, progress=False)
-    plain, _ = e2e.build_model(TINY, e2e.method("int4:dequant", 128), "cpu", seed=3, progress=False)
-    assert isinstance(model.lm_head, e2e.DequantizedLinear) and isinstance(plain.lm_head, torch.nn.Linear)
+        rw.method("bf16:qhead", 128)
+    model, _ = rw.build_model(TINY, meth, "cpu", seed=3, progress=False)
+    plain, _ = rw.build_model(TINY, rw.method("int4:dequant", 128), "cpu", seed=3, progress=False)
+    assert isinstance(model.lm_head, rw.DequantizedLinear) and isinstance(plain.lm_head, torch.nn.Linear)
     # The same random head, quantized: close to the bf16 one, not equal.
     w_q, w_b = model.lm_head.weight, plain.lm_head.weight.float()
     assert 0 < (w_q - w_b).abs().max() < 0.2 * w_b.abs().max()
@@ -181,7 +194,7 @@ def test_decode_attention_triton_kernel_in_interpreter():
     # Triton's CPU interpreter runs the kernel's own code (its bf16 dot is broken there: fp32 and fp16 only).
     code = """
 import torch
-from any4lib.bench.attention import decode_attention_triton, decode_attention_reference
+from any4lib.engine.attention import decode_attention_triton, decode_attention_reference
 torch.manual_seed(0)
 for b, hkv, g, d, n, p, dtype, tol in [(1, 2, 4, 64, 100, 70, torch.float32, 1e-5), (2, 2, 4, 32, 64, 0, torch.float32, 1e-5),
                                        (3, 1, 3, 32, 130, 129, torch.float32, 1e-5), (2, 2, 4, 64, 200, 150, torch.float16, 2e-3)]:
@@ -192,7 +205,7 @@ for b, hkv, g, d, n, p, dtype, tol in [(1, 2, 4, 64, 100, 70, torch.float32, 1e-
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < tol, (b, hkv, g, d, n, p, dtype, err)
 # The decode step from a fused projection (RoPE and the cache write in the split kernel) against its reference.
-from any4lib.bench.attention import decode_attention_step_triton, decode_attention_step_reference
+from any4lib.engine.attention import decode_attention_step_triton, decode_attention_step_reference
 for b, hkv, g, d, n, p, dtype, tol in [(1, 2, 4, 64, 100, 70, torch.float32, 1e-5), (2, 1, 3, 32, 130, 0, torch.float32, 1e-5),
                                        (2, 2, 1, 32, 64, 63, torch.float16, 2e-3)]:
     qkv = torch.randn(b, hkv * (g + 2), d).to(dtype)
@@ -224,7 +237,7 @@ def test_profile_smoke_on_cpu(tmp_path):
     assert classify("void tinygemm::kernel<4, true>(...)") == "gemm" and classify("nvjet_tst_64x8_64x16") == "gemm"
     assert classify("triton_poi_fused_mul_silu_2") == "silu * up"
     out = tmp_path / "profile.csv"
-    e2e_args = e2e.parse_args(["--profile", "--model-config", "tiny", "--device", "cpu", "--compile", "none",
+    e2e_args = parse_args(["--profile", "--model-config", "tiny", "--device", "cpu", "--compile", "none",
                                "--formats", "bf16", "--peers", "", "--batch", "1", "--prompt", "8", "--new", "16",
                                "--profile-out", str(out)])
     from any4lib.bench.profile import run_profile
@@ -237,7 +250,7 @@ def test_profile_smoke_on_cpu(tmp_path):
 
 @pytest.mark.parametrize("vocab", [128256, 256, 80, 7, 1])
 def test_greedy_is_argmax_ties_included(vocab):
-    from any4lib.bench.decode import greedy
+    from any4lib.engine.sampling import greedy
 
     torch.manual_seed(vocab)
     for logits in (torch.randn(5, vocab), torch.randint(0, 3, (5, vocab)).float(), torch.zeros(2, vocab),
@@ -246,7 +259,7 @@ def test_greedy_is_argmax_ties_included(vocab):
 
 
 def test_kv_cache_holds_k_and_v_in_one_buffer():
-    from any4lib.bench.decode import KVCache
+    from any4lib.engine.model import KVCache
 
     cache = KVCache(2, 3, 10, 4, torch.float32, "cpu")
     k, v = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4)
@@ -262,8 +275,8 @@ def test_torch_int4_peer_matches_our_int4_dequantized():
 
 def test_quantized_model_differs_from_bf16():
     # Guards the comparisons: the quantized weights must actually change what the model computes.
-    model_q, _ = e2e.build_model(TINY, e2e.method("int4:dequant", 128), "cpu", seed=3, progress=False)
-    model_b, _ = e2e.build_model(TINY, e2e.method("bf16", 128), "cpu", seed=3, progress=False)
+    model_q, _ = rw.build_model(TINY, rw.method("int4:dequant", 128), "cpu", seed=3, progress=False)
+    model_b, _ = rw.build_model(TINY, rw.method("bf16", 128), "cpu", seed=3, progress=False)
     w_q = model_q.model.layers[1].mlp.down_proj.weight
     w_b = model_b.model.layers[1].mlp.down_proj.weight.float()
     assert 0 < (w_q - w_b).abs().max() < 0.2 * w_b.abs().max()
@@ -278,19 +291,19 @@ def test_kernel_path_matches_dequantized_weights(fmt):
 
 
 def test_swiglu_epilogue_is_the_same_model():
-    model, _ = e2e.build_model(TINY, e2e.method("any4", 128), "cpu", seed=3, reuse_budget_s=0.0, progress=False)
+    model, _ = rw.build_model(TINY, rw.method("any4", 128), "cpu", seed=3, reuse_budget_s=0.0, progress=False)
     assert all(block.mlp.gate_up_proj.swiglu for block in model.model.layers)
     assert torch.equal(greedy_tokens("any4"), greedy_tokens("any4", swiglu="compiled"))
     # Only the tinygemm methods, fused, have the epilogue.
     for name, fuse, mode in [("int4", True, "epilogue"), ("int4", False, "compiled"),
                              ("int4:dequant", True, "compiled"), ("torch-int4", True, "compiled"),
                              ("bf16", True, "compiled")]:
-        assert e2e.method(name, 128).swiglu_mode("epilogue", fuse) == mode, name
-    assert e2e.method("int4", 128).swiglu_mode("compiled", True) == "compiled"
+        assert rw.method(name, 128).swiglu_mode("epilogue", fuse) == mode, name
+    assert rw.method("int4", 128).swiglu_mode("compiled", True) == "compiled"
 
 
 def test_anyn_codes_shared_across_blocks_when_quantizing_is_slow():
-    model, info = e2e.build_model(TINY, e2e.method("any4:dequant", 128), "cpu", seed=3, reuse_budget_s=0.0,
+    model, info = rw.build_model(TINY, rw.method("any4:dequant", 128), "cpu", seed=3, reuse_budget_s=0.0,
                                   progress=False)
     assert info["codes_reused"]
     first, second = (model.model.layers[i].self_attn.qkv_proj.weight for i in (0, 1))
@@ -301,7 +314,7 @@ def test_run_writes_csv_with_provenance_and_resumes(tmp_path, capsys):
     out = tmp_path / "decode.csv"
     argv = ["--model-config", "tiny", "--device", "cpu", "--compile", "none", "--formats", "bf16,int4:dequant",
             "--peers", "torch-int4", "--batch", "1,2", "--prompt", "8", "--new", "4", "--out", str(out)]
-    e2e.run(e2e.parse_args(argv))
+    run(parse_args(argv))
     rows = list(csv.DictReader(out.open()))
     assert [(r["method"], r["batch"]) for r in rows] == [
         (m, b) for m in ("bf16", "int4:dequant", "torch-int4") for b in ("1", "2")]
@@ -314,26 +327,26 @@ def test_run_writes_csv_with_provenance_and_resumes(tmp_path, capsys):
     for r in rows:
         assert float(r["speedup_vs_bf16"]) == pytest.approx(float(r["decode_tok_s"]) / bf16[r["batch"]], rel=1e-3)
     assert "torch-int4" in capsys.readouterr().out  # the side-by-side table
-    e2e.run(e2e.parse_args(argv))  # everything measured already: nothing is appended
+    run(parse_args(argv))  # everything measured already: nothing is appended
     assert len(list(csv.DictReader(out.open()))) == len(rows)
     # Another layout in the same CSV is measured anew, its speedups against its own bf16 rows.
-    e2e.run(e2e.parse_args(argv + ["--layout", "separate", "--attention", "sdpa"]))
+    run(parse_args(argv + ["--layout", "separate", "--attention", "sdpa"]))
     again = list(csv.DictReader(out.open()))
     assert len(again) == 2 * len(rows) and {r["layout"] for r in again[len(rows):]} == {"separate"}
 
 
 def test_csv_from_before_the_layout_columns_is_rewritten(tmp_path):
     out = tmp_path / "decode.csv"
-    old_columns = [c for c in e2e.COLUMNS if c not in ("layout", "attention", "norm", "lm_head")]
+    old_columns = [c for c in COLUMNS if c not in ("layout", "attention", "norm", "lm_head")]
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, old_columns)
         writer.writeheader()
         writer.writerow({c: "" for c in old_columns} | {"method": "bf16", "batch": "1", "status": "ok",
                                                          "decode_tok_s": "100"})
-    e2e.run(e2e.parse_args(["--model-config", "tiny", "--device", "cpu", "--compile", "none", "--formats", "bf16",
+    run(parse_args(["--model-config", "tiny", "--device", "cpu", "--compile", "none", "--formats", "bf16",
                             "--peers", "", "--batch", "1", "--prompt", "4", "--new", "2", "--out", str(out)]))
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == e2e.COLUMNS
+    assert list(rows[0]) == COLUMNS
     assert [(r["method"], r["layout"], r["decode_tok_s"]) for r in rows][0] == ("bf16", "", "100")
     assert rows[1]["layout"] == "fused" and rows[1]["speedup_vs_bf16"] == "1"  # against its own layout's bf16
 
@@ -350,7 +363,7 @@ def test_missing_peer_is_recorded_not_fatal(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
     out = tmp_path / "decode.csv"
-    e2e.run(e2e.parse_args(["--model-config", "tiny", "--device", "cpu", "--compile", "none", "--formats", "",
+    run(parse_args(["--model-config", "tiny", "--device", "cpu", "--compile", "none", "--formats", "",
                             "--peers", "bnb-nf4", "--batch", "1", "--prompt", "4", "--new", "2", "--out", str(out)]))
     (row,) = csv.DictReader(out.open())
     assert row["status"].startswith("failed to build: ImportError")
@@ -358,17 +371,19 @@ def test_missing_peer_is_recorded_not_fatal(tmp_path, monkeypatch):
 
 def test_bad_arguments_say_what_to_do():
     with pytest.raises(ValueError, match="unknown method 'int9'"):
-        e2e.method("int9", 128)
+        rw.method("int9", 128)
     with pytest.raises(ValueError, match="unknown model config"):
-        e2e.model_config("llama9")
+        rw.model_config("llama9")
     with pytest.raises(SystemExit):
-        e2e.parse_args(["--new", "1"])
+        parse_args(["--new", "1"])
     model = LlamaDecoder(TINY)
     with pytest.raises(RuntimeError, match="setup_caches"):
         prefill(model, torch.zeros(1, 3, dtype=torch.long))
     model.setup_caches(1, 8)
-    with pytest.raises(ValueError, match="overruns the cache"):
-        decode(model, torch.zeros(1, dtype=torch.long), 6, 4)
+    with pytest.raises(ValueError, match="the cache holds 8"):
+        generate_ids(model, [[1] * 6], 4)
+    with pytest.raises(ValueError, match="cache was built for 1"):
+        generate_ids(model, [[1], [2]], 2)
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -406,7 +421,7 @@ GPU_DECODE_CASES = [(1, 8, 4, 128, 640, 511), (1, 8, 4, 128, 640, 639), (4, 8, 4
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_decode_attention_kernel_on_gpu(dtype):
-    from any4lib.bench.attention import decode_attention_triton
+    from any4lib.engine.attention import decode_attention_triton
 
     torch.manual_seed(0)
     for b, hkv, g, d, n, p in GPU_DECODE_CASES:
@@ -423,7 +438,7 @@ def test_decode_attention_kernel_on_gpu(dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_decode_attention_step_kernel_on_gpu(dtype):
-    from any4lib.bench.attention import decode_attention_step_reference, decode_attention_step_triton
+    from any4lib.engine.attention import decode_attention_step_reference, decode_attention_step_triton
 
     torch.manual_seed(0)
     tol = 1e-5 if dtype == torch.float32 else 1e-2

@@ -28,7 +28,7 @@ def test_kernel_path_perplexity_within_half_a_percent_of_fake_quant(ref_model, f
     model, tokenizer, stats = ref_model
     net = quantize_model(copy.deepcopy(model), fmt, 128, stats, progress=False)
     layers = [m for m in net.modules() if isinstance(m, QuantLinear)]
-    assert layers and all(m.packed_weight(torch.bfloat16) is not None for m in layers), "a layer fell back"
+    assert layers and all(m.unpacked_reason() is None for m in layers), "a layer would fall back"
     settings = dict(dataset="heldout", seq_len=512, max_tokens=8192, progress=False)
     fake = evaluate_perplexity(use_kernels(net, False), tokenizer, **settings).ppl
     kernel = evaluate_perplexity(use_kernels(net, True), tokenizer, batch_size=1, chunk=16, **settings).ppl

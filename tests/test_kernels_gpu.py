@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from any4lib import quantize
-from any4lib.bench.kernels import random_quantized
+from any4lib.engine.random_weights import random_quantized
 from any4lib.kernels import PackedWeight, linear, load_kernels, ops
 from any4lib.kernels.reference import swiglu_reference
 
@@ -208,7 +208,7 @@ def test_early_start_reads_x_after_the_kernel_that_writes_it(fmt, monkeypatch):
     # GEMM, which allows it at its top. Replayed from CUDA graphs with fresh inputs each time, each kernel must see
     # this replay's input: bit for bit what the same ops give run one at a time, with the GEMMs' early launch on or
     # off (the norm is launched early either way).
-    from any4lib.bench.rmsnorm import add_rms_norm
+    from any4lib.engine.rmsnorm import add_rms_norm
 
     first, second = (PackedWeight.from_quantized(random_quantized(fmt, 4096, 4096, 128), torch.bfloat16)
                      for _ in range(2))

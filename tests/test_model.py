@@ -95,6 +95,33 @@ def test_checkpoint_stores_4_bit_codes_two_to_a_byte_and_reads_version_1(tiny, t
     assert torch.equal(logits(load_quantized(folder), ids), logits(model, ids))
 
 
+def test_packed_layers_save_and_load_packed_and_version_2_still_loads(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    model, _ = tiny
+    model = quantize_model(model.to(torch.bfloat16), "any4", 64, progress=False)
+    contract = save_quantized(model, tmp_path / "contract")
+    spec = json.loads((contract / "quant.json").read_text())
+    assert spec["version"] == 3 and {s["form"] for s in spec["layers"].values()} == {"contract"}
+    # A version 2 folder (no form recorded) is a contract-form folder.
+    for layer in spec["layers"].values():
+        del layer["form"]
+    (contract / "quant.json").write_text(json.dumps({"version": 2, "layers": spec["layers"]}))
+    ids = torch.randint(0, 258, (2, 17))
+    expected_contract = logits(model, ids)
+    assert torch.equal(logits(load_quantized(contract).to(torch.bfloat16), ids), expected_contract)
+
+    any4lib.pack_model(model, torch.bfloat16)
+    folder = save_quantized(model, tmp_path / "packed")
+    spec = json.loads((folder / "quant.json").read_text())["layers"]["model.layers.0.mlp.up_proj"]
+    assert spec["form"] == "packed" and spec["dtype"] == "bfloat16" and not spec["swiglu"]
+    assert not any(name.endswith(".codes") for name in load_file(folder / "model.safetensors"))
+    back = load_quantized(folder)
+    layer = back.model.layers[0].mlp.up_proj
+    assert layer.form == "packed" and torch.equal(layer.packed_codes, model.model.layers[0].mlp.up_proj.packed_codes)
+    assert torch.equal(logits(back.to(torch.bfloat16), ids), logits(model, ids))
+
+
 def test_load_errors_name_the_path(tmp_path, tiny_folder):
     with pytest.raises(FileNotFoundError, match="quant.json is missing"):
         load_quantized(tiny_folder)

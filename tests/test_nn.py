@@ -1,11 +1,9 @@
-import sys
-import types
-
 import pytest
 import torch
 
 import any4lib
-from any4lib.nn import QuantLinear, _pack_for_kernels, use_kernels
+from any4lib.kernels import PackedWeight
+from any4lib.nn import QuantLinear, pack_model, use_kernels
 
 
 def reference_weight(q) -> torch.Tensor:
@@ -61,19 +59,54 @@ def test_dtype_cast_keeps_tables_in_float32_and_refreshes_the_cache():
     assert torch.equal(layer(x.bfloat16()), other.to(torch.bfloat16)(x.bfloat16()))
 
 
-def test_kernel_switch_and_fallback_without_kernel_support(monkeypatch):
-    q = any4lib.quantize(torch.randn(16, 128), "int4", 128)
-    fake = types.ModuleType("any4lib.kernels")
-    fake.is_supported = lambda q: False
-    monkeypatch.setitem(sys.modules, "any4lib.kernels", fake)
-    monkeypatch.setattr(any4lib, "kernels", fake, raising=False)
-    monkeypatch.setattr("any4lib.nn._warned", set())
-    with pytest.warns(UserWarning, match="do not support int4"):
-        assert _pack_for_kernels(q, torch.bfloat16) is None
-    model = torch.nn.Sequential(QuantLinear(q), torch.nn.ReLU(), QuantLinear(q))
-    assert all(m.use_kernel for m in model if isinstance(m, QuantLinear))
+def test_layer_the_kernels_cannot_run_stays_unpacked_said_once(caplog):
+    q3 = any4lib.quantize(torch.randn(16, 128), "int3", 128)  # 3-bit codes: not a tinygemm format
+    q4 = any4lib.quantize(torch.randn(16, 128), "int4", 128)
+    model = torch.nn.Sequential(QuantLinear(q3), torch.nn.ReLU(), QuantLinear(q4))
+    with caplog.at_level("WARNING", logger="any4lib"):
+        pack_model(model, torch.bfloat16)
+        pack_model(model, torch.bfloat16)
+    assert [m.form for m in (model[0], model[2])] == ["contract", "packed"]
+    assert len(caplog.records) == 1 and "0 runs its dequantized weight: format 'int3'" in caplog.text
+    assert all(m.use_kernel for m in (model[0], model[2]))
     use_kernels(model, False)
-    assert not any(m.use_kernel for m in model if isinstance(m, QuantLinear))
+    assert not any(m.use_kernel for m in (model[0], model[2]))
+
+
+@pytest.mark.parametrize("fmt, group_size", [("int4", 64), ("any4", 32), ("nf4", 128), ("mxfp4", 32)])
+def test_packed_form_is_the_only_state_and_computes_the_kernels_reference(fmt, group_size):
+    torch.manual_seed(0)
+    w, bias, x = torch.randn(48, 256), torch.randn(48), torch.randn(3, 256).bfloat16()
+    layer = QuantLinear(any4lib.quantize(w, fmt, group_size), bias)
+    assert layer.pack(torch.bfloat16) and layer.form == "packed"
+    names = {"packed_codes", "packed_scales", "bias"} | ({"packed_lut"} if fmt != "int4" else set())
+    assert set(layer.state_dict()) == names and {n for n, _ in layer.named_buffers()} <= names
+    # Its weight: the contract's, with the tables rounded to bf16 as the packing stores them.
+    packed = PackedWeight.from_quantized(any4lib.quantize(w, fmt, group_size), torch.bfloat16)
+    expected = (x.double() @ packed.unpack().dequantize(torch.float64).T + bias.double())
+    torch.testing.assert_close(layer(x).double(), expected, rtol=2e-2, atol=2e-2)
+    assert torch.equal(layer.quantized.codes, packed.unpack().codes)
+    # The state dict loads into a layer built from it; a float cast leaves the bf16 scales alone.
+    other = QuantLinear.from_packed(packed, torch.zeros(48))
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other(x), layer(x))
+    layer.to(torch.float32)
+    assert layer.packed_scales.dtype == layer.packed.scales.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="packed for torch.bfloat16"):
+        layer.pack(torch.float16)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "any4"])
+def test_packed_swiglu_layer_is_silu_of_gate_times_up(fmt):
+    torch.manual_seed(1)
+    gate, up = (any4lib.quantize(torch.randn(32, 128), fmt, 64) for _ in range(2))
+    layer = QuantLinear.from_packed(PackedWeight.from_gate_up(gate, up, torch.bfloat16))
+    assert layer.swiglu and layer.out_features == 32
+    x = torch.randn(2, 128).bfloat16()
+    g, u = (QuantLinear(q).to(torch.bfloat16) for q in (gate, up))
+    g.pack(torch.bfloat16), u.pack(torch.bfloat16)
+    expected = torch.nn.functional.silu(g(x).double()) * u(x).double()
+    torch.testing.assert_close(layer(x).double(), expected, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
@@ -84,9 +117,8 @@ def test_cuda_kernel_path_matches_dequantized_path(fmt):
     q = any4lib.quantize(torch.randn(256, 512), fmt, 128)
     layer = QuantLinear(q).cuda()
     x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
-    if layer.packed_weight(torch.bfloat16) is None:
-        pytest.skip("the kernels do not support this format here")
     y_kernel = layer(x)
+    assert layer.form == "packed" and not hasattr(layer, "codes")  # the first CUDA call packed it in place
     use_kernels(layer, False)
     y_fake = layer(x)
     # Against float64: the kernel scales in fp32 while fake-quant rounds each weight to bf16 first, so the two

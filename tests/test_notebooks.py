@@ -22,7 +22,7 @@ EXPECTED = {
     "04_ablations": (["04_ablations"], ["04_group_size", "04_calibration", "04_paper_group_size"]),
     "05_kernel_speedups": (
         ["05_kernel_speedups", "05_kernel_bandwidth", "05_e2e_decode"],
-        ["05_kernel_us", "05_reference_h100", "05_e2e_decode"]),
+        ["05_kernel_us", "05_reference_h100", "05_e2e_decode", "05_generation"]),
     "06_lut_explorer": (["06_lut_explorer"], ["06_lut_explorer"]),
 }
 NEEDS_TEXT = {"03_accuracy", "04_ablations"}  # evaluate perplexity on the held-out text under data_root()
@@ -69,10 +69,12 @@ def _fake_benchmark_csvs(folder: Path) -> None:
     """Small kernel and e2e CSVs in the benchmarks' column layout, so notebook 05 draws its full figures."""
     (folder / "kernels").mkdir(parents=True)
     (folder / "e2e").mkdir(parents=True)
-    lines = ["n,k,m,method,median_us,copy_fraction"]
+    from any4lib.bench.kernels import COLUMNS
+
+    lines = [",".join(COLUMNS)]
     for m in (1, 4, 16):
         for method, us in (("cublas_bf16", 50.0), ("torch_int4pack", 25.0), ("ours_int4", 15.0), ("ours_any4", 16.0)):
-            lines.append(f"4096,14336,{m},{method},{us * (1 + m / 32)},{50 / us / 4}")
+            lines.append(f"4096,14336,{m},{method},{us * (1 + m / 32)},0,0,{50 / us / 4}")
     (folder / "kernels" / "fake.csv").write_text("\n".join(lines) + "\n")
     (folder / "e2e" / "fake.csv").write_text(
         "method,batch,decode_tok_s,status\nbf16,1,100,ok\nany4,1,290,ok\nint4,1,300,ok\nbf16,4,380,ok\nany4,4,900,ok\n"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from any4lib.bench.decode import RMSNorm
-from any4lib.bench.rmsnorm import add_rms_norm, add_rms_norm_reference
+from any4lib.engine.model import RMSNorm
+from any4lib.engine.rmsnorm import add_rms_norm, add_rms_norm_reference
 
 
 def _inputs(shape, dtype, device="cpu", seed=0):
@@ -36,8 +36,8 @@ def test_reference_is_the_decoders_norm_of_the_sum(dtype):
 
 def test_opcheck_on_cpu():
     x, residual, weight = _inputs((3, 64), torch.bfloat16)
-    torch.library.opcheck(torch.ops.any4lib_bench.add_rms_norm, (x, residual, weight, 1e-5))
-    torch.library.opcheck(torch.ops.any4lib_bench.add_rms_norm, (x, None, weight, 1e-5))
+    torch.library.opcheck(torch.ops.any4lib_engine.add_rms_norm, (x, residual, weight, 1e-5))
+    torch.library.opcheck(torch.ops.any4lib_engine.add_rms_norm, (x, None, weight, 1e-5))
 
 
 def test_bad_inputs_say_what_was_expected():
@@ -46,8 +46,8 @@ def test_bad_inputs_say_what_was_expected():
         add_rms_norm(x, residual[:, :32], weight, 1e-5)
     with pytest.raises(ValueError, match=r"weight must be \[64\] torch.bfloat16"):
         add_rms_norm(x, residual, weight.float(), 1e-5)
-    from any4lib.bench.decode import LlamaDecoder
-    from any4lib.bench.e2e import model_config
+    from any4lib.engine.model import LlamaDecoder
+    from any4lib.engine.random_weights import model_config
 
     with pytest.raises(ValueError, match="use 'compiled' or 'triton'"):
         LlamaDecoder(model_config("tiny")).set_decode_norm("fused")
@@ -80,5 +80,5 @@ def test_triton_kernel_matches_the_reference_on_gpu(shape, dtype):
 @needs_cuda
 def test_opcheck_on_gpu():
     x, residual, weight = _inputs((3, 4096), torch.bfloat16, "cuda")
-    torch.library.opcheck(torch.ops.any4lib_bench.add_rms_norm, (x, residual, weight, 1e-5))
-    torch.library.opcheck(torch.ops.any4lib_bench.add_rms_norm, (x, None, weight, 1e-5))
+    torch.library.opcheck(torch.ops.any4lib_engine.add_rms_norm, (x, residual, weight, 1e-5))
+    torch.library.opcheck(torch.ops.any4lib_engine.add_rms_norm, (x, None, weight, 1e-5))

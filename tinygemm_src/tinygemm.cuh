@@ -5,12 +5,12 @@
 // chunks of 64 (warp w takes chunks w, w + kWarps, ...: the CTA streams contiguous bytes). The packing
 // (any4lib/kernels/packing.py, docs/KERNELS.md) stores the codes in mma fragment order, 16 bytes per lane per chunk.
 //
-// Loads (v6): each warp owns a ring of kStages shared-memory slots. A slot holds one unit of k = 128 (two chunks):
+// Loads: each warp owns a ring of kStages shared-memory slots. A slot holds one unit of k = 128 (two chunks):
 // its codes (per tile), scales/zeros and the x columns they multiply, copied with cp.async kStages - 1 units ahead
-// of the math. The copies hold no registers, so a warp keeps several KB in flight (v4 held one prefetch batch in
-// registers, and loaded scales and x in the iteration that used them, exposing their latency); the x-fragment
-// reads become fixed-address shared loads without bounds predicates (the copy zero-fills past k); and the
-// per-unit work (issuing copies, applying scales at g >= 128) is paid once per 128 k.
+// of the math. The copies hold no registers, so a warp keeps several KB in flight and no load's latency is exposed
+// in the iteration that uses it; the x-fragment reads are fixed-address shared loads without bounds predicates
+// (the copy zero-fills past k); and the per-unit work (issuing copies, applying scales at g >= 128) is paid once
+// per 128 k.
 //
 // Dequantization is w = lut[code] * scale + zero. The mma runs on the raw LUT values; scale and zero are applied
 // to the fp32 partial sums once per group: acc += scale * sum(x * lut[c]) + zero * sum(x). sum(x) comes from a
@@ -18,7 +18,7 @@
 // lookup: for int4 a mask and an OR (the value is built under a float exponent), for LUT formats one shared-memory
 // load per pair of codes (rows g and g + 8 at one k) from a 256-entry table of value pairs that each CTA builds
 // from its rows' 16-entry LUTs, replicated kRepl times so lanes that would hit the same bank read different
-// copies (bank conflicts, v4's limit), and a prmt per register to pair the values along k as the mma wants (at
+// copies (no bank conflicts), and a prmt per register to pair the values along k as the mma wants (at
 // m <= 2 none: the pairs go in as they are and x is spread over B's columns instead, kPairedRows).
 #pragma once
 
@@ -150,7 +150,7 @@ __device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_
           : "r"(word >> (4 * p)), "n"(0x000F000F), "r"(Dtype<T>::kIntMagic));
     }
   } else {
-    // LUT layout (v9): byte i of the word holds the codes of rows g (low nibble) and g + 8 (high nibble) at the
+    // LUT layout: byte i of the word holds the codes of rows g (low nibble) and g + 8 (high nibble) at the
     // i-th k of the lane, so one shared-memory load of the row pair's table gives (row g, row g + 8) at one k,
     // and two prmts regroup two such loads into the mma's (row, k pair) registers. Tables of row pairs let the
     // 4 lanes of a lane group (all on the same rows) read 4 copies in 32 KB: every lane its own bank.
@@ -171,16 +171,16 @@ __device__ __forceinline__ void dequantize_fragment(uint32_t word, const uint32_
   }
 }
 
-// Pair tables (v9): word ((tt * 256 + pair) * 8 + g) * kRepl + r holds (lut_g[c0], lut_g8[c1]), the entries of rows
+// Pair tables: word ((tt * 256 + pair) * 8 + g) * kRepl + r holds (lut_g[c0], lut_g8[c1]), the entries of rows
 // g and g + 8 of tile tt, for pair = c0 | c1 << 4. Lane (g, t) reads copy r = t % kRepl, so its bank is
 // (8 pair + g) * kRepl + r mod 32: kRepl = 4 gives every lane its own bank (no conflicts) in 32 KB a tile, 2 leaves
-// lanes t and t + 2 sharing one (~2 wavefronts a load), 1 lets the 4 lanes of a group collide. Until v8 a table
-// paired two k of one row, so a tile needed 16 row tables and 4 copies took 64 KB (fewer CTAs per SM; v6a).
+// lanes t and t + 2 sharing one (~2 wavefronts a load), 1 lets the 4 lanes of a group collide. Pairing rows (not
+// two k of one row) keeps a tile's tables to 8 KB a copy.
 //
 // Thread item i = (tt, c0, g) writes the 16 words of c1 = 0..15: one prmt and one store (all copies) each, at fixed
 // offsets, from lut_g[c0] and row g + 8's 32 LUT bytes in registers. The 32 lanes of a warp cover 8 groups x 4
 // values of c0, so each store covers contiguous words. A thread has up to kItems items and sends all their LUT
-// loads out before the first store (v8: one global latency instead of one per item).
+// loads out before the first store (one global latency instead of one per item).
 template <int kRepl, int kItems>
 __device__ __forceinline__ void build_pair_tables(const uint4* lut, int first_row, int tiles, bool shared_lut,
                                                   uint32_t* tables, int threads) {

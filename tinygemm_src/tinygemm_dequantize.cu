@@ -1,6 +1,5 @@
 // The packed weight back as a dense [n, k] matrix in the activation dtype: what `linear` multiplies with cuBLAS when x
-// has more than 16 rows (prefill). Until v11 that path unpacked the weight with PyTorch ops on int64 tensors, several
-// passes over ~1 GB per 28672 x 4096 weight, which held prefill to ~1.8k tokens/s on the H100.
+// has more than 16 rows (prefill): one pass over the packed weight, writing each output element once.
 //
 // A CTA takes one 16-row tile and kChunksPerCta chunks of 64 k. Thread i = (g, j, t) = (i / 16, i / 4 % 4, i % 4)
 // reads word j of lane (g, t), the codes of rows g and g + 8 at k = 64 c + 16 j + 4 t .. + 3 (packing.py), and

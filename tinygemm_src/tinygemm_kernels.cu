@@ -24,12 +24,9 @@ struct Config {
   int lut_warps;   // the same for LUT formats
 };
 
-// The measured best on the H100 (docs/KERNELS.md, v6; results/kernels/kernels_v6_variants*.csv): 4 slots for int
-// codes (2 lost 3-7%); 2 slots and 32 KB of pair tables for LUT formats (64 KB left 2 CTAs per SM: any4 88 us at
-// 28672 x 8192, m = 1, vs 64 with 32 KB), which since v9's row-pair tables is 4 copies (conflict-free); two tiles
-// per CTA at m > 8 (one: int4 82 vs 52 us at 28672 x 8192, m = 16), also when that leaves 128 CTAs for 132 SMs
-// (4096 x 14336: 18 vs 23 us). 4 slots for LUT formats in 8-warp CTAs (the small grids) lost up to 20% at m = 1-8
-// (any4 at m = 1 on 4096 x 4096: 6.5 -> 7.8 us; results/kernels/ab_lut_stages8_vs_v12_H100.log).
+// The measured best on the H100 (the measurements: docs/KERNELS.md, "Why the configuration is what it is"): 4
+// slots for int codes; 2 slots and 32 KB of pair tables (4 conflict-free copies) for LUT formats, which keeps 3
+// CTAs per SM; two tiles per CTA at m > 8, also when that leaves 128 CTAs for 132 SMs.
 constexpr Config kChosen{4, 2, 4, 3, 0, 0};
 
 #ifdef TINYGEMM_TUNING
@@ -118,10 +115,8 @@ static cudaError_t for_repl(const Problem& p, cudaStream_t stream, int* resident
   } else {
     TG_IF (config().repl == 4) {
       // A matrix-wide LUT's one table is 32 KB at 4 copies too. Above 2 rows of x, where the x slots grow, and with
-      // many CTAs (4-warp CTAs: more than one wave of 8-warp CTAs, so occupancy binds), 2 copies (16 KB, v8's
-      // size) keep a CTA per SM more: nf4 / MX-FP4 at m = 8 on 8192 x 28672 89 / 85 -> 73 / 68 us. With few CTAs
-      // the conflicts cost more (MX-FP4 at m = 4-8 on 4096 x 14336: +7-8% with 2 copies). Measured when 4-warp CTAs
-      // meant >= 3 per SM; the grids v11 moved to 4 warps (1-3 waves of 8-warp CTAs) take it untested.
+      // many CTAs (4-warp CTAs: more than one wave of 8-warp CTAs, so occupancy binds), 2 copies (16 KB) keep a CTA
+      // per SM more; with few CTAs the bank conflicts of 2 copies cost more than that CTA gains (docs/KERNELS.md).
       if constexpr (!kPairedRows && kWarps == 4) {
         if (!p.lut_per_row) {
           return run<T, kIntCodes, kHasZero, kMTiles, kPairedRows, kTiles, kWarps, kStages, 2>(p, stream, resident);
@@ -150,8 +145,7 @@ template <typename T, bool kIntCodes, bool kHasZero, int kMTiles, bool kPairedRo
 static cudaError_t for_warps(const Problem& p, cudaStream_t stream) {
   // 8 warps per CTA when the grid fits in one wave of 8-warp CTAs: with few CTAs (small n) they keep enough loads
   // in flight to fill the memory system. Otherwise 4: longer k-slices per warp, fewer CTA start-ups (and table
-  // builds), and no second, partial wave. (Until v11 the switch was at 3 CTAs per SM, which left 6144 x 4096 in
-  // 1.45 waves of 8-warp CTAs: 4 warps run its m = 1 any4 / int4 in 9.2 / 8.1 us instead of 10.2 / 9.2.)
+  // builds), and no second, partial wave.
   int warps = kIntCodes ? config().warps : config().lut_warps;
   if (!warps) {
     int resident = 0;

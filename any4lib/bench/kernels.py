@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import grids
-from ..provenance import git_state
-from ..qtensor import QuantizedTensor
+from ..engine.random_weights import random_quantized
 from ..kernels import PackedWeight, linear, load_kernels
+from ..peers import TorchInt4Linear
+from ..provenance import git_state
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672)]
 ROWS = [1, 2, 4, 8, 16]
@@ -93,42 +93,17 @@ def _clones(weight, nbytes: int) -> list:
     return [weight] + [clone(weight) for _ in range(max(2, math.ceil(ROTATE_BYTES / nbytes)) - 1)]
 
 
-def random_quantized(fmt: str, n: int, k: int, group_size: int, device="cuda") -> QuantizedTensor:
-    """A valid weight of the format with random codes, tables and scales (k-means on 28672 x 8192 would take
-    minutes per draw; the kernel's speed and correctness do not depend on how the values were learned)."""
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device)
-    scale = torch.rand(n, k // group_size, device=device) * 0.02 + 1e-3
-    zero = torch.randn(n, k // group_size, device=device) * 0.01
-    if fmt == "int4":
-        lut = (torch.arange(16, device=device) - 8.0)[None]
-    elif fmt == "any4":
-        lut = torch.sort(torch.randn(n, 16, device=device) * 3, dim=1).values
-    elif fmt == "nf4":
-        lut, zero = grids.NF4_LEVELS[None].to(device), None
-    else:  # fp4, mxfp4: the E2M1 grid; MX scales are powers of two
-        lut, zero = grids.E2M1[None].to(device), None
-    if fmt == "mxfp4":
-        scale = torch.exp2(torch.randint(-12, -4, scale.shape, device=device).float())
-    return QuantizedTensor(fmt, 4, group_size, codes, lut.float(), scale, zero)
-
-
-def torch_int4_weight(q: QuantizedTensor, inner_k_tiles: int = 8):
-    """q (int4) in PyTorch's tinygemm layout: w = (code - 8) * scale + zero, the same formula as ours."""
-    n, k = q.shape
-    codes = q.codes.int()
-    as_uint8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
-    packed = torch._convert_weight_to_int4pack(as_uint8, inner_k_tiles)
-    scale_zero = torch.stack([q.scale, q.zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    return packed, scale_zero
+# The measured columns of every row (weight shape n x k, activation rows m, median microseconds, bytes moved, their
+# rate and its share of the device's copy rate); the provenance columns follow them in the CSV. Readers (notebook
+# 05) take the names from here.
+COLUMNS = ("n", "k", "m", "method", "median_us", "bytes", "gbps", "fraction_of_copy")
 
 
 def timing_row(n: int, k: int, m: int, method: str, us: float, weight_bytes: int, copy_bps: float) -> dict:
     """A result row: the bytes one call moves (weight + x + y in bf16) and their rate, also as a share of copy."""
     moved = weight_bytes + 2 * m * (k + n)
-    return {
-        "n": n, "k": k, "m": m, "method": method, "median_us": round(us, 2), "bytes": moved,
-        "gbps": round(moved / us / 1e3, 1), "fraction_of_copy": round(moved / (us * 1e-6) / copy_bps, 3),
-    }
+    values = (n, k, m, method, round(us, 2), moved, round(moved / us / 1e3, 1), round(moved / (us * 1e-6) / copy_bps, 3))
+    return dict(zip(COLUMNS, values))
 
 
 def bench_shape(n: int, k: int, copy_bps: float, rows=ROWS) -> list[dict]:
@@ -142,7 +117,8 @@ def bench_shape(n: int, k: int, copy_bps: float, rows=ROWS) -> list[dict]:
         packed = PackedWeight.from_quantized(q, torch.bfloat16)
         methods[f"ours_{fmt}"] = (_clones(packed, packed.nbytes()), linear, packed.nbytes())
         if fmt == "int4":
-            tw = torch_int4_weight(q)
+            peer = TorchInt4Linear(q)
+            tw = (peer.packed, peer.scales_zeros)
             nbytes = sum(t.numel() * t.element_size() for t in tw)
             methods["torch_int4"] = (
                 _clones(tw, nbytes),

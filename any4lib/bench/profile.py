@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .decode import decode, decode_step, prefill
+from ..engine.generate import compile_blocks, decode_step, generate_ids, graphed_step, prefill
+from ..engine.random_weights import build_model, method, model_config
+from ..engine.sampling import greedy
 
 REGIONS = ("block", "embed", "final_norm", "lm_head")
 # Library kernels, by name; first match wins (attention before GEMMs: attention kernels mention gemm-like words).
@@ -69,7 +71,7 @@ class Labelled(nn.Module):
         with torch.profiler.record_function(self.label):
             return self.inner(*args)
 
-    def add_and_norm(self, *args):  # the decoder calls its final norm (decode.RMSNorm) through this method
+    def add_and_norm(self, *args):  # the decoder calls its final norm (engine.model.RMSNorm) through this method
         with torch.profiler.record_function(self.label):
             return self.inner.add_and_norm(*args)
 
@@ -108,8 +110,6 @@ def profile_one(config, meth, batch: int, fuse: bool, attention: str, prompt_len
     """Profile `steps` decode steps of one (method, layout, attention, norm, swiglu, batch); then time it as the bench
     does.
     Returns the CSV row and the text summary. compile=False (and a CPU device) is for smoke tests."""
-    from .e2e import _eager, build_model, compile_blocks, graphed_step
-
     if new < 4 + steps:
         raise ValueError(f"--new {new} leaves no room for 3 warm-up and {steps} profiled steps in the cache")
     is_cuda = torch.device(device).type == "cuda"
@@ -129,8 +129,8 @@ def profile_one(config, meth, batch: int, fuse: bool, attention: str, prompt_len
     prompt = torch.randint(0, config.vocab_size, (batch, prompt_len), device=device,
                            generator=torch.Generator(device=device).manual_seed(seed))
     with torch.no_grad():
-        first = _eager(prefill, model, prompt)
-        token, pos = first.clone(), torch.tensor([prompt_len], device=device)
+        model.set_padding(torch.zeros(batch, dtype=torch.long, device=device))
+        token, pos = greedy(prefill(model, prompt)), torch.tensor([prompt_len], device=device)
         for _ in range(3):  # compiles
             token = decode_step(model, token, pos)
             pos += 1
@@ -145,12 +145,8 @@ def profile_one(config, meth, batch: int, fuse: bool, attention: str, prompt_len
             sync()
         # The bench's timing of the same model: one CUDA graph per step, new - 1 steps after the prompt.
         step = graphed_step(decode_step, model, batch, device) if is_cuda else decode_step
-        decode(model, first, prompt_len, new - 1, step)
-        sync()
-        t0 = time.perf_counter()
-        decode(model, first, prompt_len, new - 1, step)
-        sync()
-        graphed_ms = 1e3 * (time.perf_counter() - t0) / (new - 1)
+        generate_ids(model, prompt.tolist(), new, step=step)
+        graphed_ms = generate_ids(model, prompt.tolist(), new, step=step).timing["decode_ms_per_step"]
     if trace is not None:
         raw = trace.with_suffix("")
         prof.export_chrome_trace(str(raw))
@@ -240,8 +236,6 @@ def parse_text(text: str) -> list[tuple[dict, dict]]:
 
 
 def run_profile(args) -> list[dict]:
-    from .e2e import method, model_config
-
     config = model_config(args.model_config)
     out = Path(args.profile_out)
     out.parent.mkdir(parents=True, exist_ok=True)

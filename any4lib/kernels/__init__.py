@@ -168,16 +168,21 @@ class PackedWeight:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
-def linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """y = x @ W^T for x [..., k] in w.dtype: [..., n]; a swiglu weight gives silu(gate) * up, [..., n / 2]. CUDA:
-    the tinygemm op for up to 16 rows (the activation in its epilogue), else the dequantize op + cuBLAS (prefill).
-    CPU: the PyTorch reference (fp32 accumulation, the products rounded to the dtype before the activation)."""
+def check_activation(x: torch.Tensor, w: PackedWeight) -> None:
+    """x fits w: k features, w's dtype and device."""
     if x.shape[-1] != w.k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects k = {w.k} (weight shape [{w.n}, {w.k}])")
     if x.dtype != w.dtype:
         raise ValueError(f"x is {x.dtype} but the weight was packed for {w.dtype}; pack with dtype={x.dtype}")
     if x.device != w.device:
         raise ValueError(f"x is on {x.device} but the weight is on {w.device}; move one with .to()")
+
+
+def linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """y = x @ W^T for x [..., k] in w.dtype: [..., n]; a swiglu weight gives silu(gate) * up, [..., n / 2]. CUDA:
+    the tinygemm op for up to 16 rows (the activation in its epilogue), else the dequantize op + cuBLAS (prefill).
+    CPU: the PyTorch reference (fp32 accumulation, the products rounded to the dtype before the activation)."""
+    check_activation(x, w)
     rows = x.reshape(-1, w.k)
     if rows.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], w.out_features)

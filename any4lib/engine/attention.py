@@ -163,6 +163,11 @@ def split_plan(programs: int, max_len: int, sms: int) -> tuple[int, int]:
     return math.ceil(max_len / chunk), chunk
 
 
+def serves_head_dim(d: int) -> bool:
+    """Whether the kernels take heads of d values (tl.dot tiles: a power of two, at least 16)."""
+    return d >= 16 and not d & (d - 1)
+
+
 def _split_and_merge(src: torch.Tensor, src_strides: tuple[int, int, int], g: int, k: torch.Tensor, v: torch.Tensor,
                      pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, scale: float | None
                      ) -> torch.Tensor:
@@ -170,7 +175,7 @@ def _split_and_merge(src: torch.Tensor, src_strides: tuple[int, int, int], g: in
     of the group), or with `rope` = (cos, sin) the fused projection (see split_kernel's FRESH)."""
     triton, split_kernel, combine_kernel = _kernels()
     batch, hkv, n, d = k.shape
-    if d & (d - 1) or d < 16:
+    if not serves_head_dim(d):
         raise ValueError(f"head_dim {d} must be a power of two >= 16")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     sms = torch.cuda.get_device_properties(src.device).multi_processor_count if src.is_cuda else 132
@@ -244,7 +249,7 @@ def decode_attention_step_reference(qkv, kv, cos, sin, pos, scale: float | None 
     return decode_attention_reference(q.reshape(batch, hkv, g, d), kv[0], kv[1], pos, scale)
 
 
-@torch.library.custom_op("any4lib_bench::decode_attention", mutates_args=())
+@torch.library.custom_op("any4lib_engine::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Attention of one new token per sequence over the cache: q [B, Hkv, G, D], k/v [B, Hkv, N, D], pos [1]."""
     if q.is_cuda:
@@ -257,7 +262,7 @@ def _(q, k, v, pos):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("any4lib_bench::decode_attention_step", mutates_args=("kv",))
+@torch.library.custom_op("any4lib_engine::decode_attention_step", mutates_args=("kv",))
 def decode_attention_step(qkv: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           pos: torch.Tensor) -> torch.Tensor:
     """One decode step's attention from the fused projection of the new token, qkv [B, Hkv * (G + 2), D] (query heads,

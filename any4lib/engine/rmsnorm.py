@@ -94,7 +94,7 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weigh
     return normed, total
 
 
-@torch.library.custom_op("any4lib_bench::add_rms_norm", mutates_args=())
+@torch.library.custom_op("any4lib_engine::add_rms_norm", mutates_args=())
 def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                   eps: float) -> list[torch.Tensor]:
     """[normed, total], or [normed] alone without a residual (a custom op may not return its input x)."""
