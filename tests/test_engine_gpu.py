@@ -1,6 +1,6 @@
 """The engine on the GPU with the shared models: greedy tokens equal transformers' generate on the same quantized
 (packed) model for 64 new tokens, up to bf16 near-ties (test_engine.assert_agrees says the rule); llama2.c's "Zoo"
-continuation of stories260K token for token through compiled blocks in one CUDA graph (the default step)."""
+continuation of stories260K through compiled blocks in one CUDA graph (the default step), float32 near-ties aside."""
 
 from __future__ import annotations
 
@@ -57,10 +57,17 @@ def test_engine_greedy_equals_transformers_on_the_shared_models(name, fmt, group
     assert_agrees(reference, ids[0], expected[0], single.tokens[0])
 
 
-def test_stories260k_zoo_continuation_through_the_engine_is_llama2c():
+def test_stories260k_zoo_continuation_through_the_engine_agrees_with_transformers():
+    """float32 through compiled blocks in one CUDA graph (the default step) against transformers on the same GPU. At
+    new token 14 llama2.c's top-2 logits differ by 0.0035 of 16.5, so float32 kernels may pick either there; the
+    exact llama2.c continuation is checked on the CPU (test_engine.py)."""
+    from test_engine import F32_TIE
     from test_llama2c import C_GREEDY_ZOO
 
     model, tokenizer = _load("stories260K")
-    out = Engine(model.float(), tokenizer, max_len=256).generate("Zoo", len(C_GREEDY_ZOO) - 4, eos=False)
-    assert out.tokens[0] == C_GREEDY_ZOO[4:]
-    assert "was a little girl named Lily. She loved to play outside in the park." in out.texts[0]
+    model = model.float()
+    prompt = C_GREEDY_ZOO[:4]
+    expected = hf_greedy(model, prompt, len(C_GREEDY_ZOO) - 4)
+    out = Engine(copy.deepcopy(model), tokenizer, max_len=256).generate("Zoo", len(C_GREEDY_ZOO) - 4, eos=False)
+    assert_agrees(model, prompt, expected, out.tokens[0], tie=F32_TIE)
+    assert "was a little girl named Lily." in out.texts[0]
