@@ -10,7 +10,7 @@ def test_quantize_then_eval_the_saved_folder_and_rerun_reads_the_store(tiny_fold
     out = tmp_path / "q"
     main(["quantize", "--model", str(tiny_folder), "--format", "int4", "--group-size", "64", "--out", str(out)])
     assert (out / "quant.json").is_file()
-    args = ["eval", "--model", str(out), "--datasets", str(text_file), "--seq-len", "64", "--out", str(tmp_path / "r")]
+    args = ["eval", "--model", str(out), "--datasets", str(text_file), "--seq-len", "64", "--store", str(tmp_path / "r")]
     main(args)
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     records = list((tmp_path / "r").glob("*.json"))
