@@ -140,7 +140,7 @@ def cmd_eval(args) -> None:
             store.put(config, metrics, args.device)
     for config in todo:
         record = store.get(config)
-        source = "computed" if config in missing else served_from_store(record)
+        source = "computed" if config in missing else served_from_store([record])
         if config not in missing:
             print(f"{config['dataset']}: {source}", file=sys.stderr)
         named = {k: config[k] for k in ("model", "format", "group_size", "method", "task", "dataset")}

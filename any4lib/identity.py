@@ -16,7 +16,7 @@ from .paths import cache_root, load_text, text_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # Files that decide what a model folder computes besides its weights (quant.json: formats and checksums).
-MODEL_CONFIGS = ("quant.json", "config.json", "model.safetensors.index.json")
+MODEL_CONFIGS = ("quant.json", "config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer.model")
 _CACHE_FILE = "file_hashes.json"
 
 

@@ -80,8 +80,9 @@ class ResultStore:
         return [r for r in self.records() if all(r["config"].get(k) == v for k, v in match.items())]
 
 
-def served_from_store(record: dict) -> str:
-    """The line that says a number was read, not computed: "from the results store, <date>, <commit>"."""
-    prov = record.get("provenance", {})
-    commit = (prov.get("git", {}).get("commit") or "unknown commit")[:10]
-    return f"from the results store, {prov.get('date', 'undated')}, {commit}"
+def served_from_store(records: list[dict]) -> str:
+    """The line that says numbers were read, not computed: "from the results store, <date(s)>, <commit(s)>"."""
+    dates = sorted(r.get("provenance", {}).get("date", "undated")[:10] for r in records)
+    commits = sorted({(r.get("provenance", {}).get("git", {}).get("commit") or "unknown")[:7] for r in records})
+    span = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
+    return f"from the results store, {span}, commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}"
