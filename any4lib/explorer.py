@@ -106,8 +106,9 @@ class LutExplorer:
         return fig, errors
 
     def widget(self, layer: str, row: int = 0, group: int = 0, show=None):
-        """A layer dropdown and row / group sliders; choosing a layer resets the sliders' ranges to its shape (and
-        keeps their values inside). `show(name, r, g_index)` draws (default: the figure and its table)."""
+        """A layer dropdown and row / group sliders (the first three children) above the drawing; choosing a layer
+        resets the sliders' ranges to its shape (and keeps their values inside). `show(name, r, g_index)` draws
+        (default: the figure and its table)."""
         import ipywidgets as widgets
 
         rows, groups = self.ranges(layer)
@@ -122,8 +123,7 @@ class LutExplorer:
                 r.max, g.max = rows - 1, groups - 1
 
         name.observe(follow_layer, names="value")
-        output = widgets.interactive_output(show or self._show, {"name": name, "r": r, "g_index": g})
-        return widgets.VBox([widgets.HBox([name, r, g]), output])
+        return widgets.interactive(show or self._show, name=name, r=r, g_index=g)
 
     def _show(self, name: str, r: int, g_index: int) -> None:
         import matplotlib.pyplot as plt

@@ -264,9 +264,12 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.bfloa
 
     from huggingface_hub import try_to_load_from_cache
 
+    from .checks import check_device, check_dtype
     from .hub import hub_unreachable_error, network_available
     from .paths import data_root
 
+    check_device(device)
+    check_dtype(dtype)
     source = resolve_model(name_or_path)
     if isinstance(source, Path):
         checkpoints = [source] if source.is_file() else sorted(source.glob("*.bin"))

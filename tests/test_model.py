@@ -176,3 +176,12 @@ def test_offline_hub_lookup_fails_at_once_with_a_clear_message(monkeypatch):
         load_model("meta-llama/Llama-3.2-1Bx")
     assert time.perf_counter() - start < 5 and len(attempts) == 1  # one probe, no retries
     hub._reachable.cache_clear()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(device="tpu"), "not a device name; use 'cpu', 'cuda' or 'cuda:N'"),
+    (dict(dtype=torch.int8), "not a compute dtype; use one of bf16, fp16, fp32"),
+])
+def test_load_model_checks_device_and_dtype_first(tiny_folder, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        load_model(tiny_folder, **kwargs)
