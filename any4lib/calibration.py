@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import paths
-from .evaluate import computing_in
+from .evaluate import computing_in, resolve_seq_len
 
 STATISTICS = ("abs_mean", "mean_abs")
 MODES = ("offline", "online")
@@ -212,8 +212,7 @@ def calibrate(
     """
     if mode not in MODES:
         raise ValueError(f"unknown calibration mode {mode!r}; choose one of {MODES}")
-    if seq_len is None:
-        seq_len = min(2048, getattr(model.config, "max_position_embeddings", 2048))
+    seq_len = resolve_seq_len(model, seq_len)
     inputs, source = calibration_inputs(tokenizer, dataset, prompt, n_samples, seq_len, seed)
     was_training = model.training
     model.eval()
