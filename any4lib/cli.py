@@ -19,16 +19,13 @@ from .checks import DTYPES, check_device
 
 
 def group_size_arg(text: str) -> int | None:
-    """An int, or "row" / "none" for one group per output row."""
+    """An int >= 2, or "row" / "none" for one group per output row."""
     if text.lower() in ("row", "none", "-1"):
         return None
     try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < 2:
-        raise argparse.ArgumentTypeError(f"group size must be an integer >= 2 or 'row', got {text!r}")
-    return value
+        return count_arg(2)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"group size must be an integer >= 2 or 'row', got {text!r}") from None
 
 
 def csv_arg(text: str) -> list[str]:
