@@ -43,6 +43,9 @@ figures/%.png: notebooks/%.ipynb $(LIBRARY)
 		$(NOTEBOOK_PARAMS) --log-level WARNING --no-progress-bar
 	@test -s $@ || { echo "$< ran but did not write $@" >&2; exit 1; }
 
+# Notebook 06's sliders need a live frontend; under papermill the explorer draws its figure once.
+figures/06_lut_explorer.png: NOTEBOOK_PARAMS += -p interactive False
+
 # Notebook 05 plots what the GPU benchmarks wrote: a new CSV there redraws it.
 figures/05_kernel_speedups.png: $(wildcard results/kernels/*.csv results/e2e/*.csv)
 

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import paths
+from .evaluate import computing_in, resolve_seq_len
 
 STATISTICS = ("abs_mean", "mean_abs")
 MODES = ("offline", "online")
@@ -205,6 +206,7 @@ def calibrate(
 
     dataset: None for the default calibration prompt (or `prompt`), else a text set name or a text file, from
     which `n_samples` random windows of `seq_len` tokens are drawn (default: the model's context, at most 2048).
+    The forward passes compute in float32 on CPU whatever the model's stored dtype.
     mode: "offline" measures every layer on the unquantized model; "online" also keeps the windows so that
     quantize_model re-measures each layer after quantizing the layers before it.
     MoE experts stored as 3-D parameters are first split into one linear layer per expert (in place, the same
@@ -215,12 +217,12 @@ def calibrate(
     from .moe import unstack_experts
 
     unstack_experts(model)
-    if seq_len is None:
-        seq_len = min(2048, getattr(model.config, "max_position_embeddings", 2048))
+    seq_len = resolve_seq_len(model, seq_len)
     inputs, source = calibration_inputs(tokenizer, dataset, prompt, n_samples, seq_len, seed)
     was_training = model.training
     model.eval()
-    stats = record_inputs(model, inputs, ActivationStats(source=source, mode=mode), layers, progress=progress)
+    with computing_in(model, None):  # float32 on CPU, as evaluation
+        stats = record_inputs(model, inputs, ActivationStats(source=source, mode=mode), layers, progress=progress)
     model.train(was_training)
     if mode == "online":
         stats.inputs = inputs

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from pathlib import Path
 
@@ -17,9 +18,10 @@ import torch
 from .calibration import ActivationStats, calibrate
 from .evaluate import evaluate_perplexity, max_positions
 from .formats import get_format
+from .identity import model_identity, text_identity
 from .model import bits_per_weight, load_model, quantize_model
 from .nn import use_kernels
-from .results import ResultStore
+from .results import ResultStore, served_from_store
 from .standins import standin_label
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -103,13 +105,14 @@ def calibration_stats(net, tokenizer, calibration: str) -> ActivationStats | Non
     return calibrate(net, tokenizer, dataset, n_samples=int(n), seq_len=seq_len, mode=mode, progress=False)
 
 
-def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, device, dtype, kernels, seed) -> dict:
+def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, device, dtype, kernels, seed,
+            identity) -> dict:
     if fmt == UNQUANTIZED:
         group_size, calibration = None, "none"
     config = {
         "task": "perplexity", "model": model, "format": fmt, "group_size": group_size, "calibration": calibration,
         "dataset": dataset, "seq_len": seq_len, "max_tokens": max_tokens, "device": torch.device(device).type,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."), "identity": identity,
     }
     # Keys only where they are not the default, so earlier records keep the keys they were stored under.
     label = standin_label(model)
@@ -136,6 +139,7 @@ def accuracy_records(
     progress: bool = True,
     kernels: bool = False,
     seeds: tuple[int, ...] | list[int] = (0,),
+    recompute: bool = False,
 ):
     """One row per (format, group_size, calibration, dataset): ppl, bits_per_weight, seconds (of that evaluation).
 
@@ -147,12 +151,15 @@ def accuracy_records(
     kernels: run the quantized layers through the tinygemm kernels (CUDA), feeding each window KERNEL_CHUNK
     tokens at a time; otherwise they multiply by the dequantized weight (fake-quant). seeds: k-means seeds of the
     learned formats (one row per seed; other formats run once).
-    Computes what the store lacks, reads the rest.
+    Computes what the store lacks (everything with recompute=True), reads the rest, and says in one line how many
+    rows came from the store. Records are keyed by the content of the model and of each text (any4lib.identity).
     """
     from tqdm.auto import tqdm
 
     dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
     store = ResultStore(store if Path(store).is_absolute() else REPO_ROOT / store)
+    model_id = model_identity(model)
+    identities = {d: {"model": model_id, "data": text_identity(d)} for d in datasets}
     calibrations = [calibration] if isinstance(calibration, str) else list(calibration)
     base = tokenizer = None
     runs = [
@@ -160,16 +167,16 @@ def accuracy_records(
         for f in formats for g in group_sizes for c in calibrations
         for seed in (seeds if f != UNQUANTIZED and get_format(f).learned else [0])
     ]
-    rows, stats_cache = [], {}
+    rows, served, stats_cache = [], [], {}
     for fmt, group_size, calib, seed in tqdm(runs, desc="accuracy", disable=not progress):
         if base is None:
             base, tokenizer = _load(model, dtype, device)
             seq_len = seq_len or DEFAULT_SEQ_LEN.get(model) or min(2048, max_positions(base) or 2048)
         configs = {
-            d: _config(model, fmt, group_size, calib, d, seq_len, max_tokens, device, dtype, kernels, seed)
+            d: _config(model, fmt, group_size, calib, d, seq_len, max_tokens, device, dtype, kernels, seed, identities[d])
             for d in datasets
         }
-        missing = [d for d, c in configs.items() if not store.has(c)]
+        missing = [d for d, c in configs.items() if recompute or not store.has(c)]
         if missing:
             net, quantize_seconds = base, 0.0
             if fmt != UNQUANTIZED:
@@ -183,7 +190,9 @@ def accuracy_records(
             chunking = {"batch_size": 1, "chunk": KERNEL_CHUNK} if kernels else {}
             for dataset in missing:
                 start = time.perf_counter()
-                result = evaluate_perplexity(net, tokenizer, dataset, seq_len, max_tokens, progress=progress, **chunking)
+                result = evaluate_perplexity(
+                    net, tokenizer, dataset, seq_len, max_tokens, progress=progress, dtype=dtype, **chunking
+                )
                 metrics = {
                     "ppl": result.ppl, "nll": result.nll, "tokens": result.tokens, "windows": result.windows,
                     "bits_per_weight": bits_per_weight(net), "seconds": time.perf_counter() - start,
@@ -193,7 +202,12 @@ def accuracy_records(
         for dataset, config in configs.items():
             record = store.get(config)
             rows.append(_row(record))
+            if dataset not in missing:
+                served.append(record)
+    if served:
+        print(f"{len(served)} of {len(rows)} rows {served_from_store(served)}", file=sys.stderr)
     return _frame(rows)
+
 
 
 def _row(record: dict) -> dict:

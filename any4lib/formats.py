@@ -72,11 +72,27 @@ def _finish(groups, fmt, codes, lut, scale, zero=None, tensor_scale=1.0, group_s
 
 
 def _nearest_code(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Code (position in `lut`, [R or 1, L]) of the nearest entry for each element of x [R, M]; ties go up."""
+    """Code (position in `lut`, [R or 1, L]) of the nearest entry for each element of x [R, M]; a tie goes to the
+    even code, which for a minifloat grid indexed by bit pattern is IEEE round-half-to-even. A sign-magnitude grid
+    (minifloat: the upper half the negated lower half) is rounded as hardware does: the magnitude on the positive
+    half, then the sign bit, so -w always gets the code of w with its sign flipped (and -0.0 the code of -0)."""
     lut = lut.to(x.device)
+    half = lut.shape[1] // 2
+    if lut.shape[0] == 1 and torch.equal(lut[0, half:], -lut[0, :half]) and bool((lut[0, :half].diff() > 0).all()):
+        magnitude = _nearest_even(x.abs(), lut[:, :half], torch.arange(half, device=x.device)[None])
+        return magnitude | (torch.signbit(x).to(magnitude.dtype) * half)
     order = torch.argsort(lut, dim=1, stable=True)
-    ranks = assign_nearest(x, torch.gather(lut, 1, order))
-    return torch.gather(order.expand(x.shape[0], -1), 1, ranks)
+    return _nearest_even(x, torch.gather(lut, 1, order), order)
+
+
+def _nearest_even(x: torch.Tensor, levels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """codes[nearest of ascending `levels`] for each element of x; on an exact midpoint, the even code."""
+    mids = ((levels[:, 1:] + levels[:, :-1]) / 2).expand(x.shape[0], -1).contiguous()
+    x = x.contiguous()
+    codes = codes.expand(x.shape[0], -1)
+    up = torch.gather(codes, 1, torch.searchsorted(mids, x, right=True))
+    down = torch.gather(codes, 1, torch.searchsorted(mids, x, right=False))
+    return torch.where(up % 2 == 0, up, down)
 
 
 def _safe_divide(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -162,25 +178,51 @@ def _grid_quantizer(grid: torch.Tensor) -> Quantizer:
 # ---- block formats ----------------------------------------------------------------------------------------------
 
 
-def _quantize_mxfp4(groups, fmt):
-    """OCP MX: shared scale 2^(floor(log2(amax)) - emax_elem), elements rounded to E2M1 with saturation."""
-    n, g_count, g = groups.shape
-    amax = groups.abs().amax(-1, keepdim=True)
-    exponent = torch.floor(torch.log2(amax.clamp_min(torch.finfo(torch.float32).tiny))) - grids.E2M1_EMAX
-    exponent = exponent.clamp(-grids.E8M0_BIAS, grids.E8M0_BIAS)
-    scale = torch.exp2(exponent)
-    x = (groups / scale).reshape(n, -1)
-    return _finish(groups, fmt, _nearest_code(x, grids.E2M1[None]), grids.E2M1[None], scale)
+def _float32_exponent(x: torch.Tensor) -> torch.Tensor:
+    """floor(log2(x)) of positive float32 x, read from its exponent bits (exact; -127 for zero and subnormals)."""
+    return ((x.float().view(torch.int32) >> 23) & 0xFF) - 127
+
+
+def _mxfp4_exponent(amax: torch.Tensor, rule: str) -> torch.Tensor:
+    """The shared E8M0 exponent of each block. "floor" (OCP MX): floor(log2 amax) - 2, the largest power of two
+    not above amax over E2M1's largest power of two, so elements can exceed 6 and saturate. "rceil" (NVIDIA's
+    cuBLAS rule): ceil(log2(amax / 6)), the smallest scale that maps amax within 6 (no saturation)."""
+    if rule == "floor":
+        exponent = _float32_exponent(amax) - grids.E2M1_EMAX
+    else:
+        descale = amax / grids.E2M1.max()
+        mantissa, exponent = torch.frexp(descale)  # descale = mantissa * 2^exponent, mantissa in [0.5, 1)
+        exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)  # exact powers of two need no rounding up
+    return exponent.clamp(-grids.E8M0_BIAS, grids.E8M0_BIAS)
+
+
+def _mxfp4_quantizer(rule: str) -> Quantizer:
+    def quantize(groups, fmt):
+        """OCP MX: blocks of 32 elements share a power-of-two scale; elements round half to even onto E2M1 and
+        saturate at +-6 (the rule of torchao's to_mx)."""
+        n, g_count, g = groups.shape
+        scale = torch.exp2(_mxfp4_exponent(groups.abs().amax(-1, keepdim=True), rule).float())
+        divisor = scale.clamp_min(torch.finfo(torch.float32).tiny)  # an all-zero block: 2^-127 stored, codes 0
+        x = (groups / divisor).reshape(n, -1)
+        return _finish(groups, fmt, _nearest_code(x, grids.E2M1[None]), grids.E2M1[None], scale)
+
+    return quantize
 
 
 def _quantize_nvfp4(groups, fmt):
-    """NVFP4: fp32 tensor scale amax / (6 * 448), FP8-E4M3 block scale per 16, E2M1 elements."""
+    """NVFP4: fp32 tensor scale s = amax / (6 * 448); per block of 16 an FP8-E4M3 scale (amax_block / 6) / s,
+    at least E4M3's smallest normal; elements x * ((1 / s) / block) round half to even onto E2M1 (torchao's
+    arithmetic, operation for operation, so the codes agree bit for bit)."""
     n, g_count, g = groups.shape
-    amax = groups.abs().amax()
-    tensor_scale = (amax / (6.0 * grids.FP8_E4M3_MAX)).item() or 1.0
-    block = grids.round_to_fp8_e4m3(groups.abs().amax(-1, keepdim=True) / (6.0 * tensor_scale))
-    x = _safe_divide(groups, block * tensor_scale).reshape(n, -1)
-    return _finish(groups, fmt, _nearest_code(x, grids.E2M1[None]), grids.E2M1[None], block, tensor_scale=tensor_scale)
+    e2m1_max = grids.E2M1.max()
+    tensor_scale = groups.abs().amax() / (grids.FP8_E4M3_MAX * e2m1_max)
+    if tensor_scale == 0:  # an all-zero weight: any scale dequantizes it to zero
+        tensor_scale = torch.ones_like(tensor_scale)
+    block = (groups.abs().amax(-1, keepdim=True) / e2m1_max) / tensor_scale
+    block = grids.round_to_fp8_e4m3(block.clamp_min(torch.finfo(torch.float8_e4m3fn).tiny))
+    x = (groups * ((1.0 / tensor_scale) / block)).reshape(n, -1)
+    codes = _nearest_code(x, grids.E2M1[None])
+    return _finish(groups, fmt, codes, grids.E2M1[None], block, tensor_scale=tensor_scale.item())
 
 
 # ---- the registry -----------------------------------------------------------------------------------------------
@@ -235,16 +277,23 @@ for _name, _e, _m in (("fp6_e3m2", 3, 2), ("fp6_e2m3", 2, 3), ("fp5_e2m2", 2, 2)
     ))
 
 register(Format(
-    "mxfp4", 4, _quantize_mxfp4,
+    "mxfp4", 4, _mxfp4_quantizer("floor"),
     "MX-FP4 (OCP Microscaling v1.0): blocks of 32 E2M1 elements sharing an E8M0 scale 2^(floor(log2 amax) - 2); "
-    "elements round to nearest E2M1 and saturate at +-6.",
+    "elements round half to even onto E2M1 and saturate at +-6.",
+    fixed_group_size=32,
+    scale_bits=8,
+))
+register(Format(
+    "mxfp4_rceil", 4, _mxfp4_quantizer("rceil"),
+    "MX-FP4 with NVIDIA's RCEIL scale rule: E8M0 scale 2^ceil(log2(amax / 6)), so no element saturates; "
+    "elements round half to even onto E2M1.",
     fixed_group_size=32,
     scale_bits=8,
 ))
 register(Format(
     "nvfp4", 4, _quantize_nvfp4,
-    "NVFP4: blocks of 16 E2M1 elements with an FP8-E4M3 block scale amax_block / (6 * s), under one fp32 tensor "
-    "scale s = amax / (6 * 448).",
+    "NVFP4: blocks of 16 E2M1 elements with an FP8-E4M3 block scale (amax_block / 6) / s (at least 2^-6), under "
+    "one fp32 tensor scale s = amax / (6 * 448); elements round half to even.",
     fixed_group_size=16,
     scale_bits=8,
     tensor_scale_bits=32,

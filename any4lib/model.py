@@ -2,7 +2,8 @@
 
 A saved model is a folder: `model.safetensors` (every tensor, QuantLinear codes and tables included; codes of at
 most 4 bits two to a byte), `quant.json` (format, bits, group size and shape of each quantized layer) and the Hugging
-Face `config.json`. Version 1 folders (one code per byte) still load.
+Face `config.json`. quant.json also records the SHA-256 of each weight file, which load_quantized verifies. Version 1
+folders (one code per byte) still load.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .calibration import ActivationStats, record_inputs
 from .formats import get_format
+from .identity import file_sha256
 from .moe import ROUTER_PATTERNS, expert_sample_weight, unstack_experts
 from .nn import QuantLinear
 from .qtensor import QuantizedTensor
@@ -162,9 +164,12 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) ->
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     layers = {name: _layer_spec(m) for name, m in quantized_layers(model).items()}
-    (path / QUANT_CONFIG).write_text(json.dumps({"version": 3, "layers": layers}, indent=2) + "\n")
     model.config.save_pretrained(path)
     save_file(_unshared_state(model), os.fspath(path / WEIGHTS), metadata={"format": "pt"})
+    # Written last: a folder whose quant.json exists holds complete weights, and the checksums say which.
+    checksums = {WEIGHTS: file_sha256(path / WEIGHTS, cache=False)}
+    quant = {"version": 3, "layers": layers, "sha256": checksums}
+    (path / QUANT_CONFIG).write_text(json.dumps(quant, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
@@ -190,18 +195,48 @@ def _packed_layer(name: str, spec: dict, tensors: dict) -> QuantLinear:
     return QuantLinear.from_packed(packed, tensors.get(f"{name}.bias"))
 
 
-def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """A model saved by save_quantized, rebuilt from its config and codes (nothing is re-quantized)."""
+def verify_checksums(path: str | os.PathLike, quant: dict) -> None:
+    """Raise ValueError when a weight file's SHA-256 differs from the one quant.json records."""
+    for name, expected in quant.get("sha256", {}).items():
+        actual = file_sha256(Path(path) / name, cache=False)
+        if actual != expected:
+            raise ValueError(
+                f"{Path(path) / name} is damaged or was changed after saving: its SHA-256 is {actual[:16]}..., "
+                f"{QUANT_CONFIG} records {expected[:16]}...; quantize and save the model again "
+                "(or load with verify=False / --no-verify to skip this check)"
+            )
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Raise ValueError naming the floating tensors (weights, scales, tables) that hold NaN or Inf."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(
+            f"{source}: {len(bad)} tensor(s) hold NaN/Inf values, e.g. {', '.join(bad[:3])}; the checkpoint is "
+            "damaged and would give meaningless outputs"
+        )
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
+    """A model saved by save_quantized, rebuilt from its config and codes (nothing is re-quantized).
+
+    verify: check each weight file against the SHA-256 quant.json records (False skips the hashing, for speed).
+    Every floating tensor loaded (scales, tables, dense weights) is checked finite either way.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     for needed in (QUANT_CONFIG, WEIGHTS, "config.json"):
         if not (path / needed).is_file():
             raise FileNotFoundError(f"{path} is not a quantized model folder: {needed} is missing (see save_quantized)")
-    layers = json.loads((path / QUANT_CONFIG).read_text())["layers"]
+    quant = json.loads((path / QUANT_CONFIG).read_text())
+    if verify:
+        verify_checksums(path, quant)
+    layers = quant["layers"]
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
     tensors = load_file(os.fspath(path / WEIGHTS))
+    check_finite(tensors, path / WEIGHTS)
     unstack_experts(model)  # quantize_model split 3-D experts into per-expert layers before quantizing them
     for name, spec in layers.items():
         if spec.get("form") == "packed":
@@ -249,8 +284,14 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.bfloa
     data_root()/models ("ref-en-16m", "stories260K"). Raises FileNotFoundError naming what was tried."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from huggingface_hub import try_to_load_from_cache
+
+    from .checks import check_device, check_dtype
+    from .hub import hub_unreachable_error, network_available
     from .paths import data_root
 
+    check_device(device)
+    check_dtype(dtype)
     source = resolve_model(name_or_path)
     if isinstance(source, Path):
         checkpoints = [source] if source.is_file() else sorted(source.glob("*.bin"))
@@ -261,12 +302,19 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.bfloa
             return model.to(device).eval(), tokenizer
         if not (source / "config.json").is_file():
             raise FileNotFoundError(f"{source} holds neither a config.json (Hugging Face) nor a llama2.c *.bin")
+    # Without network a hub id is looked up once, in the local hub cache, instead of retried for a minute.
+    offline = isinstance(source, str) and not network_available()
+    if offline and not isinstance(try_to_load_from_cache(source, "config.json"), str):
+        raise hub_unreachable_error(str(name_or_path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
     except OSError as err:
+        if offline:
+            raise hub_unreachable_error(str(name_or_path)) from err
         raise FileNotFoundError(
             f"cannot load model {str(name_or_path)!r}: not a local path, not under {data_root() / 'models'}, "
             f"and the hub failed ({err})"
         ) from err
+    check_finite(dict(model.named_parameters()), name_or_path)
     return model.to(device).eval(), tokenizer

@@ -86,42 +86,57 @@ def use_style() -> None:
     })
 
 
+# No dates or software versions in the files: rerunning a notebook rewrites the same bytes.
+_STABLE_METADATA = {
+    "png": {"Software": None},
+    "pdf": {"Creator": None, "Producer": None, "CreationDate": None, "ModDate": None},
+}
+
+
 def savefig(fig, name: str, out_dir: str | os.PathLike) -> list[Path]:
-    """Write `fig` as <out_dir>/<name>.png and .pdf; returns both paths."""
+    """Write `fig` as <out_dir>/<name>.png and .pdf, byte-stable (no timestamps); returns both paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.{ext}" for ext in ("png", "pdf")]
     for path in paths:
-        fig.savefig(path)
+        fig.savefig(path, metadata=_STABLE_METADATA[path.suffix[1:]])
     return paths
 
 
-def _cell(value, floatfmt: str) -> str:
+def _text(value, floatfmt: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, float):
         return format(value, floatfmt)
-    return str(value).replace("|", "\\|")
+    return str(value)
+
+
+def _as_text(df, floatfmt: str):
+    """Every cell (the named index included) as the text both table files show: floats rounded here, once."""
+    import pandas as pd
+
+    if any(name is not None for name in df.index.names):
+        df = df.reset_index()
+    return pd.DataFrame([[_text(v, floatfmt) for v in row] for row in df.itertuples(index=False)],
+                        columns=[str(c) for c in df.columns])
 
 
 def markdown_table(df, floatfmt: str = ".4g") -> str:
     """A GitHub-flavoured Markdown table of a DataFrame (its index included when it is named)."""
-    if any(name is not None for name in df.index.names):
-        df = df.reset_index()
-    header = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_cell(v, floatfmt) for v in row) + " |")
+    text = _as_text(df, floatfmt)
+    lines = ["| " + " | ".join(text.columns) + " |", "|" + "---|" * len(text.columns)]
+    for row in text.itertuples(index=False):
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_table(df, name: str, out_dir: str | os.PathLike, floatfmt: str = ".4g") -> list[Path]:
-    """Write `df` as <out_dir>/<name>.csv and .md; returns both paths."""
+    """Write `df` as <out_dir>/<name>.csv and .md, both with the floats rounded once by `floatfmt` (so a rerun
+    whose numbers differ beyond the shown digits rewrites the same bytes); returns both paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv, md = out / f"{name}.csv", out / f"{name}.md"
-    named_index = any(n is not None for n in df.index.names)
-    df.to_csv(csv, index=named_index)
+    _as_text(df, floatfmt).to_csv(csv, index=False)
     md.write_text(markdown_table(df, floatfmt))
     return [csv, md]
 

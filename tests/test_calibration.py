@@ -80,8 +80,9 @@ def test_errors_say_what_was_wrong(tiny, tmp_path):
         calibrate(model, tokenizer, layers=["nope"], progress=False)
     with pytest.raises(FileNotFoundError, match="no calibration statistics file"):
         ActivationStats.load(tmp_path / "missing.safetensors")
+    (tmp_path / "short.txt").write_text("a short text")
     with pytest.raises(ValueError, match="too few"):
-        calibrate(model, tokenizer, __file__, n_samples=1, seq_len=10**6, progress=False)
+        calibrate(model, tokenizer, tmp_path / "short.txt", n_samples=1, seq_len=64, progress=False)
     with pytest.raises(ValueError, match="online calibration needs"):
         quantize_model(model, "any4", calibration=ActivationStats(mode="online"), progress=False)
 
@@ -99,3 +100,12 @@ def test_public_names_are_not_shadowed_by_submodules():
             importlib.import_module(f"any4lib.{info.name}")
     for name in any4lib.__all__:
         assert not isinstance(getattr(any4lib, name), types.ModuleType), f"any4lib.{name} is a module"
+
+
+@pytest.mark.parametrize("seq_len", [1, 257])
+def test_calibration_window_is_checked_against_the_model(tiny, text_file, seq_len):
+    from any4lib.calibration import calibrate
+
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match=r"seq_len must be an integer >= 2 and <= 256"):
+        calibrate(model, tokenizer, text_file, n_samples=2, seq_len=seq_len, progress=False)

@@ -31,7 +31,7 @@ def test_chunked_windows_through_the_cache_match_whole_windows(tiny, text_file, 
     chunked = evaluate_perplexity(model, tokenizer, text_file, seq_len=64, batch_size=2, progress=False, chunk=chunk)
     assert chunked.tokens == whole.tokens
     assert chunked.ppl == pytest.approx(whole.ppl, rel=1e-5)
-    with pytest.raises(ValueError, match="chunk must be a positive"):
+    with pytest.raises(ValueError, match=r"chunk must be an integer >= 1 \(or None: whole windows\); got 0"):
         evaluate_perplexity(model, tokenizer, text_file, seq_len=64, chunk=0)
 
 
@@ -41,10 +41,10 @@ def test_uniform_prediction_gives_vocabulary_size(tiny, text_file):
     assert perplexity(model, tokenizer, text_file, seq_len=32, progress=False) == pytest.approx(258, rel=1e-5)
 
 
-def test_windows_are_capped_at_model_positions_and_max_tokens(tiny, text_file):
+def test_default_window_is_the_model_positions_and_max_tokens_caps_the_text(tiny, text_file):
     model, tokenizer = tiny
-    result = evaluate_perplexity(model, tokenizer, text_file, seq_len=2048, progress=False)
-    assert result.seq_len == 256  # the tiny model's max_position_embeddings
+    result = evaluate_perplexity(model, tokenizer, text_file, progress=False)
+    assert result.seq_len == 256  # min(2048, the tiny model's max_position_embeddings)
     assert token_windows(tokenizer, text_file, 100, max_tokens=350).shape == (3, 100)
     with pytest.raises(ValueError, match="fewer than one window"):
         token_windows(tokenizer, text_file, 100, max_tokens=50)
@@ -145,3 +145,42 @@ def test_hub_reachable_asks_the_endpoint(monkeypatch):
         assert not paths.hub_reachable(timeout=1)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE")
     assert not paths.hub_reachable(timeout=1)  # the port is closed now
+
+
+@pytest.mark.parametrize("seq_len", [0, -5, 1, 257, 2048, 64.0, True])
+def test_bad_seq_len_is_an_error_giving_the_valid_range(tiny, text_file, seq_len):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match=r"seq_len must be an integer >= 2 and <= 256 .*got"):
+        evaluate_perplexity(model, tokenizer, text_file, seq_len=seq_len, progress=False)
+
+
+@pytest.mark.parametrize("name, value", [("batch_size", 0), ("max_tokens", -1)])
+def test_bad_batch_and_max_tokens_are_errors(tiny, text_file, name, value):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match=f"{name} must be an integer >="):
+        evaluate_perplexity(model, tokenizer, text_file, seq_len=64, progress=False, **{name: value})
+
+
+def test_a_nan_in_the_model_is_an_error_not_a_perplexity(tiny, text_file):
+    model, tokenizer = tiny
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[3] = float("nan")
+    with pytest.raises(ValueError, match="mean loss is nan"):
+        perplexity(model, tokenizer, text_file, seq_len=64, progress=False)
+
+
+def test_cpu_evaluation_computes_in_float32_and_leaves_the_released_weights(tiny, text_file):
+    model, tokenizer = tiny
+    reference = perplexity(model, tokenizer, text_file, seq_len=64, progress=False)
+    model.to(torch.bfloat16)
+    released = {name: p.detach().clone() for name, p in model.named_parameters()}
+    seen = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].dtype))
+    upcast = perplexity(model, tokenizer, text_file, seq_len=64, progress=False)
+    assert set(seen) == {torch.float32}
+    assert all(torch.equal(p, released[name]) and p.dtype == torch.bfloat16 for name, p in model.named_parameters())
+    # bf16-rounded weights computed in float32: close to the float32 model's value
+    assert upcast == pytest.approx(reference, rel=2e-2)
+    seen.clear()
+    perplexity(model, tokenizer, text_file, seq_len=64, progress=False, dtype=torch.bfloat16)
+    assert set(seen) == {torch.bfloat16}

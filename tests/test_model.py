@@ -131,3 +131,84 @@ def test_load_errors_name_the_path(tmp_path, tiny_folder):
         load_model(tmp_path)
     model, tokenizer = load_model(tiny_folder, dtype=torch.float32)
     assert model.config.hidden_size == 128 and tokenizer.decode(tokenizer("a b").input_ids) == "a b"
+
+
+def _rewrite(folder, change):
+    """Apply `change` to the saved tensors and write the file back (its checksum in quant.json no longer fits)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_a_damaged_checkpoint_fails_its_checksum(tiny, tmp_path):
+    model, _ = tiny
+    quantize_model(model, "int4", 64, progress=False)
+    folder = save_quantized(model, tmp_path / "q")
+    quant = json.loads((folder / "quant.json").read_text())
+    assert set(quant["sha256"]) == {"model.safetensors"} and len(quant["sha256"]["model.safetensors"]) == 64
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-100:-90] = bytes(10)  # overwrite a few bytes of the last tensor, sizes unchanged
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged or was changed after saving.*verify=False"):
+        load_quantized(folder)
+    load_quantized(folder, verify=False)  # the opt-out skips the hash (the values are finite, so it loads)
+
+
+def test_a_nan_scale_in_a_checkpoint_is_refused_at_load(tiny, tmp_path):
+    model, _ = tiny
+    quantize_model(model, "int4", 64, progress=False)
+    folder = save_quantized(model, tmp_path / "q")
+    layer = next(iter(json.loads((folder / "quant.json").read_text())["layers"]))
+
+    def nan_in_a_floating_tensor_of_the_layer(tensors):
+        name = next(k for k, t in tensors.items() if k.startswith(layer + ".") and t.is_floating_point() and t.dim())
+        tensors[name].view(-1)[0] = float("nan")
+
+    _rewrite(folder, nan_in_a_floating_tensor_of_the_layer)
+    with pytest.raises(ValueError, match="hold NaN/Inf values"):
+        load_quantized(folder, verify=False)
+
+
+def test_dense_weights_are_checked_finite_at_load(tiny, tmp_path):
+    model, tokenizer = tiny
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        load_model(tmp_path / "m", dtype=torch.float32)
+
+
+def test_offline_hub_lookup_fails_at_once_with_a_clear_message(monkeypatch):
+    import socket
+    import time
+
+    from any4lib import hub
+
+    attempts = []
+
+    def no_network(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # nothing cached
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    hub._reachable.cache_clear()
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"'meta-llama/Llama-3.2-1Bx' is not a local path.*cannot be reached"):
+        load_model("meta-llama/Llama-3.2-1Bx")
+    assert time.perf_counter() - start < 5 and len(attempts) == 1  # one probe, no retries
+    hub._reachable.cache_clear()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(device="tpu"), "not a device name; use 'cpu', 'cuda' or 'cuda:N'"),
+    (dict(dtype=torch.int8), "not a compute dtype; use one of bf16, fp16, fp32"),
+])
+def test_load_model_checks_device_and_dtype_first(tiny_folder, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        load_model(tiny_folder, **kwargs)

@@ -34,10 +34,28 @@ def test_write_table_round_trips_and_renders_markdown(tmp_path):
 
     table = pd.DataFrame({"ppl": [65.24, float("nan")], "note": ["a|b", "c"]}, index=pd.Index(["bf16", "any4"], name="format"))
     csv, md = viz.write_table(table, "t", tmp_path, floatfmt=".1f")
-    assert pd.read_csv(csv, index_col="format").equals(table)
+    assert pd.read_csv(csv, index_col="format").equals(table.assign(ppl=[65.2, float("nan")]))  # rounded once
     assert md.read_text().splitlines() == [
         "| format | ppl | note |", "|---|---|---|", "| bf16 | 65.2 | a\\|b |", "| any4 |  | c |",
     ]
+
+
+def test_figures_carry_no_timestamp(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import time
+
+    import matplotlib.pyplot as plt
+
+    from any4lib import viz
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3])
+    first = [p.read_bytes() for p in viz.savefig(fig, "f", tmp_path)]
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 86400 * 400)  # a year later
+    assert [p.read_bytes() for p in viz.savefig(fig, "f", tmp_path)] == first
+    assert b"CreationDate" not in first[1]
+    plt.close(fig)
 
 
 def test_compared_formats_have_distinct_colours():
@@ -81,6 +99,30 @@ def _fake_benchmark_csvs(folder: Path) -> None:
     )
 
 
+def _execute(papermill, name: str, out: Path, parameters: dict) -> None:
+    declared = papermill.inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb"))
+    papermill.execute_notebook(
+        str(NOTEBOOKS / f"{name}.ipynb"), str(out / f"{name}.out.ipynb"),
+        parameters={k: v for k, v in parameters.items() if k in declared},
+        cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False,
+    )
+
+
+@pytest.mark.slow
+def test_rerunning_a_notebook_rewrites_the_same_bytes(tmp_path, monkeypatch):
+    """The cheapest notebook that writes figures and tables, twice: every file it writes is byte-identical."""
+    papermill = pytest.importorskip("papermill")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    parameters = {"profile": "smoke", "figures_dir": str(tmp_path / "figures"), "tables_dir": str(tmp_path / "tables"),
+                  "interactive": False}
+    snapshots = []
+    for _ in range(2):
+        _execute(papermill, "06_lut_explorer", tmp_path, parameters)
+        files = sorted(p for folder in ("figures", "tables") for p in (tmp_path / folder).iterdir())
+        snapshots.append({p.name: p.read_bytes() for p in files})
+    assert len(snapshots[0]) == 4 and snapshots[1] == snapshots[0]
+
+
 RUNS = [(name, None) for name in sorted(EXPECTED)] + [("05_kernel_speedups", "with benchmark CSVs")]
 
 
@@ -102,12 +144,7 @@ def test_notebook_runs_under_smoke_profile(name, variant, tmp_path, monkeypatch)
         "profile": "smoke", "figures_dir": str(tmp_path / "figures"), "tables_dir": str(tmp_path / "tables"),
         "store": str(tmp_path / "store"), "results_dir": str(results), "interactive": False,
     }
-    declared = papermill.inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb"))
-    papermill.execute_notebook(
-        str(NOTEBOOKS / f"{name}.ipynb"), str(tmp_path / f"{name}.out.ipynb"),
-        parameters={k: v for k, v in wanted.items() if k in declared},
-        cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False,
-    )
+    _execute(papermill, name, tmp_path, wanted)
     figures, tables = EXPECTED[name]
     written = [tmp_path / "figures" / f"{f}.{ext}" for f in figures for ext in ("png", "pdf")]
     written += [tmp_path / "tables" / f"{t}.{ext}" for t in tables for ext in ("csv", "md")]

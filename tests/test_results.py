@@ -40,6 +40,23 @@ def test_a_record_that_cannot_be_written_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_metrics_are_refused_and_records_are_strict_json(tmp_path, bad):
+    store = ResultStore(tmp_path)
+    with pytest.raises(ValueError, match="refusing to store non-finite metrics"):
+        store.put({"x": 1}, {"ppl": bad})
+    assert list(tmp_path.iterdir()) == []
+    store.put({"x": 1}, {"ppl": 2.5})
+    json.loads(store.path({"x": 1}).read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+
+
+def test_recompute_replaces_the_stored_record(tmp_path):
+    store, values = ResultStore(tmp_path), iter([1.0, 2.0])
+    store.get_or_compute({"x": 1}, lambda: {"ppl": next(values)})
+    assert store.get_or_compute({"x": 1}, lambda: {"ppl": next(values)}, recompute=True)["metrics"]["ppl"] == 2.0
+    assert store.get({"x": 1})["metrics"]["ppl"] == 2.0
+
+
 def test_accuracy_records_rerun_computes_nothing(tmp_path, data_root, monkeypatch):
     kwargs = dict(formats=["bf16", "int4"], datasets=["heldout"], seq_len=64, store=tmp_path, progress=False)
     first = experiments.accuracy_records("tiny", **kwargs)
@@ -60,6 +77,22 @@ def test_accuracy_records_rerun_computes_nothing(tmp_path, data_root, monkeypatc
     with pytest.raises(ValueError, match="several records per cell"):
         experiments.pivot(pd.concat([first, first]))
     assert first.ppl[1] != first.ppl[0]  # the quantized model is a different model
+
+
+def test_accuracy_records_are_keyed_by_the_model_files_not_the_path(tmp_path, data_root, tiny_folder, capsys):
+    from any4lib.experiments import tiny_model
+
+    kwargs = dict(formats=["bf16"], datasets=["heldout"], seq_len=64, store=tmp_path / "s", progress=False)
+    first = experiments.accuracy_records(str(tiny_folder), **kwargs)
+    assert "results store" not in capsys.readouterr().err  # computed, nothing read from the store
+    tiny_model(seed=1)[0].save_pretrained(tiny_folder)  # another model at the same path
+    second = experiments.accuracy_records(str(tiny_folder), **kwargs)
+    assert second.ppl[0] != first.ppl[0] and len(list((tmp_path / "s").glob("*.json"))) == 2
+    again = experiments.accuracy_records(str(tiny_folder), **kwargs)
+    assert again.equals(second)
+    assert "1 of 1 rows from the results store, 20" in capsys.readouterr().err
+    fresh = experiments.accuracy_records(str(tiny_folder), recompute=True, **kwargs)
+    assert fresh.ppl[0] == pytest.approx(second.ppl[0], rel=1e-6) and "results store" not in capsys.readouterr().err
 
 
 def test_calibration_spec_errors(tiny):
