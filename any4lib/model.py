@@ -86,6 +86,8 @@ def quantize_model(
     exclude: str | Iterable[str] | None = DEFAULT_EXCLUDE,
     statistic: str = "abs_mean",
     progress: bool = True,
+    method: str | Iterable[str] = "rtn",
+    method_options: dict | None = None,
     **options,
 ) -> nn.Module:
     """Replace the chosen nn.Linear layers of `model` by QuantLinear in format `fmt` (in place; returns model).
@@ -97,13 +99,29 @@ def quantize_model(
     With an "online" calibration each layer's statistics are re-measured on the partly quantized model just before
     the layer is quantized.
     options: passed to any4lib.quantize (anyN k-means settings).
+    method: "rtn" (round to nearest), "gptq", "awq" or "awq+gptq" (also ["awq", "gptq"]): the methods run block by
+    block on the calibration token windows (any4lib.pipeline), so they need a calibration that kept them
+    (calibrate(..., mode="online")). method_options: any4lib.pipeline.MethodOptions fields (damp, act_order, ...).
     """
+    from .pipeline import MethodOptions, parse_method, quantize_sequential
+
+    method = parse_method(method)
     unstack_experts(model)
     names = _order_by_forward(select_linear_layers(model, include, exclude), calibration)
     _check_group_size(model, names, fmt, group_size)
     online = calibration is not None and calibration.mode == "online"
-    if online and not calibration.inputs:
-        raise ValueError("online calibration needs the calibration token windows; calibrate(..., mode='online')")
+    if (online or method != "rtn") and (calibration is None or not calibration.inputs):
+        raise ValueError(
+            f"{'method ' + repr(method) if method != 'rtn' else 'online calibration'} needs the calibration token "
+            "windows: pass calibration=calibrate(model, tokenizer, ..., mode='online')"
+        )
+    if method != "rtn":
+        settings = MethodOptions.from_dict(method_options)
+        names = quantize_sequential(
+            model, names, calibration.inputs, fmt, group_size, method, settings, statistic, progress, **options
+        )  # what is left lies outside the decoder blocks: round to nearest below
+    elif method_options:
+        raise ValueError(f"method 'rtn' takes no method options; got {sorted(method_options)}")
     for name in tqdm(names, desc=f"quantizing {fmt}", disable=not progress, leave=False):
         linear = model.get_submodule(name)
         sample_weight = None
