@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .calibration import ActivationStats, _StopForward, model_device
 from .gptq import DEFAULT_BLOCK, DEFAULT_DAMP, HessianAccumulator, gptq_quantize
+from .moe import expert_sample_weight, is_expert_layer
 from .nn import QuantLinear
 from .quant import quantize
 
@@ -200,7 +201,8 @@ def quantize_block(
         stats, acc = record_block(block, shared, inputs, hessian="gptq" in method)
         for name in shared:
             linear = block.get_submodule(name)
-            sample_weight = stats.sample_weight(name, statistic) if name in stats else None
+            reached = name in stats or is_expert_layer(name)  # an expert no token reached: unweighted, logged
+            sample_weight = expert_sample_weight(stats, name, statistic) if reached else None
             try:
                 if acc is not None:
                     q = gptq_quantize(linear.weight, acc.hessian(), fmt, group_size, sample_weight,
