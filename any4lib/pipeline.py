@@ -84,11 +84,13 @@ class BlockInput:
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, ModuleList) of the model's decoder blocks: the longest ModuleList holding linear layers."""
+    """(qualified name, ModuleList) of the model's decoder blocks: the longest ModuleList holding linear layers that
+    lies in no other such list (a MoE block's per-expert lists lie in the decoder blocks' list)."""
     candidates = [
         (name, m) for name, m in model.named_modules()
         if isinstance(m, nn.ModuleList) and any(isinstance(x, nn.Linear) for x in m.modules())
     ]
+    candidates = [(name, m) for name, m in candidates if not any(name.startswith(o + ".") for o, _ in candidates)]
     if not candidates:
         raise ValueError(f"{type(model).__name__} has no list of decoder blocks (a ModuleList of layers)")
     return max(candidates, key=lambda c: len(c[1]))
