@@ -3,6 +3,7 @@
     model, tokenizer = any4lib.load_model("meta-llama/Llama-3.2-1B")   # or a local folder
     any4lib.quantize_model(model, "any4", calibration=any4lib.calibrate(model, tokenizer))
     any4lib.perplexity(model, tokenizer, "wikitext2")
+    any4lib.quantize_checkpoint("Llama-3-70B/", "any4", tokenizer=tokenizer, device="cuda", out="q70b")  # by layer
 
 Importing the package is cheap and never touches CUDA: the model-level API (which needs transformers) is loaded on
 first use, and the kernels build on first GPU use.
@@ -25,6 +26,7 @@ _LAZY = {
     "save_quantized": "model",
     "load_quantized": "model",
     "load_model": "model",
+    "quantize_checkpoint": "streaming",
     "bits_per_weight": "model",
     "perplexity": "evaluate",
     "layer_report": "analyze",

@@ -57,8 +57,26 @@ def cmd_quantize(args) -> None:
         raise SystemExit("any4 quantize needs --format (e.g. --format any4)")
     if not args.out:
         raise SystemExit("any4 quantize needs --out FOLDER")
+    if args.sequential:
+        return _quantize_sequential(args)
     model, tokenizer = _load(args)
     print(f"saved {save_quantized(model, args.out, tokenizer)}")
+
+
+def _quantize_sequential(args) -> None:
+    """One decoder layer at a time from the checkpoint's shards, written to --out as it goes (any4lib.streaming)."""
+    from transformers import AutoTokenizer
+
+    from .experiments import calibration_windows
+    from .model import resolve_model
+    from .streaming import as_weights, quantize_checkpoint
+
+    weights = as_weights(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    windows = calibration_windows(tokenizer, args.calibration, weights.config)
+    quantize_checkpoint(weights, args.format, args.group_size, tokenizer=tokenizer, windows=windows,
+                        exclude=args.exclude, device=args.device, dtype=DTYPES[args.dtype], out=args.out)  # fmt: skip
+    print(f"saved {args.out}")
 
 
 def cmd_eval(args) -> None:
@@ -150,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--exclude", type=csv_arg, default=list(DEFAULT_EXCLUDE),
                        help="layer name patterns to keep unquantized (default: lm_head and MoE routers)")
 
-    commands.add_parser("quantize", parents=[common, quant], help="quantize and save").set_defaults(run=cmd_quantize)
+    qu = commands.add_parser("quantize", parents=[common, quant], help="quantize and save")
+    qu.add_argument("--sequential", action="store_true",
+                    help="one decoder layer in memory at a time, read from the folder's safetensors shards and "
+                         "calibrated on the quantized layers' outputs (for models larger than the device)")
+    qu.set_defaults(run=cmd_quantize)
     ev = commands.add_parser("eval", parents=[common, quant], help="perplexity and zero-shot tasks")
     ev.add_argument("--datasets", type=csv_arg, default=["wikitext2"], help="text sets or files, comma-separated")
     ev.add_argument("--tasks", type=csv_arg, default=[], help="zero-shot tasks, comma-separated")
