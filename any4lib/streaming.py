@@ -35,6 +35,7 @@ from .model import (
     select_linear_layers, write_quant_config,
 )  # fmt: skip
 from .moe import unstack_experts
+from .nn import QuantLinear
 from .pipeline import BlockInput, MethodOptions, capture_block_inputs, decoder_blocks, parse_method, quantize_block, run_block
 from .standins import CheckpointWeights, StandinWeights
 
@@ -193,6 +194,9 @@ def quantize_checkpoint(
             quantize_block(block, mine, inputs, fmt, group_size, method, settings, statistic, **options)
         outputs = floating or [run_block(block, item) for item in inputs]
         inputs = [BlockInput(hidden, item.kwargs) for hidden, item in zip(outputs, inputs)]
+        for module in block.modules():  # the kernels' packed copies: rebuilt on use, held for all would double memory
+            if isinstance(module, QuantLinear):
+                module._cache = {}
         if writer is not None:
             writer.add_block(f"{prefix}.{index}", block)
     if writer is not None:

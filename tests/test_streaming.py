@@ -141,3 +141,22 @@ def test_cli_sequential_writes_what_the_in_memory_path_gives(tiny, tmp_path, dat
     model, _ = load_model(folder, dtype=torch.bfloat16)
     stats = calibrate(model, tokenizer, "heldout", n_samples=2, seq_len=64, mode="online", progress=False)
     assert_same_state(quantize_model(model, "int4", 64, stats, progress=False), load_quantized(tmp_path / "q"))
+
+
+def test_scale_bench_sequential_stages_and_perplexity_of_the_in_memory_model(tiny, tmp_path, data_root):
+    from any4lib.bench import scale
+    from any4lib.evaluate import evaluate_perplexity
+    from any4lib.experiments import KERNEL_CHUNK
+
+    _, tokenizer = tiny
+    folder = write_standin(scaled_down("llama-3-8b", vocab_size=300), tmp_path / "s", tokenizer, progress=False)
+    record = scale.main(["--model", str(folder), "--format", "int4", "--group-size", "64", "--seq-len", "32",
+                         "--windows", "2", "--sequential", "--device", "cpu", "--store", str(tmp_path / "scale")])
+    metrics = record["metrics"]
+    assert set(metrics["stages"]) == {"quantize_by_layer", "load_quantized", "perplexity"}
+    assert record["config"]["path"] == "layer by layer" and record["config"]["standin"]["name"] == "llama-3-8b"
+    model, _ = load_model(folder, dtype=torch.bfloat16)
+    stats = calibrate(model, tokenizer, mode="online", progress=False)
+    quantize_model(model, "int4", 64, stats, progress=False)
+    expected = evaluate_perplexity(model, tokenizer, "heldout", 32, 64, batch_size=1, progress=False, chunk=KERNEL_CHUNK)
+    assert metrics["ppl"] == expected.ppl and metrics["quantized_layers"] == 2 * 7
