@@ -22,6 +22,7 @@ under the same cap.
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
 from contextlib import contextmanager
@@ -125,9 +126,13 @@ def _loads_in_memory(model: str, device: torch.device) -> bool:
     try:
         net, _ = load_model(model, dtype=torch.bfloat16, device=str(device))
     except torch.cuda.OutOfMemoryError:
-        return False
-    del net
-    return True
+        fits = False
+    else:
+        fits = True
+        del net
+    gc.collect()
+    torch.cuda.empty_cache()  # what the attempt held goes back before the layer-by-layer run
+    return fits
 
 
 def _size(folder: Path) -> int:
