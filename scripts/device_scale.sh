@@ -14,6 +14,8 @@
 #    the layer-by-layer path (any4lib.streaming) quantizes, writes its shards, reloads and runs the perplexity.
 # 4. seq70b: the Llama-3-70B stand-in, each layer generated on the GPU, quantized any4 g128 layer by layer with the
 #    peak GPU memory recorded (target < 80 GB), then 4 perplexity windows through the kernels (no shards written).
+# 5. paper: `make -B reproduce PROFILE=paper` pointed at the Llama-3.2-1B stand-in (written first), on the sets
+#    that exist offline (WikiText-2, PTB); records are stored as they finish, so a rerun continues a stopped one.
 # Logs go to $OUT; the result files it wrote come back as $OUT/results.tar (unpack it at the repository root).
 set -uo pipefail
 OUT=${OUT:-/tmp/any4_scale}
@@ -38,6 +40,12 @@ fi
 if [[ " $steps " == *" seq70b "* ]]; then
   python3 -m any4lib.bench.scale --model llama-3-70b --format any4 --group-size 128 --device cuda --sequential \
     --no-save 2>&1 | tee "$OUT/scale_70b.log" || status=1
+fi
+if [[ " $steps " == *" paper "* ]]; then
+  python3 scripts/make_standins.py llama-3.2-1b --out "$STANDINS" 2>&1 | tail -n 1 | tee "$OUT/standin_1b.log" || status=1
+  make -B reproduce PROFILE=paper MODEL="$STANDINS/llama-3.2-1b-standin" \
+    NOTEBOOK_PARAMS='-y "{datasets: [wikitext2, ptb], dataset: wikitext2}"' 2>&1 | tee "$OUT/paper.log" || status=1
+  cp -r figures results/tables "$OUT/" 2>/dev/null
 fi
 find results -type f -newer "$OUT/.start" | tar -cf "$OUT/results.tar" -T -
 tar -tf "$OUT/results.tar"
