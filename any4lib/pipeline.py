@@ -242,9 +242,26 @@ def quantize_sequential(
     for index, block in enumerate(tqdm(blocks, desc=f"{method} {fmt}", disable=not progress, leave=False)):
         head = f"{prefix}.{index}."
         mine = [n.removeprefix(head) for n in names if n.startswith(head)]
-        floating = [run_block(block, item) for item in inputs] if options.propagate == "float" else None
-        if mine:
-            quantize_block(block, mine, inputs, fmt, group_size, method, options, statistic, **quant_options)
-        outputs = floating or [run_block(block, item) for item in inputs]
-        inputs = [BlockInput(out, item.kwargs) for out, item in zip(outputs, inputs)]
+        inputs = quantize_and_advance(block, mine, inputs, fmt, group_size, method, options, statistic, **quant_options)
     return outside
+
+
+@torch.no_grad()
+def quantize_and_advance(
+    block: nn.Module,
+    names: list[str],
+    inputs: list[BlockInput],
+    fmt: str,
+    group_size: int | None,
+    method: str,
+    options: MethodOptions,
+    statistic: str = "abs_mean",
+    **quant_options,
+) -> list[BlockInput]:
+    """Quantize the linears `names` of `block` on its cached inputs; return the next block's inputs (the quantized
+    or the float block's outputs, as options.propagate says)."""
+    floating = [run_block(block, item) for item in inputs] if options.propagate == "float" else None
+    if names:
+        quantize_block(block, names, inputs, fmt, group_size, method, options, statistic, **quant_options)
+    outputs = floating or [run_block(block, item) for item in inputs]
+    return [BlockInput(out, item.kwargs) for out, item in zip(outputs, inputs)]

@@ -36,7 +36,7 @@ from .model import (
 )  # fmt: skip
 from .moe import unstack_experts
 from .nn import QuantLinear
-from .pipeline import BlockInput, MethodOptions, capture_block_inputs, decoder_blocks, parse_method, quantize_block, run_block
+from .pipeline import MethodOptions, capture_block_inputs, decoder_blocks, parse_method, quantize_and_advance
 from .standins import CheckpointWeights, StandinWeights
 
 
@@ -189,11 +189,7 @@ def quantize_checkpoint(
         del tensors
         unstack_experts(block)
         mine = [n.removeprefix(head) for n in names if n.startswith(head)]
-        floating = [run_block(block, item) for item in inputs] if settings.propagate == "float" else None
-        if mine:
-            quantize_block(block, mine, inputs, fmt, group_size, method, settings, statistic, **options)
-        outputs = floating or [run_block(block, item) for item in inputs]
-        inputs = [BlockInput(hidden, item.kwargs) for hidden, item in zip(outputs, inputs)]
+        inputs = quantize_and_advance(block, mine, inputs, fmt, group_size, method, settings, statistic, **options)
         for module in block.modules():  # the kernels' packed copies: rebuilt on use, held for all would double memory
             if isinstance(module, QuantLinear):
                 module._cache = {}
