@@ -24,7 +24,10 @@ test-gpu:
 # store, so a rerun takes seconds. After switching PROFILE, force a rebuild: make -B reproduce PROFILE=paper.
 # NOTEBOOK_PARAMS adds papermill parameters, e.g. NOTEBOOK_PARAMS="-p compute False" draws the accuracy notebooks
 # from what the results store already holds while a long sweep is still running.
+# MODEL points the notebooks at another model than the profile's (a folder, a name under $ANY4_DATA/models or a
+# hub id), e.g. make -B reproduce PROFILE=paper MODEL=/tmp/any4_standins/llama-3.2-1b-standin.
 PROFILE ?= quick
+MODEL ?=
 NOTEBOOK_PARAMS ?=
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 NOTEBOOK_FIGURES := $(patsubst notebooks/%.ipynb,figures/%.png,$(NOTEBOOKS))
@@ -40,7 +43,7 @@ figures: reproduce
 figures/%.png: notebooks/%.ipynb $(LIBRARY)
 	@mkdir -p results/notebooks
 	$(NOTEBOOK_ENV) $(PYTHON) -m papermill $< results/notebooks/$*.ipynb --cwd notebooks -p profile $(PROFILE) \
-		$(NOTEBOOK_PARAMS) --log-level WARNING --no-progress-bar
+		$(if $(MODEL),-p model $(MODEL)) $(NOTEBOOK_PARAMS) --log-level WARNING --no-progress-bar
 	@test -s $@ || { echo "$< ran but did not write $@" >&2; exit 1; }
 
 # Notebook 06's sliders need a live frontend; under papermill the explorer draws its figure once.

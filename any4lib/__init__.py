@@ -4,6 +4,7 @@
     any4lib.quantize_model(model, "any4", calibration=any4lib.calibrate(model, tokenizer))
     any4lib.perplexity(model, tokenizer, "wikitext2")
     any4lib.generate(model, tokenizer, ["The capital of France is"], max_new_tokens=32).texts
+    any4lib.quantize_checkpoint("Llama-3-70B/", "any4", tokenizer=tokenizer, device="cuda", out="q70b")  # by layer
 
 Importing the package is cheap and never touches CUDA: the model-level API (which needs transformers) is loaded on
 first use, and the kernels build on first GPU use.
@@ -29,6 +30,7 @@ _LAZY = {
     "save_quantized": "model",
     "load_quantized": "model",
     "load_model": "model",
+    "quantize_checkpoint": "streaming",
     "bits_per_weight": "model",
     "perplexity": "evaluate",
     "layer_report": "analyze",

@@ -91,8 +91,26 @@ def cmd_quantize(args) -> None:
         raise ValueError("any4 quantize needs --format (e.g. --format any4)")
     if not args.out:
         raise ValueError("any4 quantize needs --out FOLDER")
+    if args.sequential:
+        return _quantize_sequential(args)
     model, tokenizer = _load(args)
     print(f"saved {save_quantized(model, args.out, tokenizer)}")
+
+
+def _quantize_sequential(args) -> None:
+    """One decoder layer at a time from the checkpoint's shards, written to --out as it goes (any4lib.streaming)."""
+    from transformers import AutoTokenizer
+
+    from .experiments import calibration_windows
+    from .model import resolve_model
+    from .streaming import as_weights, quantize_checkpoint
+
+    weights = as_weights(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    windows = calibration_windows(tokenizer, args.calibration, weights.config)
+    quantize_checkpoint(weights, args.format, args.group_size, tokenizer=tokenizer, windows=windows,
+                        exclude=args.exclude, device=args.device, dtype=compute_dtype(args), out=args.out)  # fmt: skip
+    print(f"saved {args.out}")
 
 
 def _saved_format(path: Path) -> tuple[str, int | None] | None:
@@ -248,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = commands.add_parser("quantize", parents=[common, quant], help="quantize and save", formatter_class=formatter)
     q.add_argument("--out", default=None, help="folder to write the quantized model to (required)")
+    q.add_argument("--sequential", action="store_true",
+                   help="one decoder layer in memory at a time, read from the folder's safetensors shards and "
+                        "calibrated on the quantized layers' outputs (for models larger than the device)")
     q.set_defaults(run=cmd_quantize)
     ev = commands.add_parser("eval", parents=[common, quant], help="perplexity and zero-shot tasks",
                              formatter_class=formatter)

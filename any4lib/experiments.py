@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .calibration import ActivationStats, calibrate
+from .calibration import ActivationStats, calibrate, calibration_inputs
 from .evaluate import evaluate_perplexity, max_positions
 from .formats import get_format
 from .identity import model_identity, text_identity
@@ -90,19 +90,36 @@ def calibration_stats(net, tokenizer, calibration: str) -> ActivationStats | Non
     """"prompt" (the paper's one prompt), "<set>:<N>" (N windows of a text set, each of the model's context up to
     2048 tokens), "<set>:<N>x<L>" (N windows of L tokens, e.g. "c4_train:128x4096"), "none"; a "@online" suffix
     asks for online calibration. The calibration's windows never depend on the evaluation's."""
+    spec, mode = parse_calibration(calibration)
+    if spec is None:
+        return None
+    return calibrate(net, tokenizer, **spec, mode=mode, progress=False)
+
+
+def calibration_windows(tokenizer, calibration: str, config) -> list[torch.Tensor]:
+    """The token windows of calibration spec `calibration` (as calibration_stats) for a model of `config`, without
+    the model: what layer-by-layer quantization (any4lib.streaming) calibrates on."""
+    spec, _ = parse_calibration(calibration)
+    if spec is None:
+        raise ValueError("layer-by-layer quantization needs calibration windows: use 'prompt' or '<set>:<N>'")
+    seq_len = spec.pop("seq_len", None) or min(2048, getattr(config, "max_position_embeddings", 2048))
+    return calibration_inputs(tokenizer, seq_len=seq_len, **spec)[0]
+
+
+def parse_calibration(calibration: str) -> tuple[dict | None, str]:
+    """(calibrate's data arguments, or None for "none"; mode) of a calibration spec (see calibration_stats)."""
     spec, _, mode = calibration.partition("@")
     mode = mode or "offline"
     if spec == "none":
-        return None
+        return None, mode
     if spec == "prompt":
-        return calibrate(net, tokenizer, mode=mode, progress=False)
+        return {}, mode
     dataset, _, size = spec.rpartition(":")
     n, _, length = size.partition("x")
     if not dataset or not n.isdigit() or not (length.isdigit() or not length):
         raise ValueError(f"calibration {calibration!r}: use 'prompt', 'none', '<set>:<N>' or '<set>:<N>x<L>' "
                          "(e.g. 'heldout:128', 'c4_train:128x2048')")
-    seq_len = int(length) if length else None
-    return calibrate(net, tokenizer, dataset, n_samples=int(n), seq_len=seq_len, mode=mode, progress=False)
+    return {"dataset": dataset, "n_samples": int(n), "seq_len": int(length) if length else None}, mode
 
 
 def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, device, dtype, kernels, seed,

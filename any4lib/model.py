@@ -1,9 +1,9 @@
 """Quantize a model's linear layers in place, and save / reload the quantized model without re-quantizing.
 
 A saved model is a folder: `model.safetensors` (every tensor, QuantLinear codes and tables included; codes of at
-most 4 bits two to a byte), `quant.json` (format, bits, group size and shape of each quantized layer) and the Hugging
-Face `config.json`. quant.json also records the SHA-256 of each weight file, which load_quantized verifies. Version 1
-folders (one code per byte) still load.
+most 4 bits two to a byte), `quant.json` (format, bits, group size, shape and form of each quantized layer, the
+weight files with their SHA-256, which load_quantized verifies; quantize_checkpoint writes several shards) and the
+Hugging Face `config.json`. Version 1 folders (one code per byte) and version 2 folders still load.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from .quant import quantize, valid_group_sizes
 
 QUANT_CONFIG = "quant.json"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 DEFAULT_EXCLUDE = ("lm_head", *ROUTER_PATTERNS)
 
 
@@ -88,6 +89,8 @@ def quantize_model(
     exclude: str | Iterable[str] | None = DEFAULT_EXCLUDE,
     statistic: str = "abs_mean",
     progress: bool = True,
+    method: str | Iterable[str] = "rtn",
+    method_options: dict | None = None,
     **options,
 ) -> nn.Module:
     """Replace the chosen nn.Linear layers of `model` by QuantLinear in format `fmt` (in place; returns model).
@@ -97,15 +100,31 @@ def quantize_model(
     calibration: statistics from any4lib.calibrate; anyN formats weigh their k-means by them (|mean input| per
     feature); without them every weight counts the same (so does an expert no calibration token was routed to).
     With an "online" calibration each layer's statistics are re-measured on the partly quantized model just before
-    the layer is quantized.
+    the layer is quantized: block by block (any4lib.pipeline), each block replayed on its cached inputs.
     options: passed to any4lib.quantize (anyN k-means settings).
+    method: "rtn" (round to nearest), "gptq", "awq" or "awq+gptq" (also ["awq", "gptq"]): the methods run block by
+    block on the calibration token windows (any4lib.pipeline), so they need a calibration that kept them
+    (calibrate(..., mode="online")). method_options: any4lib.pipeline.MethodOptions fields (damp, act_order, ...).
     """
+    from .pipeline import MethodOptions, parse_method, quantize_sequential
+
+    method = parse_method(method)
     unstack_experts(model)
     names = _order_by_forward(select_linear_layers(model, include, exclude), calibration)
     _check_group_size(model, names, fmt, group_size)
     online = calibration is not None and calibration.mode == "online"
-    if online and not calibration.inputs:
-        raise ValueError("online calibration needs the calibration token windows; calibrate(..., mode='online')")
+    if (online or method != "rtn") and (calibration is None or not calibration.inputs):
+        raise ValueError(
+            f"{'method ' + repr(method) if method != 'rtn' else 'online calibration'} needs the calibration token "
+            "windows: pass calibration=calibrate(model, tokenizer, ..., mode='online')"
+        )
+    if method == "rtn" and method_options:
+        raise ValueError(f"method 'rtn' takes no method options; got {sorted(method_options)}")
+    if online or method != "rtn":  # block by block on cached block inputs: L block passes, not a prefix per layer
+        settings = MethodOptions.from_dict(method_options)
+        names = quantize_sequential(
+            model, names, calibration.inputs, fmt, group_size, method, settings, statistic, progress, **options
+        )  # what is left lies outside the decoder blocks: round to nearest below
     for name in tqdm(names, desc=f"quantizing {fmt}", disable=not progress, leave=False):
         linear = model.get_submodule(name)
         sample_weight = None
@@ -159,17 +178,25 @@ def _unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def write_quant_config(path: Path, model: nn.Module, weight_files: list[str]) -> None:
+    """quant.json: each quantized layer's format, shape and form, the safetensors files holding the weights and their
+    SHA-256. Written after the weight files: a folder whose quant.json exists holds complete weights."""
+    config = {
+        "version": 3,
+        "layers": {name: _layer_spec(m) for name, m in quantized_layers(model).items()},
+        "weight_files": weight_files,
+        "sha256": {file: file_sha256(path / file, cache=False) for file in weight_files},
+    }
+    (path / QUANT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
     """Write the quantized model to folder `path` (see the module doc); the tokenizer too when given."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    layers = {name: _layer_spec(m) for name, m in quantized_layers(model).items()}
     model.config.save_pretrained(path)
     save_file(_unshared_state(model), os.fspath(path / WEIGHTS), metadata={"format": "pt"})
-    # Written last: a folder whose quant.json exists holds complete weights, and the checksums say which.
-    checksums = {WEIGHTS: file_sha256(path / WEIGHTS, cache=False)}
-    quant = {"version": 3, "layers": layers, "sha256": checksums}
-    (path / QUANT_CONFIG).write_text(json.dumps(quant, indent=2) + "\n")
+    write_quant_config(path, model, [WEIGHTS])
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
@@ -218,25 +245,34 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str | os.PathLike) ->
 
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
-    """A model saved by save_quantized, rebuilt from its config and codes (nothing is re-quantized).
+    """A model saved by save_quantized (or written by quantize_checkpoint), rebuilt from its config and codes:
+    built on the meta device and given the saved tensors, so no unquantized copy ever exists.
 
     verify: check each weight file against the SHA-256 quant.json records (False skips the hashing, for speed).
     Every floating tensor loaded (scales, tables, dense weights) is checked finite either way.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .streaming import empty_model, materialize_buffers
 
     path = Path(path)
-    for needed in (QUANT_CONFIG, WEIGHTS, "config.json"):
+    for needed in (QUANT_CONFIG, "config.json"):
         if not (path / needed).is_file():
             raise FileNotFoundError(f"{path} is not a quantized model folder: {needed} is missing (see save_quantized)")
-    quant = json.loads((path / QUANT_CONFIG).read_text())
+    quant_config = json.loads((path / QUANT_CONFIG).read_text())
+    layers, files = quant_config["layers"], quant_config.get("weight_files", [WEIGHTS])
+    absent = [f for f in files if not (path / f).is_file()]
+    if absent:
+        raise FileNotFoundError(f"{path} is not a complete quantized model folder: {absent} missing (see save_quantized)")
     if verify:
-        verify_checksums(path, quant)
-    layers = quant["layers"]
+        verify_checksums(path, quant_config)
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
-    tensors = load_file(os.fspath(path / WEIGHTS))
-    check_finite(tensors, path / WEIGHTS)
+    model = empty_model(config, getattr(config, "dtype", None) or torch.float32)
+    tensors = {}
+    for file in files:
+        loaded = load_file(os.fspath(path / file), device=str(device))
+        check_finite(loaded, path / file)
+        tensors |= loaded
     unstack_experts(model)  # quantize_model split 3-D experts into per-expert layers before quantizing them
     for name, spec in layers.items():
         if spec.get("form") == "packed":
@@ -251,10 +287,14 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
             zero=tensors.get(f"{name}.zero"), tensor_scale=float(tensors[f"{name}.tensor_scale"]),
         )
         set_submodule(model, name, QuantLinear(q, tensors.get(f"{name}.bias")))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
     missing = [m for m in missing if not _is_tied(model, m)]  # loaded through the parameter it shares
     if missing or unexpected:
-        raise ValueError(f"{path / WEIGHTS} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{path} ({', '.join(files)}) does not fit its config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    materialize_buffers(model, device)
     return model.to(device).eval()
 
 

@@ -12,6 +12,7 @@ if [ "${1:-}" = carry ]; then
   mkdir -p .carry/data/models .carry/data/corpora/ref-en
   cp -r "$src/models/ref-en-16m" .carry/data/models/
   cp "$src/corpora/ref-en/heldout.txt" .carry/data/corpora/ref-en/
+  cp -r "$src/wikitext-2-v1" "$src/ptb" .carry/data/  # the paper profile's offline sets (device_scale.sh paper)
   du -sh .carry
   exit 0
 fi

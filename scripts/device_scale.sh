@@ -2,13 +2,20 @@
 # Paper scale (issue 24) for the Llama-3-8B stand-in in one device call, from the repository root:
 #   scripts/device_pipeline.sh carry                  # here, beside ../shared/data: ref-en-16m (its tokenizer is the
 #                                                     # stand-in's) and the heldout text, into .carry/data
-#   ANY4_GIT_COMMIT=<sha> scripts/device_scale.sh [standin] [bench]   # on the device, .carry named in `carry`
-# Steps (default both; to fit the 10-minute call limit, run `standin` then `bench` on the same warm machine):
+#   ANY4_GIT_COMMIT=<sha> scripts/device_scale.sh [standin] [bench] [capped] [seq70b]   # on the device, .carry
+#                                                     # named in `carry`
+# Steps (default standin bench; to fit the 10-minute call limit, run one or two per call on the same warm machine):
 # 1. Writes the stand-in (published Llama-3-8B shapes, seeded random weights, 16 GB in 4 shards) under $STANDINS
 #    unless it is there: time, memory and machinery only, never accuracy.
 # 2. python -m any4lib.bench.scale: load, calibrate (the prompt), quantize any4 g128, save, load_quantized and a
 #    4-window perplexity through the kernels, each stage timed with its peak GPU memory; then the quantize time of
 #    int4, nf4, fp4, MX-FP4 and NVFP4. A run already in results/scale/ is skipped.
+# 3. capped: the 8B stand-in under a 12 GB GPU memory cap: the bf16 load of the in-memory path (16 GB) does not fit,
+#    the layer-by-layer path (any4lib.streaming) quantizes, writes its shards, reloads and runs the perplexity.
+# 4. seq70b: the Llama-3-70B stand-in, each layer generated on the GPU, quantized any4 g128 layer by layer with the
+#    peak GPU memory recorded (target < 80 GB), then 4 perplexity windows through the kernels (no shards written).
+# 5. paper: `make -B reproduce PROFILE=paper` pointed at the Llama-3.2-1B stand-in (written first), on the sets
+#    that exist offline (WikiText-2, PTB); records are stored as they finish, so a rerun continues a stopped one.
 # Logs go to $OUT; the result files it wrote come back as $OUT/results.tar (unpack it at the repository root).
 set -uo pipefail
 OUT=${OUT:-/tmp/any4_scale}
@@ -25,6 +32,20 @@ fi
 if [[ " $steps " == *" bench "* ]]; then
   python3 -m any4lib.bench.scale --model "$STANDINS/llama-3-8b-standin" --format any4 --group-size 128 --device cuda \
     2>&1 | tee "$OUT/scale_8b.log" || status=1
+fi
+if [[ " $steps " == *" capped "* ]]; then
+  python3 -m any4lib.bench.scale --model "$STANDINS/llama-3-8b-standin" --format any4 --group-size 128 --device cuda \
+    --sequential --memory-cap-gb 12 2>&1 | tee "$OUT/scale_8b_capped.log" || status=1
+fi
+if [[ " $steps " == *" seq70b "* ]]; then
+  python3 -m any4lib.bench.scale --model llama-3-70b --format any4 --group-size 128 --device cuda --sequential \
+    --no-save 2>&1 | tee "$OUT/scale_70b.log" || status=1
+fi
+if [[ " $steps " == *" paper "* ]]; then
+  python3 scripts/make_standins.py llama-3.2-1b --out "$STANDINS" 2>&1 | tail -n 1 | tee "$OUT/standin_1b.log" || status=1
+  make -B reproduce PROFILE=paper MODEL="$STANDINS/llama-3.2-1b-standin" \
+    NOTEBOOK_PARAMS='-y "{datasets: [wikitext2, ptb], dataset: wikitext2}"' 2>&1 | tee "$OUT/paper.log" || status=1
+  cp -r figures results/tables "$OUT/" 2>/dev/null
 fi
 find results -type f -newer "$OUT/.start" | tar -cf "$OUT/results.tar" -T -
 tar -tf "$OUT/results.tar"

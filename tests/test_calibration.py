@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import any4lib.model as model_mod
+import any4lib.pipeline as pipeline_mod
 from any4lib.calibration import ActivationStats, calibrate, calibration_inputs, record_inputs
 from any4lib.model import quantize_model
 from any4lib.paths import calibration_prompt
@@ -51,13 +51,13 @@ def test_online_calibration_measures_each_layer_after_the_earlier_ones_are_quant
     model, tokenizer = tiny
     stats = calibrate(model, tokenizer, mode="online", progress=False)
     used = {}
-    real_quantize = model_mod.quantize
+    real_quantize = pipeline_mod.quantize
 
     def spy(w, fmt, group_size, sample_weight=None, **options):
         used[len(used)] = sample_weight
         return real_quantize(w, fmt, group_size, sample_weight=sample_weight, **options)
 
-    monkeypatch.setattr(model_mod, "quantize", spy)
+    monkeypatch.setattr(pipeline_mod, "quantize", spy)  # online calibration runs block by block (any4lib.pipeline)
     quantize_model(model, "any4", 128, calibration=stats, progress=False)
     # A layer's input depends only on the layers before it, so the final model shows what each layer was given.
     final = record_inputs(model, stats.inputs, ActivationStats())

@@ -1,0 +1,216 @@
+"""Layer-by-layer quantization of a checkpoint larger than the device: one decoder layer in bf16 at a time.
+
+    model = any4lib.quantize_checkpoint("path/to/Llama-3-70B", "any4", 128, tokenizer=tok, device="cuda", out="q")
+
+The model is built on the meta device. Its embeddings, final norm and LM head are loaded; the first decoder
+block's inputs are captured for the calibration windows (the paper's prompt by default); then, for each decoder
+layer: its tensors are read from the checkpoint's safetensors shards (`standins.CheckpointWeights`) or generated
+(`standins.StandinWeights`, the 70B stand-in) onto the device, the block is quantized on its cached inputs by
+any4lib.pipeline.quantize_block (RTN, GPTQ or AWQ; each linear's statistics measured with the linears before it
+in the block already quantized), its bf16 weights are dropped, and replaying it gives the next block's inputs.
+Peak device memory is about one layer in bf16, the cached block inputs, and the quantized model so far.
+
+The next block sees the *quantized* block's outputs by default (method_options={"propagate": "float"} feeds it the
+unquantized ones): each layer is calibrated on the inputs it will really get, as GPTQ-style pipelines do, and the
+result is bit for bit what quantize_model gives with an online calibration on the same windows. With `out`, the
+quantized blocks are written as they are done, `layers_per_shard` layers to a safetensors shard, so the model never
+exists in bf16 anywhere; load_quantized reads the folder back.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .model import (
+    DEFAULT_EXCLUDE, INDEX, _check_group_size, _unshared_state, resolve_model,
+    select_linear_layers, write_quant_config,
+)  # fmt: skip
+from .moe import unstack_experts
+from .pipeline import MethodOptions, capture_block_inputs, decoder_blocks, parse_method, quantize_and_advance
+from .standins import CheckpointWeights, StandinWeights
+
+
+def empty_model(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The model of `config` with every parameter on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def materialize_buffers(model: nn.Module, device: str | torch.device) -> None:
+    """Rebuild, on `device`, the modules whose computed (non-checkpoint) buffers are still on meta: the rotary
+    embeddings' inverse frequencies."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            with torch.device(device):
+                model.set_submodule(name, type(module)(model.config))
+
+
+def checkpoint_to_model_names(config, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A decoder layer's checkpoint tensors under the names (and layout) of the transformers model: Mixtral's
+    per-expert w1 / w3 / w2 become the 3-D gate_up_proj [E, 2I, H] and down_proj [E, H, I], as from_pretrained
+    converts them."""
+    if config.model_type != "mixtral":
+        return tensors
+    tensors = {name.replace(".block_sparse_moe.", ".mlp."): t for name, t in tensors.items()}
+    experts = sorted({name.split(".experts.")[0] for name in tensors if ".experts." in name})
+    for prefix in experts:
+        def stacked(w: str) -> torch.Tensor:
+            return torch.stack([tensors.pop(f"{prefix}.experts.{e}.{w}.weight") for e in range(config.num_local_experts)])
+
+        gate, up, down = stacked("w1"), stacked("w3"), stacked("w2")
+        tensors[f"{prefix}.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        tensors[f"{prefix}.experts.down_proj"] = down
+    return tensors
+
+
+def as_weights(source) -> CheckpointWeights | StandinWeights:
+    """A weight source: a CheckpointWeights / StandinWeights as given, else a folder (or model name) to read."""
+    if isinstance(source, (CheckpointWeights, StandinWeights)):
+        return source
+    folder = resolve_model(source)
+    if isinstance(folder, str) or not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"quantize_checkpoint reads a local Hugging Face folder of safetensors; {source!r} is not one "
+            "(download it first, e.g. `huggingface-cli download <id> --local-dir DIR`)"
+        )
+    return CheckpointWeights(folder)
+
+
+class ShardWriter:
+    """Writes a quantized model to a save_quantized folder as its blocks are done: `layers_per_shard` decoder
+    layers per safetensors shard, the rest of the model in a last shard, then the index and quant.json."""
+
+    def __init__(self, folder: str | os.PathLike, layers_per_shard: int = 4):
+        if layers_per_shard < 1:
+            raise ValueError(f"layers_per_shard must be >= 1, got {layers_per_shard}")
+        self.folder, self.layers_per_shard = Path(folder), layers_per_shard
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.layers, self.weight_map, self.files = 0, {}, []
+
+    def add_block(self, prefix: str, block: nn.Module) -> None:
+        """Queue block `prefix` ("model.layers.7") and write a shard once layers_per_shard are queued."""
+        self.pending |= {f"{prefix}.{name}": t.cpu() for name, t in _unshared_state(block).items()}
+        self.layers += 1
+        if self.layers % self.layers_per_shard == 0:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        file = f"model-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, os.fspath(self.folder / file), metadata={"format": "pt"})
+        self.weight_map |= dict.fromkeys(self.pending, file)
+        self.files.append(file)
+        self.pending = {}
+
+    def finish(self, model: nn.Module, blocks_prefix: str, tokenizer=None) -> Path:
+        """Write the tensors outside the decoder blocks, the index, quant.json, the config and the tokenizer."""
+        self._flush()
+        rest = {n: t.cpu() for n, t in _unshared_state(model).items() if not n.startswith(blocks_prefix + ".")}
+        self.pending = rest
+        self._flush()
+        index = {"metadata": {}, "weight_map": self.weight_map}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_quant_config(self.folder, model, self.files)
+        model.config.save_pretrained(self.folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.folder)
+        return self.folder
+
+
+@torch.no_grad()
+def quantize_checkpoint(
+    source,
+    fmt: str,
+    group_size: int | None = 128,
+    *,
+    tokenizer=None,
+    windows: Sequence[torch.Tensor] | None = None,
+    method: str | Iterable[str] = "rtn",
+    method_options: dict | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = DEFAULT_EXCLUDE,
+    statistic: str = "abs_mean",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    out: str | os.PathLike | None = None,
+    layers_per_shard: int = 4,
+    progress: bool = True,
+    **options,
+) -> nn.Module:
+    """Quantize a checkpoint layer by layer (see the module doc); returns the quantized model on `device`.
+
+    source: a local Hugging Face folder (or a name under data_root()/models), a standins.CheckpointWeights, or a
+    standins.StandinWeights (weights generated per layer). windows: calibration token windows ([1, T] ids; e.g.
+    calibrate(...).inputs or calibration.calibration_inputs(...)[0]); None: the paper's prompt through `tokenizer`.
+    method, method_options, include, exclude, statistic, options: as quantize_model. out: also write the quantized
+    model there as it goes (load it with load_quantized); tokenizer is saved beside it when given.
+    """
+    from .calibration import calibration_inputs
+
+    weights = as_weights(source)
+    method = parse_method(method)
+    settings = MethodOptions.from_dict(method_options)
+    if windows is None:
+        if tokenizer is None:
+            raise ValueError("quantize_checkpoint needs calibration windows or a tokenizer to make them from")
+        windows = calibration_inputs(tokenizer)[0]
+    if not windows:
+        raise ValueError("quantize_checkpoint needs at least one calibration window")
+    device = torch.device(device)
+
+    model = empty_model(weights.config, dtype)
+    prefix, blocks = decoder_blocks(model)
+    names = _plan(model, prefix, fmt, group_size, include, exclude)
+    model.load_state_dict(_to(weights.other_tensors(), device, dtype), strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    materialize_buffers(model, device)
+    inputs = capture_block_inputs(model, windows)
+    writer = ShardWriter(out, layers_per_shard) if out is not None else None
+
+    for index, block in enumerate(tqdm(blocks, desc=f"{method} {fmt} by layer", disable=not progress)):
+        tensors = checkpoint_to_model_names(weights.config, _to(weights.layer_tensors(index), device, dtype))
+        head = f"{prefix}.{index}."
+        block.load_state_dict({n.removeprefix(head): t for n, t in tensors.items()}, strict=True, assign=True)
+        del tensors
+        unstack_experts(block)
+        mine = [n.removeprefix(head) for n in names if n.startswith(head)]
+        inputs = quantize_and_advance(block, mine, inputs, fmt, group_size, method, settings, statistic, **options)
+        if writer is not None:
+            writer.add_block(f"{prefix}.{index}", block)
+    if writer is not None:
+        writer.finish(model, prefix, tokenizer)
+    return model
+
+
+def _plan(model: nn.Module, prefix: str, fmt: str, group_size: int | None, include, exclude) -> list[str]:
+    """The names of the linears to quantize (experts split per expert), checked before any weight is read."""
+    probe = copy.deepcopy(model)  # on meta: costs no memory
+    unstack_experts(probe)
+    names = select_linear_layers(probe, include, exclude)
+    outside = [n for n in names if not n.startswith(prefix + ".")]
+    if outside:
+        raise ValueError(
+            f"quantize_checkpoint quantizes the decoder layers' linears only; {outside} lie outside them: add them "
+            "to exclude, or quantize the model in memory with quantize_model"
+        )
+    _check_group_size(probe, names, fmt, group_size)
+    return names
+
+
+def _to(tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {n: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for n, t in tensors.items()}
+
