@@ -100,7 +100,8 @@ def run_sequential(model: str, fmt: str, group_size: int | None, calibration: st
     stages, device, metrics = {}, torch.device(device), {}
     if memory_cap_gb is not None:
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gb * 1e9 / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()  # the call takes an index
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gb * 1e9 / total), index)
         metrics["in_memory_fits"] = _loads_in_memory(model, device)
     weights = StandinWeights(standin_config(model), device=device) if model in STANDINS else as_weights(model)
     tokenizer = load_tokenizer(None if model in STANDINS else resolve_model(model))
