@@ -97,7 +97,7 @@ def awq_block(
     group_size: int | None,
     grid: int = 10,
     statistic: str = "abs_mean",
-    search_tokens: int | None = 4096,
+    search_tokens: int | None = 2048,
     **quant_options,
 ) -> dict[str, float]:
     """Search and fold AWQ scales for every foldable set of `block`'s linears; returns the alpha chosen per set.

@@ -51,11 +51,11 @@ PROFILES = {
     "seeds": dict(formats=["any4", "any3", "any2"], group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"],
                   seeds=[1, 2]),
     # Methods beyond round-to-nearest (any4lib.pipeline), every method calibrated on the same 16 windows of 512
-    # tokens of WikiText-2's validation split (disjoint from every test set); AWQ's search is slower, so its two
-    # methods are measured on heldout only.
-    "methods": dict(formats=FORMATS_METHODS, methods=["rtn", "gptq"], group_sizes=[128],
-                    datasets=["heldout", "wikitext2", "ptb"], calibration=METHOD_CALIBRATION),
-    "methods_awq": dict(formats=FORMATS_METHODS, methods=["awq", "awq+gptq"], group_sizes=[128],
+    # tokens of WikiText-2's validation split (disjoint from every test set). Sized for a shared 2-core CPU:
+    # heldout only, and AWQ (its search runs each block 10 times per scale set) on the 4- and 3-bit formats.
+    "methods": dict(formats=FORMATS_METHODS, methods=["rtn", "gptq"], group_sizes=[128], datasets=["heldout"],
+                    calibration=METHOD_CALIBRATION),
+    "methods_awq": dict(formats=["int3", "any3", "int4", "any4"], methods=["awq", "awq+gptq"], group_sizes=[128],
                         datasets=["heldout"], calibration=METHOD_CALIBRATION),
     # The whole held-out set, to check the pipeline against the model's published baseline (ppl 56.1).
     "bf16_full": dict(formats=["bf16"], group_sizes=[128], datasets=["heldout"], max_tokens=None),

@@ -54,7 +54,7 @@ class MethodOptions:
     act_order: bool = False
     static_groups: bool = False
     awq_grid: int = 10
-    awq_tokens: int | None = 4096
+    awq_tokens: int | None = 2048
     propagate: str = "quantized"
 
     def __post_init__(self):
