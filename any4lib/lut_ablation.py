@@ -109,3 +109,7 @@ def _calibration_windows(tokenizer, calibration: str, seq_len: int) -> list[torc
         return calibration_inputs(tokenizer)[0]
     dataset, _, n = spec.rpartition(":")
     return calibration_inputs(tokenizer, dataset, n_samples=int(n), seq_len=seq_len)[0]
+
+
+if __name__ == "__main__":  # python -m any4lib.lut_ablation: the README's table on ref-en-16m
+    print(lut_ablation_records().to_markdown(index=False, floatfmt=".4g"))
