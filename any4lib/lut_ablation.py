@@ -45,6 +45,7 @@ class InputGram(ActivationStats):
         self.gram.setdefault(name, HessianAccumulator(x.shape[-1], x.device)).add(x)
 
 
+@torch.no_grad()
 def _errors(reference: torch.nn.Module, quantized: torch.nn.Module, gram: InputGram) -> dict[str, float]:
     weight = [0.0, 0.0]
     output = [0.0, 0.0]

@@ -235,3 +235,59 @@ def test_method_names_and_errors(tiny):
         quantize_model(model, "int4", 64, calibrate(model, tokenizer, progress=False), method="gptq", progress=False)
     with pytest.raises(ValueError, match="unknown method options"):
         quantize_model(model, "int4", 64, online(model, tokenizer), method="gptq", method_options={"dampen": 0.1})
+
+
+@pytest.mark.parametrize("init", ["random", "int", "nf4"])
+def test_kmeans_inits_start_where_they_say(init):
+    """One Lloyd iteration from the init: its centroids are the weighted means of the init's nearest-center runs."""
+    from any4lib.formats import _initial_centers
+
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(3))
+    q = quantize(w, "any4", 64, init=init, max_iter=1)
+    x = ((w.reshape(16, 2, 64) - w.reshape(16, 2, 64).amin(-1, keepdim=True))
+         / (w.reshape(16, 2, 64).amax(-1, keepdim=True) - w.reshape(16, 2, 64).amin(-1, keepdim=True)) * 15)
+    start = _initial_centers(init, x.reshape(16, -1), 16, seed=0)
+    if init == "int":
+        assert torch.equal(start, torch.arange(16.0)[None])
+    elif init == "nf4":
+        assert start[0, 0] == 0 and start[0, -1] == 15 and start[0, 7] == 7.5  # NF4's exact zero lands mid-range
+    else:  # k points of each row
+        assert all(torch.isin(start[r], x.reshape(16, -1)[r]).all() for r in range(16))
+    assert not torch.equal(q.lut, quantize(w, "any4", 64).lut)  # a different start gives a different table
+
+
+def test_kmeans_init_errors():
+    with pytest.raises(ValueError, match="'nf4' for 4 bits only"):
+        quantize(torch.randn(4, 64), "any3", 64, init="nf4")
+    with pytest.raises(ValueError, match="k-means init 'grid'"):
+        quantize(torch.randn(4, 64), "any4", 64, init="grid")
+
+
+def test_ablation_errors_equal_their_direct_definitions(tiny):
+    from any4lib.calibration import record_inputs
+    from any4lib.lut_ablation import InputGram, _errors, variants
+
+    model, tokenizer = tiny
+    stats = calibrate(model, tokenizer, mode="online", progress=False)
+    gram = record_inputs(model, stats.inputs, InputGram())
+    quantized = quantize_model(copy.deepcopy(model), "any3", 64, stats, progress=False)
+    errors = _errors(model, quantized, gram)
+    num = den = wnum = wden = 0.0
+    inputs = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: inputs.update({n: a[0].reshape(-1, a[0].shape[-1]).double()}))
+        for n, m in quantized.named_modules() if isinstance(m, QuantLinear)]
+    with torch.no_grad():
+        model(stats.inputs[0])
+    for h in hooks:
+        h.remove()
+    for name, x in inputs.items():
+        w = model.get_submodule(name).weight.double()
+        d = w - quantized.get_submodule(name).quantized.dequantize(torch.float64)
+        num, den = num + float((x @ d.T).pow(2).sum()), den + float((x @ w.T).pow(2).sum())
+        wnum, wden = wnum + float(d.pow(2).sum()), wden + float(w.pow(2).sum())
+    assert errors["output_error"] == pytest.approx(num / den, rel=1e-9)
+    assert errors["weight_error"] == pytest.approx(wnum / wden, rel=1e-12)
+    assert variants() == [("k-means++", "activation_x_scale"), ("random", "activation_x_scale"),
+                          ("int", "activation_x_scale"), ("nf4", "activation_x_scale"),
+                          ("k-means++", "weights"), ("k-means++", "activation")]
