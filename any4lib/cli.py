@@ -26,14 +26,22 @@ def group_size_arg(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"group size must be an integer or 'row', got {text!r}") from None
 
 
+def method_arg(text: str) -> str:
+    from .pipeline import parse_method
+
+    try:
+        return parse_method(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def csv_arg(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _load(args):
     """(model, tokenizer, quantized-by-this-command?) for --model, quantized with --format when given."""
-    from .experiments import calibration_stats
-    from .model import QUANT_CONFIG, load_model, load_quantized, quantize_model
+    from .model import QUANT_CONFIG, load_model, load_quantized
 
     dtype = DTYPES[args.dtype]
     path = Path(args.model)
@@ -45,9 +53,18 @@ def _load(args):
         return load_quantized(path, args.device).to(dtype), AutoTokenizer.from_pretrained(path)
     model, tokenizer = load_model(args.model, dtype=dtype, device=args.device)
     if getattr(args, "format", None):
-        stats = calibration_stats(model, tokenizer, args.calibration, args.seq_len or 2048)
-        quantize_model(model, args.format, args.group_size, stats, exclude=args.exclude)
+        _quantize(model, tokenizer, args)
     return model, tokenizer
+
+
+def _quantize(model, tokenizer, args):
+    """`model` quantized in place as --format, --group-size, --calibration, --method and --exclude ask."""
+    from .experiments import calibration_stats, method_calibration
+    from .model import quantize_model
+
+    calibration = method_calibration(args.calibration, args.method)
+    stats = calibration_stats(model, tokenizer, calibration, args.seq_len or 2048)
+    return quantize_model(model, args.format, args.group_size, stats, exclude=args.exclude, method=args.method)
 
 
 def cmd_quantize(args) -> None:
@@ -105,14 +122,12 @@ def cmd_analyze(args) -> None:
     import copy
 
     from .analyze import layer_report
-    from .experiments import calibration_stats
-    from .model import load_model, quantize_model
+    from .model import load_model
 
     if not args.format:
         raise SystemExit("any4 analyze needs --format (the format to analyze)")
     reference, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    stats = calibration_stats(reference, tokenizer, args.calibration, args.seq_len or 2048)
-    quantized = quantize_model(copy.deepcopy(reference), args.format, args.group_size, stats, exclude=args.exclude)
+    quantized = _quantize(copy.deepcopy(reference), tokenizer, args)
     rows = layer_report(reference, quantized, tokenizer)
     print(f"{'layer':40} {'weight_rel':>10} {'output_rel':>10} {'isolated':>10}")
     for row in rows:
@@ -142,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--format", default=None, help="any4, int4, nf4, fp4, mxfp4, ... (any4lib.list_formats())")
     quant.add_argument("--group-size", type=group_size_arg, default=128, help="int, or 'row' for per-row")
     quant.add_argument("--calibration", default="prompt", help="'prompt', 'none' or '<set>:<N>' (+ '@online')")
+    quant.add_argument("--method", type=method_arg, default="rtn",
+                       help="rtn, gptq, awq or awq+gptq (the methods calibrate on --calibration's token windows)")
     quant.add_argument("--exclude", type=csv_arg, default=["lm_head"], help="layer name patterns to keep unquantized")
 
     commands.add_parser("quantize", parents=[common, quant], help="quantize and save").set_defaults(run=cmd_quantize)

@@ -107,6 +107,12 @@ def calibration_stats(net, tokenizer, calibration: str, seq_len: int) -> Activat
     return calibrate(net, tokenizer, dataset, n_samples=int(n), seq_len=seq_len, mode=mode, progress=False)
 
 
+def method_calibration(calibration: str, method: str) -> str:
+    """The calibration spec a method needs: methods other than rtn run on the token windows, which online
+    calibration keeps."""
+    return calibration if method == "rtn" else calibration.partition("@")[0] + "@online"
+
+
 def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, device, dtype, kernels, seed,
             method="rtn") -> dict:
     if fmt == UNQUANTIZED:
@@ -183,8 +189,7 @@ def accuracy_records(
         if missing:
             net, quantize_seconds = base, 0.0
             if fmt != UNQUANTIZED:
-                # The methods run on the calibration's token windows, which online calibration keeps.
-                source = calib if method == "rtn" else calib.partition("@")[0] + "@online"
+                source = method_calibration(calib, method)
                 if source not in stats_cache:
                     stats_cache[source] = calibration_stats(base, tokenizer, source, seq_len)
                 start = time.perf_counter()

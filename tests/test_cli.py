@@ -45,3 +45,15 @@ def test_accuracy_delegates_to_the_experiments_runner(monkeypatch):
     monkeypatch.setattr("any4lib.experiments.main", seen.append)
     main(["accuracy", "--profile", "groups", "--profile", "calibration"])
     assert seen == [["accuracy", "--model", "ref-en-16m", "--device", "cpu", "--profile", "groups", "--profile", "calibration"]]
+
+
+def test_quantize_with_a_method_saves_a_model_that_reloads(tiny_folder, tmp_path, capsys):
+    from any4lib.model import load_quantized
+
+    out = tmp_path / "gptq"
+    main(["quantize", "--model", str(tiny_folder), "--format", "any4", "--group-size", "64", "--method", "gptq",
+          "--dtype", "fp32", "--out", str(out)])
+    assert load_quantized(out).model.layers[0].mlp.up_proj.format == "any4"
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", "x", "--method", "sparsegpt"])
+    assert "unknown method 'sparsegpt'" in capsys.readouterr().err
