@@ -40,7 +40,7 @@ def parse_method(method: str | Sequence[str]) -> str:
         return "rtn"
     if steps and len(set(steps)) == len(steps) and set(steps) <= {"awq", "gptq"}:
         return "+".join(s for s in ("awq", "gptq") if s in steps)  # AWQ's scales come before any rounding
-    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)} (or a list such as ['awq', 'gptq'])")
+    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)} (or a list: ['awq', 'gptq'])")
 
 
 @dataclass

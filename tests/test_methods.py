@@ -72,7 +72,10 @@ def test_gptq_equals_the_published_algorithm_in_float64(k, group):
     assert not torch.equal(ours.codes, rtn.codes)  # error feedback did move codes
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int4_sym", "nf4", "fp4", "any4", "int3", "any3", "int2", "any2", "mxfp4", "nvfp4"])
+ALL_KINDS = ["int4", "int4_sym", "nf4", "fp4", "any4", "int3", "any3", "int2", "any2", "mxfp4", "nvfp4"]
+
+
+@pytest.mark.parametrize("fmt", ALL_KINDS)
 @pytest.mark.parametrize("variant", [{}, {"act_order": True}, {"static_groups": True}])
 def test_gptq_never_does_worse_than_rtn_on_its_calibration_inputs(fmt, variant):
     k = 256
