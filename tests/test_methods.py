@@ -294,3 +294,32 @@ def test_ablation_errors_equal_their_direct_definitions(tiny):
     assert variants() == [("k-means++", "activation_x_scale"), ("random", "activation_x_scale"),
                           ("int", "activation_x_scale"), ("nf4", "activation_x_scale"),
                           ("k-means++", "weights"), ("k-means++", "activation")]
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_gptq_beats_rtn_on_the_reference_model_first_layers():
+    """ref-en-16m, int4 g128: on the first block's q/k/v (whose inputs nothing quantized precedes), GPTQ's
+    reconstruction error on the calibration inputs is below RTN's."""
+    from any4lib.calibration import record_inputs
+    from any4lib.lut_ablation import InputGram
+    from any4lib.model import load_model
+    from any4lib.paths import text_file
+
+    if text_file("heldout") is None:
+        pytest.skip("needs ../shared/data (ref-en-16m and the held-out text)")
+    model, tokenizer = load_model("ref-en-16m", dtype=torch.float32)
+    stats = calibrate(model, tokenizer, "heldout", n_samples=4, seq_len=256, mode="online", progress=False)
+    layers = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    gram = record_inputs(model, stats.inputs, InputGram(), layers=layers)
+    results = {
+        m: quantize_model(copy.deepcopy(model), "int4", 128, stats, include="model.layers.0.*", method=m, progress=False)
+        for m in ("rtn", "gptq")
+    }
+    for name in layers:
+        w = model.get_submodule(name).weight.double()
+        h = gram.gram[name].hessian()
+        error = {m: float((((w - q.get_submodule(name).quantized.dequantize(torch.float64)) @ h)
+                           * (w - q.get_submodule(name).quantized.dequantize(torch.float64))).sum())
+                 for m, q in results.items()}
+        assert error["gptq"] < 0.9 * error["rtn"], (name, error)
