@@ -95,16 +95,22 @@ def awq_block(
     inputs: list[BlockInput],
     fmt: str,
     group_size: int | None,
-    grid: int = 20,
+    grid: int = 10,
     statistic: str = "abs_mean",
+    search_tokens: int | None = 2048,
     **quant_options,
 ) -> dict[str, float]:
-    """Search and fold AWQ scales for every foldable set of `block`'s linears; returns the alpha chosen per set."""
+    """Search and fold AWQ scales for every foldable set of `block`'s linears; returns the alpha chosen per set.
+
+    The mean |x| comes from all `inputs`; the output error of each alpha from the first windows holding at most
+    `search_tokens` tokens (at least one window; None: all), since the search runs the block grid times per set."""
     sets = foldable_sets(block, names)
     if not sets:
         return {}
     consumers_all = [c for _, consumers in sets for c in consumers]
     stats, _ = record_block(block, consumers_all, inputs, stop=False)
+    sizes = torch.tensor([item.hidden.shape[:-1].numel() for item in inputs]).cumsum(0)
+    inputs = inputs[: max(1, int((sizes <= search_tokens).sum())) if search_tokens else len(inputs)]
     reference = [run_block(block, item) for item in inputs]
     chosen = {}
     for producer, consumers in sets:

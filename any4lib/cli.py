@@ -28,6 +28,15 @@ def group_size_arg(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"group size must be an integer >= 2 or 'row', got {text!r}") from None
 
 
+def method_arg(text: str) -> str:
+    from .pipeline import parse_method
+
+    try:
+        return parse_method(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def csv_arg(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -64,9 +73,7 @@ def compute_dtype(args) -> torch.dtype:
 
 def _load(args):
     """(model, tokenizer, quantized-by-this-command?) for --model, quantized with --format when given."""
-    from .evaluate import resolve_seq_len
-    from .experiments import calibration_stats
-    from .model import QUANT_CONFIG, load_model, load_quantized, quantize_model
+    from .model import QUANT_CONFIG, load_model, load_quantized
 
     dtype = compute_dtype(args)
     path = Path(args.model)
@@ -79,9 +86,18 @@ def _load(args):
         return model.to(dtype), AutoTokenizer.from_pretrained(path)
     model, tokenizer = load_model(args.model, dtype=dtype, device=args.device)
     if getattr(args, "format", None):
-        stats = calibration_stats(model, tokenizer, args.calibration)
-        quantize_model(model, args.format, args.group_size, stats, exclude=args.exclude)
+        _quantize(model, tokenizer, args)
     return model, tokenizer
+
+
+def _quantize(model, tokenizer, args):
+    """`model` quantized in place as --format, --group-size, --calibration, --method and --exclude ask."""
+    from .experiments import calibration_stats, method_calibration
+    from .model import quantize_model
+
+    calibration = method_calibration(args.calibration, args.method)
+    stats = calibration_stats(model, tokenizer, calibration)
+    return quantize_model(model, args.format, args.group_size, stats, exclude=args.exclude, method=args.method)
 
 
 def cmd_quantize(args) -> None:
@@ -113,8 +129,9 @@ def _quantize_sequential(args) -> None:
     print(f"saved {args.out}")
 
 
-def _saved_format(path: Path) -> tuple[str, int | None] | None:
-    """(format, group size) of a folder written by `any4 quantize` ("a+b" when its layers differ), else None."""
+def _saved_format(path: Path) -> tuple[str, int | None, str] | None:
+    """(format, group size, method) of a folder written by `any4 quantize` ("a+b" where its layers differ), else
+    None."""
     from .model import QUANT_CONFIG
 
     if not (path / QUANT_CONFIG).is_file():
@@ -122,7 +139,8 @@ def _saved_format(path: Path) -> tuple[str, int | None] | None:
     layers = json.loads((path / QUANT_CONFIG).read_text())["layers"].values()
     formats = sorted({spec["format"] for spec in layers})
     sizes = sorted({spec["group_size"] for spec in layers})
-    return "+".join(formats) or "none", sizes[0] if len(sizes) == 1 else None
+    methods = sorted({spec.get("method", "rtn") for spec in layers})
+    return "+".join(formats) or "none", sizes[0] if len(sizes) == 1 else None, "+".join(methods) or "rtn"
 
 
 def cmd_eval(args) -> None:
@@ -132,9 +150,10 @@ def cmd_eval(args) -> None:
 
     store = ResultStore(args.store)
     identity = model_identity(args.model)
-    fmt, group_size = _saved_format(Path(args.model)) or (args.format or "none", args.group_size)
+    fmt, group_size, method = (_saved_format(Path(args.model))
+                               or (args.format or "none", args.group_size, args.method if args.format else "rtn"))
     base = {"model": args.model, "format": fmt, "group_size": group_size,
-            "method": "rtn", "calibration": args.calibration, "dtype": str(compute_dtype(args)).removeprefix("torch."),
+            "method": method, "calibration": args.calibration, "dtype": str(compute_dtype(args)).removeprefix("torch."),
             "device": torch.device(args.device).type}
     todo = [{"task": "perplexity", "dataset": d, "seq_len": args.seq_len, "max_tokens": args.max_tokens,
              "identity": {"model": identity, "data": text_identity(d)}} for d in args.datasets]
@@ -181,15 +200,12 @@ def cmd_analyze(args) -> None:
     import copy
 
     from .analyze import layer_report
-    from .evaluate import resolve_seq_len
-    from .experiments import calibration_stats
-    from .model import load_model, quantize_model
+    from .model import load_model
 
     if not args.format:
         raise ValueError("any4 analyze needs --format (the format to analyze)")
     reference, tokenizer = load_model(args.model, dtype=compute_dtype(args), device=args.device)
-    stats = calibration_stats(reference, tokenizer, args.calibration)
-    quantized = quantize_model(copy.deepcopy(reference), args.format, args.group_size, stats, exclude=args.exclude)
+    quantized = _quantize(copy.deepcopy(reference), tokenizer, args)
     rows = layer_report(reference, quantized, tokenizer)
     print(f"{'layer':40} {'weight_rel':>10} {'output_rel':>10} {'isolated':>10}")
     for row in rows:
@@ -261,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--group-size", type=group_size_arg, default=128, help="int >= 2 dividing K, or 'row' for per-row")
     quant.add_argument("--calibration", default="prompt",
                        help="'prompt', 'none', '<set>:<N>' or '<set>:<N>x<L>' (N windows of L tokens; + '@online')")
+    quant.add_argument("--method", type=method_arg, default="rtn",
+                       help="rtn, gptq, awq or awq+gptq (the methods calibrate on --calibration's token windows)")
     quant.add_argument("--exclude", type=csv_arg, default=",".join(DEFAULT_EXCLUDE),
                        help="layer name patterns to keep unquantized (lm_head and MoE routers by default)")
 

@@ -34,8 +34,10 @@ REF_TOKENS = 32768
 # Tokens per forward call on the kernel path: decode-shaped calls (batch 1 x 16 rows) that tinygemm serves.
 KERNEL_CHUNK = 16
 
-COLUMNS = ["format", "group_size", "calibration", "seed", "dataset", "ppl", "bits_per_weight", "seconds"]
+COLUMNS = ["format", "method", "group_size", "calibration", "seed", "dataset", "ppl", "bits_per_weight", "seconds"]
 FORMATS_MAIN = ["bf16", "int4", "fp4", "nf4", "any4", "int3", "any3", "int2", "any2", "mxfp4", "nvfp4"]
+FORMATS_METHODS = ["int4", "nf4", "any4", "int3", "any3", "int2", "any2"]
+METHOD_CALIBRATION = "wikitext2_valid:16"
 PROFILES = {
     "main": dict(formats=FORMATS_MAIN, group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"]),
     # ref-en-16m's K is 384 (and 1024 for down_proj): no size above 128 divides both, so beyond 128 the sweep
@@ -51,6 +53,13 @@ PROFILES = {
     # k-means seed noise of the learned formats (seed 0 is in "main").
     "seeds": dict(formats=["any4", "any3", "any2"], group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"],
                   seeds=[1, 2]),
+    # Methods beyond round-to-nearest (any4lib.pipeline), every method calibrated on the same 16 windows of 512
+    # tokens of WikiText-2's validation split (disjoint from every test set). Sized for a shared 2-core CPU:
+    # heldout only, and AWQ (its search runs each block 10 times per scale set) on the 4- and 3-bit formats.
+    "methods": dict(formats=FORMATS_METHODS, methods=["rtn", "gptq"], group_sizes=[128], datasets=["heldout"],
+                    calibration=METHOD_CALIBRATION),
+    "methods_awq": dict(formats=["int3", "any3", "int4", "any4"], methods=["awq", "awq+gptq"], group_sizes=[128],
+                        datasets=["heldout"], calibration=METHOD_CALIBRATION),
     # The whole held-out set, to check the pipeline against the model's published baseline (ppl 56.1).
     "bf16_full": dict(formats=["bf16"], group_sizes=[128], datasets=["heldout"], max_tokens=None),
 }
@@ -122,8 +131,14 @@ def parse_calibration(calibration: str) -> tuple[dict | None, str]:
     return {"dataset": dataset, "n_samples": int(n), "seq_len": int(length) if length else None}, mode
 
 
+def method_calibration(calibration: str, method: str) -> str:
+    """The calibration spec a method needs: methods other than rtn run on the token windows, which online
+    calibration keeps."""
+    return calibration if method == "rtn" else calibration.partition("@")[0] + "@online"
+
+
 def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, device, dtype, kernels, seed,
-            identity) -> dict:
+            identity, method="rtn") -> dict:
     if fmt == UNQUANTIZED:
         group_size, calibration = None, "none"
     config = {
@@ -139,6 +154,8 @@ def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, d
         config["path"] = f"tinygemm, {KERNEL_CHUNK}-token chunks"
     if seed:
         config["seed"] = seed
+    if method != "rtn" and fmt != UNQUANTIZED:
+        config["method"] = method
     return config
 
 
@@ -157,8 +174,10 @@ def accuracy_records(
     kernels: bool = False,
     seeds: tuple[int, ...] | list[int] = (0,),
     recompute: bool = False,
+    methods: list[str] = ["rtn"],
 ):
-    """One row per (format, group_size, calibration, dataset): ppl, bits_per_weight, seconds (of that evaluation).
+    """One row per (format, method, group_size, calibration, dataset): ppl, bits_per_weight, seconds (of that
+    evaluation).
 
     model: a name under data_root()/models ("ref-en-16m"), a path, a hub id, or "tiny" (tiny_model()).
     format "bf16" is the unquantized model (its group_size and calibration read None / "none").
@@ -167,7 +186,8 @@ def accuracy_records(
     bfloat16 on CUDA by default. store: the results folder; a relative path is taken from the checkout root.
     kernels: run the quantized layers through the tinygemm kernels (CUDA), feeding each window KERNEL_CHUNK
     tokens at a time; otherwise they multiply by the dequantized weight (fake-quant). seeds: k-means seeds of the
-    learned formats (one row per seed; other formats run once).
+    learned formats (one row per seed; other formats run once). methods: quantize_model's methods ("rtn", "gptq",
+    "awq", "awq+gptq"); all but rtn calibrate online, on the token windows of `calibration`.
     Computes what the store lacks (everything with recompute=True), reads the rest, and says in one line how many
     rows came from the store. Records are keyed by the content of the model and of each text (any4lib.identity).
     """
@@ -179,29 +199,35 @@ def accuracy_records(
     identities = {d: {"model": model_id, "data": text_identity(d)} for d in datasets}
     calibrations = [calibration] if isinstance(calibration, str) else list(calibration)
     base = tokenizer = None
+    from .pipeline import parse_method
+
+    methods = [parse_method(m) for m in methods]
     runs = [
-        (f, g, c, seed)
-        for f in formats for g in group_sizes for c in calibrations
+        (f, m, g, c, seed)
+        for f in formats for m in (methods if f != UNQUANTIZED else ["rtn"]) for g in group_sizes for c in calibrations
         for seed in (seeds if f != UNQUANTIZED and get_format(f).learned else [0])
     ]
     rows, served, stats_cache = [], [], {}
-    for fmt, group_size, calib, seed in tqdm(runs, desc="accuracy", disable=not progress):
+    for fmt, method, group_size, calib, seed in tqdm(runs, desc="accuracy", disable=not progress):
         if base is None:
             base, tokenizer = _load(model, dtype, device)
             seq_len = seq_len or DEFAULT_SEQ_LEN.get(model) or min(2048, max_positions(base) or 2048)
         configs = {
-            d: _config(model, fmt, group_size, calib, d, seq_len, max_tokens, device, dtype, kernels, seed, identities[d])
+            d: _config(model, fmt, group_size, calib, d, seq_len, max_tokens, device, dtype, kernels, seed,
+                       identities[d], method)
             for d in datasets
         }
         missing = [d for d, c in configs.items() if recompute or not store.has(c)]
         if missing:
             net, quantize_seconds = base, 0.0
             if fmt != UNQUANTIZED:
-                if calib not in stats_cache:
-                    stats_cache[calib] = calibration_stats(base, tokenizer, calib)
+                source = method_calibration(calib, method)
+                if source not in stats_cache:
+                    stats_cache[source] = calibration_stats(base, tokenizer, source)
                 start = time.perf_counter()
                 options = {"seed": seed} if get_format(fmt).learned else {}
-                net = quantize_model(copy.deepcopy(base), fmt, group_size, stats_cache[calib], progress=False, **options)
+                net = quantize_model(copy.deepcopy(base), fmt, group_size, stats_cache[source], progress=False,
+                                     method=method, **options)
                 quantize_seconds = time.perf_counter() - start
                 use_kernels(net, kernels)
             chunking = {"batch_size": 1, "chunk": KERNEL_CHUNK} if kernels else {}
@@ -230,6 +256,7 @@ def accuracy_records(
 def _row(record: dict) -> dict:
     config = record["config"]
     row = {k: config[k] for k in ("format", "group_size", "calibration", "dataset")} | {"seed": config.get("seed", 0)}
+    row["method"] = config.get("method", "rtn")
     return row | {k: record["metrics"][k] for k in ("ppl", "bits_per_weight", "seconds")}
 
 
@@ -265,7 +292,7 @@ def run_profile(name: str, model: str = "ref-en-16m", **overrides):
 
 def pivot(frame, columns: str = "dataset"):
     """A table of perplexities: rows (format, group size, calibration, seed), one column per `columns` value."""
-    index = [c for c in ("format", "group_size", "calibration", "seed", "dataset") if c != columns]
+    index = [c for c in ("format", "method", "group_size", "calibration", "seed", "dataset") if c != columns]
     if frame.duplicated(index + [columns]).any():
         raise ValueError("several records per cell (e.g. different max_tokens or seq_len): filter the frame first")
     table = frame.pivot_table(index=index, columns=columns, values="ppl", sort=False, dropna=False)

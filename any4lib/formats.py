@@ -150,7 +150,7 @@ def _quantize_any(
         weight = weight * scale  # error in the original units, as the method weighs it
     x, weight = x.reshape(n, -1), weight.reshape(n, -1)
     k = 2**fmt.bits
-    start = torch.arange(k, dtype=torch.float32, device=groups.device)[None] if init == "int" else init
+    start = _initial_centers(init, x, k, seed)
     settings = {"init": start, "max_iter": max_iter, "tol": tol, "with_inertia": False, "row_chunk": row_chunk}
 
     if per_row:
@@ -160,6 +160,27 @@ def _quantize_any(
         centers = kmeans_1d(x.reshape(1, -1), k, weight.reshape(1, -1), seed=seed, **settings).centers
         codes = assign_nearest(x, centers)
     return _finish(groups, fmt, codes, centers - 2 ** (fmt.bits - 1), scale, zero)
+
+
+KMEANS_INITS = ("k-means++", "random", "int", "nf4")
+
+
+def _initial_centers(init: str | torch.Tensor, x: torch.Tensor, k: int, seed: int) -> str | torch.Tensor:
+    """k-means starting centers on the normalised rows x [N, M] (values in [0, k - 1]): "k-means++" (kmeans_1d
+    seeds it), "random" (k distinct points of each row, seeded), "int" (the integer grid 0..k-1), "nf4" (NF4's
+    levels stretched onto [0, 15]; 4 bits only), or a tensor of centers."""
+    if isinstance(init, torch.Tensor) or init == "k-means++":
+        return init
+    if init == "int":
+        return torch.arange(k, dtype=torch.float32, device=x.device)[None]
+    if init == "nf4" and k == 16:
+        return ((grids.NF4_LEVELS + 1) / 2 * (k - 1)).to(x.device)[None]
+    if init == "random" and x.shape[1] >= k:
+        generator = torch.Generator().manual_seed(seed)
+        picks = torch.rand(x.shape, generator=generator).argsort(1)[:, :k].to(x.device)
+        return torch.gather(x, 1, picks)
+    raise ValueError(f"k-means init {init!r} does not apply here: use one of {KMEANS_INITS} ('nf4' for 4 bits only, "
+                     f"'random' needs at least {k} weights a row)")
 
 
 # ---- fixed grids with absmax scaling ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import get_format
+from .formats import _safe_divide, get_format
 from .qtensor import QuantizedTensor
 from .quant import _resolve_group_size, quantize
 
@@ -62,7 +62,7 @@ def _params(q: QuantizedTensor, dtype: torch.dtype):
 def _snap(column: torch.Tensor, lut: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None):
     """Nearest code of each entry of `column` [N] under its row's (lut, scale, zero), and the value it stands for."""
     shifted = column if zero is None else column - zero
-    x = torch.where(scale > 0, shifted / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(column))
+    x = _safe_divide(shifted, scale)
     codes = (x[:, None] - lut).abs().argmin(1)
     value = lut.expand(column.shape[0], -1).gather(1, codes[:, None])[:, 0] * scale
     return codes, value if zero is None else value + zero

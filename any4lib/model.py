@@ -122,9 +122,12 @@ def quantize_model(
         raise ValueError(f"method 'rtn' takes no method options; got {sorted(method_options)}")
     if online or method != "rtn":  # block by block on cached block inputs: L block passes, not a prefix per layer
         settings = MethodOptions.from_dict(method_options)
-        names = quantize_sequential(
+        rest = quantize_sequential(
             model, names, calibration.inputs, fmt, group_size, method, settings, statistic, progress, **options
         )  # what is left lies outside the decoder blocks: round to nearest below
+        for name in set(names) - set(rest):
+            model.get_submodule(name).method = method  # saved in quant.json, named by `any4 eval`
+        names = rest
     for name in tqdm(names, desc=f"quantizing {fmt}", disable=not progress, leave=False):
         linear = model.get_submodule(name)
         sample_weight = None
@@ -204,7 +207,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) ->
 
 def _layer_spec(m: QuantLinear) -> dict:
     spec = {"format": m.format, "bits": m.bits, "group_size": m.group_size, "out_features": m.out_features,
-            "in_features": m.in_features, "form": m.form}
+            "in_features": m.in_features, "form": m.form, "method": m.method}
     if m.form == "packed":
         spec |= {"dtype": str(m.packed.dtype).removeprefix("torch."), "int_codes": m.packed.int_codes,
                  "swiglu": m.packed.swiglu, "rows": m.packed.n}
@@ -277,6 +280,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     for name, spec in layers.items():
         if spec.get("form") == "packed":
             set_submodule(model, name, _packed_layer(name, spec, tensors))
+            model.get_submodule(name).method = spec.get("method", "rtn")
             continue
         # Placeholder codes of the right shape: load_state_dict below fills the buffer from either layout (QuantLinear
         # packs a version 1 folder's one-code-a-byte tensor as it loads).
@@ -287,6 +291,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
             zero=tensors.get(f"{name}.zero"), tensor_scale=float(tensors[f"{name}.tensor_scale"]),
         )
         set_submodule(model, name, QuantLinear(q, tensors.get(f"{name}.bias")))
+        model.get_submodule(name).method = spec.get("method", "rtn")  # folders before methods existed: all rtn
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()

@@ -35,6 +35,8 @@ class QuantLinear(nn.Module):
     memory and checkpoints cost what the format's bits say; wider codes take a byte each ([out, in]).
     """
 
+    method = "rtn"  # how the codes were chosen (quantize_model sets "gptq", "awq", ...); saved in quant.json
+
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.form = "contract"

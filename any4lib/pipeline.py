@@ -41,19 +41,21 @@ def parse_method(method: str | Sequence[str]) -> str:
         return "rtn"
     if steps and len(set(steps)) == len(steps) and set(steps) <= {"awq", "gptq"}:
         return "+".join(s for s in ("awq", "gptq") if s in steps)  # AWQ's scales come before any rounding
-    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)} (or a list such as ['awq', 'gptq'])")
+    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)} (or a list: ['awq', 'gptq'])")
 
 
 @dataclass
 class MethodOptions:
     """GPTQ: damp (fraction of mean diag H added to it), block_size, act_order, static_groups. AWQ: awq_grid (alpha
-    values 0, 1/n, ..., (n-1)/n are tried). propagate: what the next block sees ("quantized" or "float")."""
+    values 0, 1/n, ..., (n-1)/n are tried; AutoAWQ tries 20, 10 halves the search), awq_tokens (calibration tokens
+    the alpha search runs the block on; None: all). propagate: what the next block sees ("quantized" or "float")."""
 
     damp: float = DEFAULT_DAMP
     block_size: int = DEFAULT_BLOCK
     act_order: bool = False
     static_groups: bool = False
-    awq_grid: int = 20
+    awq_grid: int = 10
+    awq_tokens: int | None = 2048
     propagate: str = "quantized"
 
     def __post_init__(self):
@@ -198,7 +200,8 @@ def quantize_block(
     if "awq" in method:
         from .awq import awq_block
 
-        awq_block(block, names, inputs, fmt, group_size, options.awq_grid, statistic, **quant_options)
+        awq_block(block, names, inputs, fmt, group_size, options.awq_grid, statistic, options.awq_tokens,
+                  **quant_options)
     for shared in _shared_input_sets(block, names, inputs[0]):
         stats, acc = record_block(block, shared, inputs, hessian="gptq" in method)
         for name in shared:

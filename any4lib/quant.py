@@ -74,8 +74,8 @@ def quantize(
     group_size: elements along K that share one scale (must divide K); None for one group per row. Block formats
     (mxfp4: 32, nvfp4: 16) always use their own block, whatever is passed. sample_weight: importance of each element, broadcast
     to [N, K]; anyN uses it (times the group scale) as k-means sample weights; typically |mean activation| per input
-    feature from calibration. options: anyN k-means settings (init="k-means++"|"int", seed, scale_weighted,
-    max_iter, tol, row_chunk). The work runs on w's device, in float32.
+    feature from calibration. options: anyN k-means settings (init="k-means++"|"random"|"int"|"nf4", seed,
+    scale_weighted, max_iter, tol, row_chunk). The work runs on w's device, in float32.
     """
     spec = get_format(fmt)
     _check_weight(w)

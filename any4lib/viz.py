@@ -169,7 +169,7 @@ def stored_accuracy(model: str, formats, group_sizes, datasets, calibration="pro
                     store="results/accuracy", device="cpu"):
     """The rows of experiments.accuracy_records already in the results store, computing nothing: for drawing
     figures while a long sweep is still filling the store. Missing configurations are simply absent. Only the
-    default runs count: fake-quant on `device`, k-means seed 0."""
+    default runs count: fake-quant on `device`, k-means seed 0, round to nearest."""
     from .experiments import REPO_ROOT, UNQUANTIZED, _frame, _row
     from .results import ResultStore
 
@@ -178,7 +178,7 @@ def stored_accuracy(model: str, formats, group_sizes, datasets, calibration="pro
     rows = {}
     for record in ResultStore(root).find(task="perplexity", model=model, max_tokens=max_tokens, device=device):
         c = record["config"]
-        if c.get("seed", 0) or "path" in c:
+        if c.get("seed", 0) or "path" in c or "method" in c:
             continue
         unquantized = c["format"] == UNQUANTIZED
         if (c["format"] in formats and c["dataset"] in datasets

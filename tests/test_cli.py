@@ -154,3 +154,18 @@ def test_every_option_has_help_and_out_means_what_the_command_writes(capsys):
         main(["eval", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
     assert "(default: 128)" in shown and "(default: results/eval)" in shown and "(default: wikitext2)" in shown
+
+
+def test_quantize_with_a_method_saves_a_model_that_reloads(tiny_folder, text_file, tmp_path, capsys):
+    from any4lib.model import load_quantized
+
+    out = tmp_path / "gptq"
+    main(["quantize", "--model", str(tiny_folder), "--format", "any4", "--group-size", "64", "--method", "gptq",
+          "--dtype", "fp32", "--out", str(out)])
+    layer = load_quantized(out).model.layers[0].mlp.up_proj
+    assert (layer.format, layer.method) == ("any4", "gptq")
+    main(["eval", "--model", str(out), "--datasets", str(text_file), "--seq-len", "64", "--store", str(tmp_path / "r")])
+    assert _last_json(capsys)[0]["method"] == "gptq"  # eval names the method the saved folder was made with
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", "x", "--method", "sparsegpt"])
+    assert "unknown method 'sparsegpt'" in capsys.readouterr().err

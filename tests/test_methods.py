@@ -72,7 +72,10 @@ def test_gptq_equals_the_published_algorithm_in_float64(k, group):
     assert not torch.equal(ours.codes, rtn.codes)  # error feedback did move codes
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int4_sym", "nf4", "fp4", "any4", "int3", "any3", "int2", "any2", "mxfp4", "nvfp4"])
+ALL_KINDS = ["int4", "int4_sym", "nf4", "fp4", "any4", "int3", "any3", "int2", "any2", "mxfp4", "nvfp4"]
+
+
+@pytest.mark.parametrize("fmt", ALL_KINDS)
 @pytest.mark.parametrize("variant", [{}, {"act_order": True}, {"static_groups": True}])
 def test_gptq_never_does_worse_than_rtn_on_its_calibration_inputs(fmt, variant):
     k = 256
@@ -235,3 +238,88 @@ def test_method_names_and_errors(tiny):
         quantize_model(model, "int4", 64, calibrate(model, tokenizer, progress=False), method="gptq", progress=False)
     with pytest.raises(ValueError, match="unknown method options"):
         quantize_model(model, "int4", 64, online(model, tokenizer), method="gptq", method_options={"dampen": 0.1})
+
+
+@pytest.mark.parametrize("init", ["random", "int", "nf4"])
+def test_kmeans_inits_start_where_they_say(init):
+    """One Lloyd iteration from the init: its centroids are the weighted means of the init's nearest-center runs."""
+    from any4lib.formats import _initial_centers
+
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(3))
+    q = quantize(w, "any4", 64, init=init, max_iter=1)
+    x = ((w.reshape(16, 2, 64) - w.reshape(16, 2, 64).amin(-1, keepdim=True))
+         / (w.reshape(16, 2, 64).amax(-1, keepdim=True) - w.reshape(16, 2, 64).amin(-1, keepdim=True)) * 15)
+    start = _initial_centers(init, x.reshape(16, -1), 16, seed=0)
+    if init == "int":
+        assert torch.equal(start, torch.arange(16.0)[None])
+    elif init == "nf4":
+        assert start[0, 0] == 0 and start[0, -1] == 15 and start[0, 7] == 7.5  # NF4's exact zero lands mid-range
+    else:  # k points of each row
+        assert all(torch.isin(start[r], x.reshape(16, -1)[r]).all() for r in range(16))
+    assert not torch.equal(q.lut, quantize(w, "any4", 64).lut)  # a different start gives a different table
+
+
+def test_kmeans_init_errors():
+    with pytest.raises(ValueError, match="'nf4' for 4 bits only"):
+        quantize(torch.randn(4, 64), "any3", 64, init="nf4")
+    with pytest.raises(ValueError, match="k-means init 'grid'"):
+        quantize(torch.randn(4, 64), "any4", 64, init="grid")
+
+
+def test_ablation_errors_equal_their_direct_definitions(tiny):
+    from any4lib.calibration import record_inputs
+    from any4lib.lut_ablation import InputGram, _errors, variants
+
+    model, tokenizer = tiny
+    stats = calibrate(model, tokenizer, mode="online", progress=False)
+    gram = record_inputs(model, stats.inputs, InputGram())
+    quantized = quantize_model(copy.deepcopy(model), "any3", 64, stats, progress=False)
+    errors = _errors(model, quantized, gram)
+    num = den = wnum = wden = 0.0
+    inputs = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: inputs.update({n: a[0].reshape(-1, a[0].shape[-1]).double()}))
+        for n, m in quantized.named_modules() if isinstance(m, QuantLinear)]
+    with torch.no_grad():
+        model(stats.inputs[0])
+    for h in hooks:
+        h.remove()
+    for name, x in inputs.items():
+        w = model.get_submodule(name).weight.double()
+        d = w - quantized.get_submodule(name).quantized.dequantize(torch.float64)
+        num, den = num + float((x @ d.T).pow(2).sum()), den + float((x @ w.T).pow(2).sum())
+        wnum, wden = wnum + float(d.pow(2).sum()), wden + float(w.pow(2).sum())
+    assert errors["output_error"] == pytest.approx(num / den, rel=1e-9)
+    assert errors["weight_error"] == pytest.approx(wnum / wden, rel=1e-12)
+    assert variants() == [("k-means++", "activation_x_scale"), ("random", "activation_x_scale"),
+                          ("int", "activation_x_scale"), ("nf4", "activation_x_scale"),
+                          ("k-means++", "weights"), ("k-means++", "activation")]
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_gptq_beats_rtn_on_the_reference_model_first_layers():
+    """ref-en-16m, int4 g128: on the first block's q/k/v (whose inputs nothing quantized precedes), GPTQ's
+    reconstruction error on the calibration inputs is below RTN's."""
+    from any4lib.calibration import record_inputs
+    from any4lib.lut_ablation import InputGram
+    from any4lib.model import load_model
+    from any4lib.paths import text_file
+
+    if text_file("heldout") is None:
+        pytest.skip("needs ../shared/data (ref-en-16m and the held-out text)")
+    model, tokenizer = load_model("ref-en-16m", dtype=torch.float32)
+    stats = calibrate(model, tokenizer, "heldout", n_samples=4, seq_len=256, mode="online", progress=False)
+    layers = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    gram = record_inputs(model, stats.inputs, InputGram(), layers=layers)
+    results = {
+        m: quantize_model(copy.deepcopy(model), "int4", 128, stats, include="model.layers.0.*", method=m, progress=False)
+        for m in ("rtn", "gptq")
+    }
+    for name in layers:
+        w = model.get_submodule(name).weight.double()
+        h = gram.gram[name].hessian()
+        error = {m: float((((w - q.get_submodule(name).quantized.dequantize(torch.float64)) @ h)
+                           * (w - q.get_submodule(name).quantized.dequantize(torch.float64))).sum())
+                 for m, q in results.items()}
+        assert error["gptq"] < 0.9 * error["rtn"], (name, error)

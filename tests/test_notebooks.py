@@ -18,8 +18,8 @@ EXPECTED = {
     "02_weight_distributions": (
         ["02_weight_distributions", "02_normalised_levels", "02_layer_errors"], ["02_layer_errors"]),
     "03_accuracy": (
-        ["03_accuracy", "03_accuracy_bits"], ["03_accuracy", "03_accuracy_relative", "03_paper_reference"]),
-    "04_ablations": (["04_ablations"], ["04_group_size", "04_calibration", "04_paper_group_size"]),
+        ["03_accuracy", "03_accuracy_bits"], ["03_accuracy", "03_accuracy_relative", "03_paper_reference", "03_methods"]),
+    "04_ablations": (["04_ablations"], ["04_group_size", "04_calibration", "04_paper_group_size", "04_lut_ablation"]),
     "05_kernel_speedups": (
         ["05_kernel_speedups", "05_kernel_bandwidth", "05_e2e_decode"],
         ["05_kernel_us", "05_reference_h100", "05_e2e_decode", "05_generation"]),
