@@ -253,6 +253,47 @@ def accuracy_records(
 
 
 
+def generation_records(
+    model: str,
+    formats: list[tuple[str, int | None]],
+    prompts: list[str],
+    new_tokens: int,
+    device: str = "cpu",
+    store: str | Path = "results/generation",
+    recompute: bool = False,
+):
+    """One row per (format, prompt): the greedy continuation any4lib.generate gives on `model` quantized with each
+    (format, group size) (round to nearest, no calibration; "bf16": unquantized) and its decode tokens/s. One record
+    per format, keyed by the model's content, the prompts and the device, so a rerun reads what was measured (the
+    notebook's table stays byte for byte the same) unless recompute=True."""
+    import pandas as pd
+
+    from .engine.generate import generate
+
+    store = ResultStore(store if Path(store).is_absolute() else REPO_ROOT / store)
+    identity = model_identity(model)
+    rows, served = [], []
+    for fmt, group_size in formats:
+        config = {"task": "generation", "model": model, "identity": {"model": identity}, "format": fmt,
+                  "group_size": group_size, "prompts": list(prompts), "new_tokens": new_tokens,
+                  "device": torch.device(device).type}
+        record = None if recompute else store.get(config)
+        if record is None:
+            net, tokenizer = _load(model, torch.bfloat16, device)
+            if fmt != UNQUANTIZED:
+                quantize_model(net, fmt, group_size, progress=False)
+            out = generate(net, tokenizer, list(prompts), new_tokens, eos=False)
+            record = store.put(config, {"texts": out.texts, "decode_tok_s": out.timing["decode_tok_s"]}, device)
+        else:
+            served.append(record)
+        rows += [{"format": fmt, "prompt": prompt, "continuation": text.replace("\n", " "),
+                  "decode_tok_s": record["metrics"]["decode_tok_s"]}
+                 for prompt, text in zip(prompts, record["metrics"]["texts"])]
+    if served:
+        print(f"{len(served)} of {len(formats)} formats {served_from_store(served)}", file=sys.stderr)
+    return pd.DataFrame(rows).set_index(["format", "prompt"])
+
+
 def _row(record: dict) -> dict:
     config = record["config"]
     row = {k: config[k] for k in ("format", "group_size", "calibration", "dataset")} | {"seed": config.get("seed", 0)}

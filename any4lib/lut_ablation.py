@@ -73,21 +73,23 @@ def lut_ablation_records(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .experiments import DEFAULT_SEQ_LEN, REPO_ROOT, _load, calibration_stats
+    from .experiments import DEFAULT_SEQ_LEN, REPO_ROOT, _load, calibration_stats, calibration_windows
+    from .identity import model_identity, text_identity
 
     store = ResultStore(store if Path(store).is_absolute() else REPO_ROOT / store)
+    identity = {"model": model_identity(model), "data": text_identity(dataset)}  # keyed by content (issue 20)
     base = tokenizer = stats = gram = None
     rows = []
     for init, term in tqdm(pairs or variants(), desc="LUT ablation", disable=not progress):
         config = {"task": "lut_ablation", "model": model, "format": fmt, "group_size": group_size,
                   "calibration": calibration, "dataset": dataset, "max_tokens": max_tokens, "init": init,
-                  "term": term}
+                  "term": term, "identity": identity}
         if not store.has(config):
             if base is None:
                 base, tokenizer = _load(model, torch.float32, "cpu")
                 seq_len = DEFAULT_SEQ_LEN.get(model, 2048)
-                stats = calibration_stats(base, tokenizer, calibration, seq_len)
-                gram = record_inputs(base, _calibration_windows(tokenizer, calibration, seq_len), InputGram())
+                stats = calibration_stats(base, tokenizer, calibration)
+                gram = record_inputs(base, calibration_windows(tokenizer, calibration, base.config), InputGram())
             start = time.perf_counter()
             quantized = quantize_model(
                 copy.deepcopy(base), fmt, group_size, None if term == "weights" else stats, progress=False,
@@ -100,16 +102,6 @@ def lut_ablation_records(
         rows.append({"init": init, "term": term} | {k: record["metrics"][k] for k in
                                                      ("weight_error", "output_error", "ppl")})
     return pd.DataFrame(rows)
-
-
-def _calibration_windows(tokenizer, calibration: str, seq_len: int) -> list[torch.Tensor]:
-    from .calibration import calibration_inputs
-
-    spec = calibration.partition("@")[0]
-    if spec in ("prompt", "none"):
-        return calibration_inputs(tokenizer)[0]
-    dataset, _, n = spec.rpartition(":")
-    return calibration_inputs(tokenizer, dataset, n_samples=int(n), seq_len=seq_len)[0]
 
 
 if __name__ == "__main__":  # python -m any4lib.lut_ablation: the README's table on ref-en-16m

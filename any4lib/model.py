@@ -122,12 +122,9 @@ def quantize_model(
         raise ValueError(f"method 'rtn' takes no method options; got {sorted(method_options)}")
     if online or method != "rtn":  # block by block on cached block inputs: L block passes, not a prefix per layer
         settings = MethodOptions.from_dict(method_options)
-        rest = quantize_sequential(
+        names = quantize_sequential(
             model, names, calibration.inputs, fmt, group_size, method, settings, statistic, progress, **options
         )  # what is left lies outside the decoder blocks: round to nearest below
-        for name in set(names) - set(rest):
-            model.get_submodule(name).method = method  # saved in quant.json, named by `any4 eval`
-        names = rest
     for name in tqdm(names, desc=f"quantizing {fmt}", disable=not progress, leave=False):
         linear = model.get_submodule(name)
         sample_weight = None

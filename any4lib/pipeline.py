@@ -216,12 +216,9 @@ def quantize_block(
                     q = quantize(linear.weight, fmt, group_size, sample_weight=sample_weight, **quant_options)
             except ValueError as err:
                 raise ValueError(f"layer {name!r} ({tuple(linear.weight.shape)}): {err}") from err
-            _replace(block, name, QuantLinear(q, linear.bias).to(linear.weight.device))
-
-
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
+            layer = QuantLinear(q, linear.bias).to(linear.weight.device)
+            layer.method = method  # saved in quant.json, named by `any4 eval`
+            block.set_submodule(name, layer)
 
 
 @torch.no_grad()

@@ -189,8 +189,6 @@ def quantize_checkpoint(
         unstack_experts(block)
         mine = [n.removeprefix(head) for n in names if n.startswith(head)]
         inputs = quantize_and_advance(block, mine, inputs, fmt, group_size, method, settings, statistic, **options)
-        for name in mine:
-            block.get_submodule(name).method = method  # saved in quant.json
         if writer is not None:
             writer.add_block(f"{prefix}.{index}", block)
     if writer is not None:
