@@ -23,6 +23,7 @@ from .formats import KMEANS_INITS
 from .gptq import HessianAccumulator
 from .model import quantize_model, quantized_layers
 from .results import ResultStore
+from .standins import standin_label
 
 TERMS = ("weights", "activation", "activation_x_scale")
 DEFAULT_INIT, DEFAULT_TERM = "k-means++", "activation_x_scale"
@@ -73,6 +74,7 @@ def lut_ablation_records(
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from .evaluate import max_positions
     from .experiments import DEFAULT_SEQ_LEN, REPO_ROOT, _load, calibration_stats, calibration_windows
     from .identity import model_identity, text_identity
 
@@ -84,10 +86,12 @@ def lut_ablation_records(
         config = {"task": "lut_ablation", "model": model, "format": fmt, "group_size": group_size,
                   "calibration": calibration, "dataset": dataset, "max_tokens": max_tokens, "init": init,
                   "term": term, "identity": identity}
+        if standin_label(model):  # random weights: the record says its numbers are no accuracy
+            config["standin"] = standin_label(model)["name"]
         if not store.has(config):
             if base is None:
                 base, tokenizer = _load(model, torch.float32, "cpu")
-                seq_len = DEFAULT_SEQ_LEN.get(model, 2048)
+                seq_len = DEFAULT_SEQ_LEN.get(model) or min(2048, max_positions(base) or 2048)  # as accuracy_records
                 stats = calibration_stats(base, tokenizer, calibration)
                 gram = record_inputs(base, calibration_windows(tokenizer, calibration, base.config), InputGram())
             start = time.perf_counter()
