@@ -153,11 +153,12 @@ class QuantLinear(nn.Module):
             y = linear(x, self._packed)
             return y if bias is None else y + bias
         if self.form == "packed" and not x.is_cuda:
-            # The kernels' CPU reference (fp32 products rounded to the dtype), its float32 weight cached here.
+            # The kernels' CPU reference (fp32 products rounded to x's dtype), its float32 weight cached here; any
+            # float x, since CPU evaluation computes in float32 whatever the packing dtype.
             from .kernels import check_activation
             from .kernels.reference import linear_reference, swiglu_reference
 
-            check_activation(x, self._packed)
+            check_activation(x, self._packed, match_dtype=False)
             y = linear_reference(x.reshape(-1, self.in_features), self.dequantized_weight(torch.float32))
             y = (swiglu_reference(y) if self.swiglu else y).reshape(*x.shape[:-1], self.out_features)
             return y if bias is None else y + bias

@@ -96,6 +96,27 @@ def test_packed_form_is_the_only_state_and_computes_the_kernels_reference(fmt, g
         layer.pack(torch.float16)
 
 
+def test_packed_layer_runs_float32_activations_on_the_cpu(tmp_path, tiny):
+    """A folder saved after packing (e.g. on a GPU) evaluates on a CPU in float32, the CPU's compute default."""
+    from any4lib.model import load_quantized, quantize_model, save_quantized
+
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 256), torch.randn(3, 256)
+    layer = QuantLinear(any4lib.quantize(w, "any4", 64))
+    layer.pack(torch.bfloat16)
+    expected = x.double() @ layer.quantized.dequantize(torch.float64).T  # the packed (bf16-table) weight, exactly
+    got = layer(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    model, tokenizer = tiny
+    pack_model(quantize_model(model, "int4", 64, progress=False), torch.bfloat16)
+    ids = torch.randint(0, 200, (1, 16))
+    with torch.no_grad():
+        before = model.float()(ids).logits
+        after = load_quantized(save_quantized(model, tmp_path / "q", tokenizer)).float()(ids).logits
+    assert torch.equal(before, after)
+
+
 @pytest.mark.parametrize("fmt", ["int4", "any4"])
 def test_packed_swiglu_layer_is_silu_of_gate_times_up(fmt):
     torch.manual_seed(1)

@@ -168,12 +168,13 @@ class PackedWeight:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
-def check_activation(x: torch.Tensor, w: PackedWeight) -> None:
-    """x fits w: k features, w's dtype and device."""
+def check_activation(x: torch.Tensor, w: PackedWeight, match_dtype: bool = True) -> None:
+    """x fits w: k features, w's device and (match_dtype: the kernels' case) w's dtype."""
     if x.shape[-1] != w.k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects k = {w.k} (weight shape [{w.n}, {w.k}])")
-    if x.dtype != w.dtype:
-        raise ValueError(f"x is {x.dtype} but the weight was packed for {w.dtype}; pack with dtype={x.dtype}")
+    if match_dtype and x.dtype != w.dtype:
+        raise ValueError(f"x is {x.dtype} but the weight was packed for {w.dtype}; cast x to {w.dtype} or pack "
+                         f"for {x.dtype} (the kernels take bfloat16 or float16)")
     if x.device != w.device:
         raise ValueError(f"x is on {x.device} but the weight is on {w.device}; move one with .to()")
 
