@@ -3,12 +3,12 @@ fails a hub look-up at once with one clear message instead of retrying for a min
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 from urllib.parse import urlparse
 
 PROBE_TIMEOUT_S = 3.0
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def _endpoint() -> tuple[str, int]:
@@ -16,21 +16,16 @@ def _endpoint() -> tuple[str, int]:
     return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
 
 
-@functools.cache
-def _reachable(host: str, port: int) -> bool:
+def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """False at once when an offline variable (OFFLINE_ENV) is set, else whether $HF_ENDPOINT's host accepts a
+    connection within `timeout` seconds: the one probe behind every hub look-up (models, revisions, text sets)."""
+    if any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in OFFLINE_ENV):
+        return False
     try:
-        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+        socket.create_connection(_endpoint(), timeout=timeout).close()
         return True
     except OSError:
         return False
-
-
-def network_available() -> bool:
-    """False when HF_HUB_OFFLINE is set or the hub's host does not accept a connection within PROBE_TIMEOUT_S
-    (asked once per process)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    return _reachable(*_endpoint())
 
 
 def hub_unreachable_error(name: str) -> FileNotFoundError:

@@ -75,9 +75,9 @@ def hub_revision(repo_id: str) -> str:
     """The commit the hub resolves `repo_id` to now; offline, the revision already in the local hub cache."""
     from huggingface_hub import HfApi, snapshot_download
 
-    from .hub import hub_unreachable_error, network_available
+    from .hub import hub_reachable, hub_unreachable_error
 
-    if network_available():
+    if hub_reachable():
         return HfApi().model_info(repo_id).sha
     try:
         return Path(snapshot_download(repo_id, local_files_only=True)).name  # .../snapshots/<commit>

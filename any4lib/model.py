@@ -329,7 +329,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.bfloa
     from huggingface_hub import try_to_load_from_cache
 
     from .checks import check_device, check_dtype
-    from .hub import hub_unreachable_error, network_available
+    from .hub import hub_reachable, hub_unreachable_error
     from .paths import data_root
 
     check_device(device)
@@ -345,7 +345,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.bfloa
         if not (source / "config.json").is_file():
             raise FileNotFoundError(f"{source} holds neither a config.json (Hugging Face) nor a llama2.c *.bin")
     # Without network a hub id is looked up once, in the local hub cache, instead of retried for a minute.
-    offline = isinstance(source, str) and not network_available()
+    offline = isinstance(source, str) and not hub_reachable()
     if offline and not isinstance(try_to_load_from_cache(source, "config.json"), str):
         raise hub_unreachable_error(str(name_or_path))
     try:

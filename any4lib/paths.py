@@ -8,15 +8,14 @@ hub is reachable: offline, the error says at once where to put a local copy).
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from urllib.parse import urlparse
+
+from .hub import OFFLINE_ENV, hub_reachable
 
 DATA_ENV = "ANY4_DATA"
 CACHE_ENV = "ANY4_CACHE"
-OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 # The any4 paper's perplexity slice of the large sets: the first 256 windows of 2048 tokens of the stream. Reading
 # 8 characters per token of it bounds the download while leaving enough text for any tokenizer.
 PAPER_WINDOWS, PAPER_SEQ_LEN = 256, 2048
@@ -67,19 +66,6 @@ TEXT_SETS: dict[str, TextSet] = {
     "pile": TextSet("pile/train.txt", ("monology/pile-uncopyrighted", None, "train", "text"), max_chars=STREAM_CHARS),
     "heldout": TextSet("corpora/ref-en/heldout.txt"),
 }
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers: False at once when HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE,
-    TRANSFORMERS_OFFLINE) is set, else whether $HF_ENDPOINT's host (huggingface.co) accepts a connection."""
-    if any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in OFFLINE_ENV):
-        return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def calibration_prompt() -> str:

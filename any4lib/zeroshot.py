@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from .paths import data_root, hub_reachable
+from .hub import hub_reachable
+from .paths import data_root
 
 TASKS_ENV = "ANY4_TASKS"
 ALIASES = {"lambada": "lambada_openai"}

@@ -31,7 +31,7 @@ def test_text_identity_is_a_hash_of_the_text(text_file, tmp_path, monkeypatch):
 def test_hub_ids_are_keyed_by_the_resolved_revision(monkeypatch):
     import huggingface_hub
 
-    monkeypatch.setattr(hub, "network_available", lambda: True)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     info = types.SimpleNamespace(sha="0123abcd")
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda: types.SimpleNamespace(model_info=lambda repo: info))
     assert identity.model_identity("org/model") == "org/model@0123abcd"
@@ -40,7 +40,7 @@ def test_hub_ids_are_keyed_by_the_resolved_revision(monkeypatch):
 def test_offline_hub_identity_uses_the_cached_revision_or_says_why_not(monkeypatch, tmp_path):
     import huggingface_hub
 
-    monkeypatch.setattr(hub, "network_available", lambda: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, local_files_only: f"{tmp_path}/snapshots/feed42")
     assert identity.model_identity("org/model") == "org/model@feed42"
 
