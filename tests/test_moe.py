@@ -107,7 +107,8 @@ def test_experts_are_quantized_per_expert_with_routed_tokens_and_unreached_ones_
         quantize_model(model, "any4", 64, calibration=stats, progress=False)
     unreached = [f"model.layers.{i}.mlp.experts.{p}.{e}" for i in range(2) for p in ("gate_up_proj", "down_proj")
                  for e in (2, 3)]  # fmt: skip
-    assert sorted(r.getMessage().split(":")[0] for r in caplog.records) == sorted(unreached)
+    moe_warnings = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "any4lib.moe"]
+    assert sorted(moe_warnings) == sorted(unreached)
 
     layers = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert {f"model.layers.0.mlp.experts.down_proj.{e}" for e in range(4)} <= layers
