@@ -12,8 +12,9 @@
 #    int4, nf4, fp4, MX-FP4 and NVFP4. A run already in results/scale/ is skipped.
 # 3. capped: the 8B stand-in under a 12 GB GPU memory cap: the bf16 load of the in-memory path (16 GB) does not fit,
 #    the layer-by-layer path (any4lib.streaming) quantizes, writes its shards, reloads and runs the perplexity.
-# 4. seq70b: the Llama-3-70B stand-in, each layer generated on the GPU, quantized any4 g128 layer by layer with the
-#    peak GPU memory recorded (target < 80 GB), then 4 perplexity windows through the kernels (no shards written).
+# 4. seq70b: the Llama-3-70B stand-in, each layer generated on the GPU, quantized any4 g128 (or SEQ70B_RUNS) layer
+#    by layer with the peak GPU memory recorded (target < 80 GB), then 4 perplexity windows (SEQ70B_WINDOWS) through
+#    the kernels (no shards written).
 # 5. paper: `make -B reproduce PROFILE=paper` pointed at the Llama-3.2-1B stand-in (written first), on the sets
 #    that exist offline (WikiText-2, PTB); records are stored as they finish, so a rerun continues a stopped one.
 # Logs go to $OUT; the result files it wrote come back as $OUT/results.tar (unpack it at the repository root).
@@ -38,8 +39,13 @@ if [[ " $steps " == *" capped "* ]]; then
     --sequential --memory-cap-gb 12 2>&1 | tee "$OUT/scale_8b_capped.log" || status=1
 fi
 if [[ " $steps " == *" seq70b "* ]]; then
-  python3 -m any4lib.bench.scale --model llama-3-70b --format any4 --group-size 128 --device cuda --sequential \
-    --no-save 2>&1 | tee "$OUT/scale_70b.log" || status=1
+  # SEQ70B_RUNS: "format:seconds ..." (default one any4 run, no limit); a run stopped by its limit leaves its per-layer
+  # progress in the log but no record.
+  for run in ${SEQ70B_RUNS:-any4:0}; do
+    timeout "${run#*:}" python3 -m any4lib.bench.scale --model llama-3-70b --format "${run%%:*}" --group-size 128 \
+      --device cuda --sequential --no-save --windows "${SEQ70B_WINDOWS:-4}" --progress 2>&1 \
+      | tee "$OUT/scale_70b_${run%%:*}.log" || status=1
+  done
 fi
 if [[ " $steps " == *" paper "* ]]; then
   python3 scripts/make_standins.py llama-3.2-1b --out "$STANDINS" 2>&1 | tail -n 1 | tee "$OUT/standin_1b.log" || status=1

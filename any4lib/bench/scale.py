@@ -95,7 +95,8 @@ def run(model: str, fmt: str, group_size: int | None, calibration: str, dataset:
 
 
 def run_sequential(model: str, fmt: str, group_size: int | None, calibration: str, dataset: str, seq_len: int,
-                   windows: int, device: str, work_dir: Path, save: bool, memory_cap_gb: float | None) -> dict:
+                   windows: int, device: str, work_dir: Path, save: bool, memory_cap_gb: float | None,
+                   progress: bool = False) -> dict:
     """The metrics of one layer-by-layer run (see the module doc)."""
     stages, device, metrics = {}, torch.device(device), {}
     if memory_cap_gb is not None:
@@ -109,7 +110,7 @@ def run_sequential(model: str, fmt: str, group_size: int | None, calibration: st
     folder = work_dir / "quantized" if save else None
     with stage("quantize_by_layer", stages, device):
         net = quantize_checkpoint(weights, fmt, group_size, tokenizer=tokenizer, windows=calibration_ids,
-                                  device=device, out=folder, progress=False)  # fmt: skip
+                                  device=device, out=folder, progress=progress)  # fmt: skip
     metrics |= {"bits_per_weight": bits_per_weight(net), "quantized_layers": len(quantized_layers(net))}
     if save:
         del net
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sequential", action="store_true", help="quantize layer by layer (any4lib.streaming)")
     parser.add_argument("--no-save", dest="save", action="store_false", help="--sequential: write no shards")
     parser.add_argument("--memory-cap-gb", type=float, default=None, help="--sequential: cap the GPU memory")
+    parser.add_argument("--progress", action="store_true", help="--sequential: a progress bar over the layers (its "
+                        "per-layer rate stays in a log even when a time limit stops the run)")
     args = parser.parse_args(argv)
     if args.memory_cap_gb is not None and not (args.sequential and torch.device(args.device).type == "cuda"):
         parser.error("--memory-cap-gb needs --sequential and a CUDA --device")
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             if args.sequential:
                 metrics = run_sequential(args.model, args.format, args.group_size, args.calibration, args.dataset,
                                          args.seq_len, args.windows, args.device, Path(work_dir), args.save,
-                                         args.memory_cap_gb)  # fmt: skip
+                                         args.memory_cap_gb, args.progress)  # fmt: skip
             else:
                 metrics = run(args.model, args.format, args.group_size, args.calibration, args.dataset, args.seq_len,
                               args.windows, formats, args.device, Path(work_dir))  # fmt: skip
