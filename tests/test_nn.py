@@ -67,7 +67,8 @@ def test_layer_the_kernels_cannot_run_stays_unpacked_said_once(caplog):
         pack_model(model, torch.bfloat16)
         pack_model(model, torch.bfloat16)
     assert [m.form for m in (model[0], model[2])] == ["contract", "packed"]
-    assert len(caplog.records) == 1 and "0 runs its dequantized weight: format 'int3'" in caplog.text
+    records = [r for r in caplog.records if r.name.startswith("any4lib")]  # not other libraries' once-only warnings
+    assert len(records) == 1 and "0 runs its dequantized weight: format 'int3'" in records[0].getMessage()
     assert all(m.use_kernel for m in (model[0], model[2]))
     use_kernels(model, False)
     assert not any(m.use_kernel for m in (model[0], model[2]))
