@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -237,7 +238,8 @@ def cmd_generate(args) -> None:
     print()
     for prompt, text in zip(prompts, out.texts):
         print(json.dumps({"prompt": prompt, "text": text}))
-    print(json.dumps({"timing": {k: round(v, 4) for k, v in out.timing.items()}}), file=sys.stderr)
+    timing = {k: None if math.isnan(v) else round(v, 4) for k, v in out.timing.items()}  # NaN: not measured (no GPU)
+    print(json.dumps({"timing": timing}, allow_nan=False), file=sys.stderr)
 
 
 def cmd_accuracy(args) -> None:

@@ -125,7 +125,7 @@ def quantize_model(
         names = quantize_sequential(
             model, names, calibration.inputs, fmt, group_size, method, settings, statistic, progress, **options
         )  # what is left lies outside the decoder blocks: round to nearest below
-    for name in tqdm(names, desc=f"quantizing {fmt}", disable=not progress, leave=False):
+    for name in tqdm(names, desc=f"quantizing {fmt}", disable=not progress or not names, leave=False):
         linear = model.get_submodule(name)
         sample_weight = None
         if online:

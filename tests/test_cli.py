@@ -169,3 +169,21 @@ def test_quantize_with_a_method_saves_a_model_that_reloads(tiny_folder, text_fil
     with pytest.raises(SystemExit):
         main(["quantize", "--model", "x", "--method", "sparsegpt"])
     assert "unknown method 'sparsegpt'" in capsys.readouterr().err
+
+
+def test_generate_streams_the_library_call_and_prints_strict_json(tiny_folder, tmp_path, capsys):
+    from any4lib.engine.generate import generate
+    from any4lib.model import load_model
+
+    out = tmp_path / "q"
+    main(["quantize", "--model", str(tiny_folder), "--format", "any4", "--group-size", "64", "--out", str(out)])
+    capsys.readouterr()
+    main(["generate", "--model", str(out), "--prompt", "the cat", "--max-new-tokens", "6"])
+    printed = capsys.readouterr()
+    lines = printed.out.strip().splitlines()
+    texts = json.loads(lines[-1])
+    model, tokenizer = load_model(str(out))
+    expected = generate(model, tokenizer, ["the cat"], 6).texts[0]  # greedy: the same tokens
+    assert texts == {"prompt": "the cat", "text": expected} and lines[0] == "the cat" + expected
+    timing = json.loads(printed.err.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert timing["timing"]["peak_gpu_gb"] is None and timing["timing"]["decode_steps"] == 5
