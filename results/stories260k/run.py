@@ -76,23 +76,18 @@ def format_table(frame: pd.DataFrame) -> str:
 
 
 def methods_table(frame: pd.DataFrame) -> str:
-    """table_methods.md: one row per (groups, format), one column per method: seed 0's perplexity, and for the
-    learned formats the mean and min-max over the k-means seeds."""
+    """table_methods.md: per-row then g4, one row per format and one column per method, perplexity at k-means seed
+    0; below each learned format, the mean and min-max over its seeds."""
     frame = frame.assign(groups=frame["group_size"].map(groups_label))
     rows = []
-    for (groups, fmt), cell in frame.groupby(["groups", "format"], sort=False):
-        row = {"groups": groups, "format": fmt}
-        for method, runs in cell.groupby("method", sort=False):
-            ppl = runs.set_index("seed")["ppl"]
-            row[method] = f"{ppl[0]:.3f}"
+    for groups in ("per-row", "g4"):
+        for fmt, cell in frame[frame["groups"] == groups].groupby("format", sort=False):
+            ppl = cell.pivot_table(index="seed", columns="method", values="ppl")[METHODS]
+            rows.append({"groups": groups, "format": fmt} | {m: f"{ppl.loc[0, m]:.3f}" for m in METHODS})
             if len(ppl) > 1:
-                row[f"{method}, seeds {min(ppl.index)}-{max(ppl.index)}"] = (
-                    f"{ppl.mean():.3f} ({ppl.min():.3f}-{ppl.max():.3f})"
-                )
-        rows.append(row)
-    columns = METHODS + [f"{m}, seeds {SEEDS[0]}-{SEEDS[-1]}" for m in METHODS]
-    table = pd.DataFrame(rows).set_index(["groups", "format"]).reindex(columns=columns).fillna("")
-    return table.to_markdown()
+                rows.append({"groups": groups, "format": f"{fmt}, seeds {ppl.index.min()}-{ppl.index.max()}"} | {
+                    m: f"{ppl[m].mean():.3f} ({ppl[m].min():.3f}-{ppl[m].max():.3f})" for m in METHODS})
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
 def main() -> None:
