@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=formatter)
     acc.add_argument("--model", default="ref-en-16m", help="model name or path, as for the other commands")
     acc.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
-    acc.add_argument("--profile", action="append", help="main, groups, calibration, bf16_full (repeatable; "
+    acc.add_argument("--profile", action="append", help="main, groups, calibration, seeds, methods, "
+                     "methods_seeds, bf16_full, gpu_fake, gpu_kernels (any4lib.experiments.PROFILES; repeatable; "
                      "default: main, groups, calibration)")
     acc.set_defaults(run=cmd_accuracy)
     return parser

@@ -38,6 +38,7 @@ COLUMNS = ["format", "method", "group_size", "calibration", "seed", "dataset", "
 FORMATS_MAIN = ["bf16", "int4", "fp4", "nf4", "any4", "int3", "any3", "int2", "any2", "mxfp4", "nvfp4"]
 FORMATS_METHODS = ["int4", "nf4", "any4", "int3", "any3", "int2", "any2"]
 METHOD_CALIBRATION = "wikitext2_valid:16"
+METHODS = ["rtn", "gptq", "awq", "awq+gptq"]
 PROFILES = {
     "main": dict(formats=FORMATS_MAIN, group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"]),
     # ref-en-16m's K is 384 (and 1024 for down_proj): no size above 128 divides both, so beyond 128 the sweep
@@ -54,12 +55,14 @@ PROFILES = {
     "seeds": dict(formats=["any4", "any3", "any2"], group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"],
                   seeds=[1, 2]),
     # Methods beyond round-to-nearest (any4lib.pipeline), every method calibrated on the same 16 windows of 512
-    # tokens of WikiText-2's validation split (disjoint from every test set). Sized for a shared 2-core CPU:
-    # heldout only, and AWQ (its search runs each block 10 times per scale set) on the 4- and 3-bit formats.
-    "methods": dict(formats=FORMATS_METHODS, methods=["rtn", "gptq"], group_sizes=[128], datasets=["heldout"],
+    # tokens of WikiText-2's validation split (disjoint from every test set). Sized for a shared 2-core CPU (about
+    # 1.5 h for the two): "methods" is seed 0 of everything, so a stopped sweep has whole rows first;
+    # "methods_seeds" adds the k-means seed spread of the learned formats (seeds 1 and 2).
+    "methods": dict(formats=FORMATS_METHODS, methods=METHODS, group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"],
                     calibration=METHOD_CALIBRATION),
-    "methods_awq": dict(formats=["int3", "any3", "int4", "any4"], methods=["awq", "awq+gptq"], group_sizes=[128],
-                        datasets=["heldout"], calibration=METHOD_CALIBRATION),
+    "methods_seeds": dict(formats=[f for f in FORMATS_METHODS if get_format(f).learned], methods=METHODS,
+                          group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"], calibration=METHOD_CALIBRATION,
+                          seeds=[1, 2]),
     # The whole held-out set, to check the pipeline against the model's published baseline (ppl 56.1).
     "bf16_full": dict(formats=["bf16"], group_sizes=[128], datasets=["heldout"], max_tokens=None),
 }

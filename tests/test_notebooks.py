@@ -17,8 +17,8 @@ EXPECTED = {
     "01_lut_learning": (["01_lut_learning", "01_lut_levels"], ["01_lut_error"]),
     "02_weight_distributions": (
         ["02_weight_distributions", "02_normalised_levels", "02_layer_errors"], ["02_layer_errors"]),
-    "03_accuracy": (
-        ["03_accuracy", "03_accuracy_bits"], ["03_accuracy", "03_accuracy_relative", "03_paper_reference", "03_methods"]),
+    "03_accuracy": (["03_accuracy", "03_accuracy_bits"],
+                    ["03_accuracy", "03_accuracy_relative", "03_paper_reference", "03_methods", "03_methods_seeds"]),
     "04_ablations": (["04_ablations"], ["04_group_size", "04_calibration", "04_paper_group_size", "04_lut_ablation"]),
     "05_kernel_speedups": (
         ["05_kernel_speedups", "05_kernel_bandwidth", "05_e2e_decode"],
@@ -150,6 +150,11 @@ def test_notebook_runs_under_smoke_profile(name, variant, tmp_path, monkeypatch)
     written += [tmp_path / "tables" / f"{t}.{ext}" for t in tables for ext in ("csv", "md")]
     missing = [str(p.relative_to(tmp_path)) for p in written if not p.is_file() or p.stat().st_size == 0]
     assert not missing, f"{name} did not write: {missing}"
+    if name == "03_accuracy":  # the seed spread counts every k-means seed the smoke profile measured
+        spread = pytest.importorskip("pandas").read_csv(tmp_path / "tables" / "03_methods_seeds.csv")
+        assert set(spread["format"]) == {"any4"} and set(spread["method"]) == {"rtn", "gptq", "awq"}
+        assert (spread["seeds"] == 2).all() and spread["std"].notna().all()
+        assert ((spread["min"] <= spread["mean"]) & (spread["mean"] <= spread["max"])).all()
     if variant:
         assert "ours_any4" in (tmp_path / "tables" / "05_kernel_us.md").read_text()
         assert "no benchmark results" not in (tmp_path / "tables" / "05_kernel_us.md").read_text()
