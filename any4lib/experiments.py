@@ -55,8 +55,8 @@ PROFILES = {
     "seeds": dict(formats=["any4", "any3", "any2"], group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"],
                   seeds=[1, 2]),
     # Methods beyond round-to-nearest (any4lib.pipeline), every method calibrated on the same 16 windows of 512
-    # tokens of WikiText-2's validation split (disjoint from every test set). Sized for a shared 2-core CPU (about
-    # 1.5 h for the two): "methods" is seed 0 of everything, so a stopped sweep has whole rows first;
+    # tokens of WikiText-2's validation split (disjoint from every test set). Sized for a shared 2-core CPU (57 min
+    # for the two, measured): "methods" is seed 0 of everything, so a stopped sweep has whole rows first;
     # "methods_seeds" adds the k-means seed spread of the learned formats (seeds 1 and 2).
     "methods": dict(formats=FORMATS_METHODS, methods=METHODS, group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"],
                     calibration=METHOD_CALIBRATION),
