@@ -13,7 +13,7 @@ from any4lib.awq import awq_scale, fold_scales, foldable_sets
 from any4lib.calibration import calibrate
 from any4lib.gptq import HessianAccumulator, gptq_quantize
 from any4lib.model import load_quantized, quantize_model, save_quantized
-from any4lib.nn import QuantLinear
+from any4lib.nn import QuantLinear, use_kernels
 from any4lib.pipeline import parse_method
 from any4lib.quant import quantize
 
@@ -202,6 +202,30 @@ def test_method_and_format_save_and_reload(tiny, tmp_path, fmt, method):
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
     assert back.model.layers[0].mlp.down_proj.format == fmt
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+def test_a_method_on_the_gpu_does_as_well_as_on_the_cpu_and_reloads_through_the_kernels(tiny, tmp_path, method):
+    model, tokenizer = tiny
+    on_cpu = quantize_model(copy.deepcopy(model), "any4", 64, online(model, tokenizer), method=method, progress=False)
+    on_gpu = copy.deepcopy(model).cuda()
+    quantize_model(on_gpu, "any4", 64, online(on_gpu, tokenizer), method=method, progress=False)
+    ids = torch.randint(0, 258, (1, 12))
+    with torch.no_grad():
+        reference = model(ids).logits
+        errors = [float((net(ids.to(device)).logits.cpu() - reference).pow(2).mean())
+                  for net, device in ((on_cpu, "cpu"), (on_gpu, "cuda"))]  # fmt: skip
+    assert errors[1] < 1.1 * errors[0]  # other reduction orders may flip a few codes, never the quality
+    save_quantized(on_gpu, tmp_path / "q", tokenizer)
+    back = load_quantized(tmp_path / "q", "cuda").to(torch.bfloat16)
+    assert back.model.layers[0].mlp.down_proj.method == method
+    with torch.no_grad():
+        through_kernels = back(ids.cuda()).logits.double()  # 12 rows a GEMM: tinygemm
+        use_kernels(back, False)
+        dequantized = back(ids.cuda()).logits.double()
+    assert ((through_kernels - dequantized).norm() / dequantized.norm()).item() < 2e-2
 
 
 def test_gptq_beats_rtn_on_the_model_output(tiny):
