@@ -108,6 +108,7 @@ def gptq_quantize(
     factor = inverse_hessian_factor(h, damp).to(dtype)
 
     codes = torch.zeros(n, k, dtype=torch.long, device=weight.device)
+    column_group = (order // g).tolist()  # on the host: reading order[column] on a GPU would sync every column
     block = g * max(1, block_size // g) if g < k else k  # a group never straddles two blocks
     for start in range(0, k, block):
         end = min(start + block, k)
@@ -116,7 +117,7 @@ def gptq_quantize(
         local = factor[start:end, start:end]
         for i in range(end - start):
             column = start + i
-            group = int(order[column]) // g
+            group = column_group[column]
             if not static and column % g == 0:  # dynamic groups: parameters of the group as updated so far
                 lut, group_scale, group_zero = _params(spec(chunk[:, i : i + g].float().reshape(n, 1, g)), dtype)
                 scale[:, group] = group_scale[:, 0]
