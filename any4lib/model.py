@@ -222,6 +222,18 @@ def _packed_layer(name: str, spec: dict, tensors: dict) -> QuantLinear:
     return QuantLinear.from_packed(packed, tensors.get(f"{name}.bias"))
 
 
+def _contract_layer(name: str, spec: dict, tensors: dict) -> QuantLinear:
+    # Placeholder codes of the right shape: load_state_dict fills the buffer from either layout (QuantLinear packs a
+    # version 1 folder's one-code-a-byte tensor as it loads).
+    codes = torch.zeros(spec["out_features"], spec["in_features"], dtype=torch.uint8)
+    q = QuantizedTensor(
+        format=spec["format"], bits=spec["bits"], group_size=spec["group_size"],
+        codes=codes, lut=tensors[f"{name}.lut"], scale=tensors[f"{name}.scale"],
+        zero=tensors.get(f"{name}.zero"), tensor_scale=float(tensors[f"{name}.tensor_scale"]),
+    )
+    return QuantLinear(q, tensors.get(f"{name}.bias"))
+
+
 def verify_checksums(path: str | os.PathLike, quant: dict) -> None:
     """Raise ValueError when a weight file's SHA-256 differs from the one quant.json records."""
     for name, expected in quant.get("sha256", {}).items():
@@ -275,20 +287,9 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         tensors |= loaded
     unstack_experts(model)  # quantize_model split 3-D experts into per-expert layers before quantizing them
     for name, spec in layers.items():
-        if spec.get("form") == "packed":
-            set_submodule(model, name, _packed_layer(name, spec, tensors))
-            model.get_submodule(name).method = spec.get("method", "rtn")
-            continue
-        # Placeholder codes of the right shape: load_state_dict below fills the buffer from either layout (QuantLinear
-        # packs a version 1 folder's one-code-a-byte tensor as it loads).
-        codes = torch.zeros(spec["out_features"], spec["in_features"], dtype=torch.uint8)
-        q = QuantizedTensor(
-            format=spec["format"], bits=spec["bits"], group_size=spec["group_size"],
-            codes=codes, lut=tensors[f"{name}.lut"], scale=tensors[f"{name}.scale"],
-            zero=tensors.get(f"{name}.zero"), tensor_scale=float(tensors[f"{name}.tensor_scale"]),
-        )
-        set_submodule(model, name, QuantLinear(q, tensors.get(f"{name}.bias")))
-        model.get_submodule(name).method = spec.get("method", "rtn")  # folders before methods existed: all rtn
+        layer = (_packed_layer if spec.get("form") == "packed" else _contract_layer)(name, spec, tensors)
+        layer.method = spec.get("method", "rtn")  # folders before methods existed: all rtn
+        set_submodule(model, name, layer)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
