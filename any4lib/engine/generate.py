@@ -105,6 +105,17 @@ def make_step(model: LlamaDecoder, compile_mode: str, batch: int, device, step=d
 # ---- the loop ------------------------------------------------------------------------------------------------------
 
 
+def static_batch(prompts: Sequence[Sequence[int]], max_batch: int) -> tuple[list[Sequence[int]], list[int]]:
+    """The cache's static batch: the prompts, then copies of the last one in the unused rows; and each row's left
+    padding up to the longest prompt."""
+    if len(prompts) > max_batch:
+        raise ValueError(f"batch of {len(prompts)} prompts, but the cache was built for {max_batch}; build the Engine "
+                         f"with max_batch >= {len(prompts)} (any4lib.generate grows it)")
+    rows = list(prompts) + [prompts[-1]] * (max_batch - len(prompts))
+    length = max(len(p) for p in rows)
+    return rows, [length - len(p) for p in rows]
+
+
 @dataclass
 class Generation:
     """What generate returns: per prompt the new token ids and their text (cut at EOS / a stop string), and timing."""
@@ -132,17 +143,12 @@ def generate_ids(model: LlamaDecoder, prompts: Sequence[Sequence[int]], max_new_
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     length = max(len(p) for p in prompts)
-    if batch > model.max_batch:
-        raise ValueError(f"batch of {batch} prompts, but the cache was built for {model.max_batch}; build the Engine "
-                         f"with max_batch >= {batch}")
+    rows, pad = static_batch(prompts, model.max_batch)
     if length + max_new_tokens > model.max_len:
         raise ValueError(f"prompt of {length} tokens + {max_new_tokens} new ones = {length + max_new_tokens} positions, "
                          f"the cache holds {model.max_len} (the model's maximum positions or the Engine's max_len)")
-    if batch < model.max_batch:  # the cache's batch is static: unused rows run a copy of the last prompt
-        prompts = list(prompts) + [prompts[-1]] * (model.max_batch - batch)
-    pad = torch.tensor([length - len(p) for p in prompts], device=device)
-    prompt = torch.tensor([[pad_id] * (length - len(p)) + list(p) for p in prompts], device=device)
-    model.set_padding(pad)
+    prompt = torch.tensor([[pad_id] * n + list(p) for p, n in zip(rows, pad)], device=device)
+    model.set_padding(torch.tensor(pad, device=device))
     greedy_step = temperature == 0
     step = step or (decode_step if greedy_step else logits_step)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
@@ -185,7 +191,7 @@ def generate_ids(model: LlamaDecoder, prompts: Sequence[Sequence[int]], max_new_
         results = torch.stack(out, 1)[:batch].tolist()
     timing = {
         "prefill_s": t1 - t0,
-        "prefill_tok_s": sum(len(p) for p in prompts[:batch]) / (t1 - t0),
+        "prefill_tok_s": sum(len(p) for p in prompts) / (t1 - t0),
         "decode_s": t2 - t1,
         "decode_steps": steps,
         "decode_tok_s": model.max_batch * steps / (t2 - t1) if steps else float("nan"),
@@ -302,11 +308,8 @@ class Engine:
 
         eos_ids = _eos_ids(self.tokenizer) if eos else ()
         greedy_step = temperature == 0
-        if len(ids) > self.max_batch:
-            raise ValueError(f"batch of {len(ids)} prompts, but the cache was built for {self.max_batch}; build the "
-                             f"Engine with max_batch >= {len(ids)} (any4lib.generate grows it)")
-        rows = ids + [ids[-1]] * (self.max_batch - len(ids))  # as generate_ids fills the static batch
-        self.decoder.set_padding(torch.tensor([longest - len(i) for i in rows], device=self.decoder.device))
+        _, pad = static_batch(ids, self.max_batch)
+        self.decoder.set_padding(torch.tensor(pad, device=self.decoder.device))  # the step is built for it
         step = self.step(greedy_step)
         out = generate_ids(self.decoder, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed, eos_ids=eos_ids, stop=stop, on_tokens=on_tokens, step=step,
