@@ -126,7 +126,8 @@ def _quantize_sequential(args) -> None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
     windows = calibration_windows(tokenizer, args.calibration, weights.config)
     quantize_checkpoint(weights, args.format, args.group_size, tokenizer=tokenizer, windows=windows,
-                        exclude=args.exclude, device=args.device, dtype=compute_dtype(args), out=args.out)  # fmt: skip
+                        method=args.method, exclude=args.exclude, device=args.device, dtype=compute_dtype(args),
+                        out=args.out)  # fmt: skip
     print(f"saved {args.out}")
 
 

@@ -131,16 +131,19 @@ def test_bad_requests_fail_before_any_layer_is_read(tiny, tmp_path):
         quantize_checkpoint(tmp_path / "nowhere", "int4", 64, tokenizer=tokenizer, progress=False)
 
 
-def test_cli_sequential_writes_what_the_in_memory_path_gives(tiny, tmp_path, data_root):
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_cli_sequential_writes_what_the_in_memory_path_gives(tiny, tmp_path, data_root, method):
     from any4lib.cli import main
 
     _, tokenizer = tiny
     folder = write_standin(scaled_down("llama-3-8b", vocab_size=300), tmp_path / "s", tokenizer, progress=False)
     main(["quantize", "--model", str(folder), "--format", "int4", "--group-size", "64", "--sequential",
-          "--calibration", "heldout:2x64", "--out", str(tmp_path / "q")])  # fmt: skip
+          "--calibration", "heldout:2x64", "--method", method, "--out", str(tmp_path / "q")])  # fmt: skip
     model, _ = load_model(folder, dtype=torch.float32)  # the CLI computes in float32 on a CPU
     stats = calibrate(model, tokenizer, "heldout", n_samples=2, seq_len=64, mode="online", progress=False)
-    assert_same_state(quantize_model(model, "int4", 64, stats, progress=False), load_quantized(tmp_path / "q"))
+    saved = load_quantized(tmp_path / "q")
+    assert_same_state(quantize_model(model, "int4", 64, stats, progress=False, method=method), saved)
+    assert saved.model.layers[0].mlp.down_proj.method == method
 
 
 def test_scale_bench_sequential_stages_and_perplexity_of_the_in_memory_model(tiny, tmp_path, data_root):
