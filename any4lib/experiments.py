@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .calibration import ActivationStats, calibrate, calibration_inputs
-from .evaluate import evaluate_perplexity, max_positions
+from .evaluate import evaluate_perplexity, resolve_seq_len
 from .formats import get_format
 from .identity import model_identity, text_identity
 from .model import bits_per_weight, load_model, quantize_model
@@ -96,6 +96,12 @@ def _load(model: str, dtype: torch.dtype, device: str):
     net, tokenizer = load_model(model, dtype=torch.bfloat16, device=device)  # the weights as released
     # Only upcasts: .to() also casts buffers, and bf16 would round RoPE's float32 inverse frequencies.
     return (net if dtype == torch.bfloat16 else net.to(dtype)), tokenizer
+
+
+def default_seq_len(model: str, net) -> int:
+    """The evaluation length of `model` (a name, as accuracy_records takes it) loaded as `net`: DEFAULT_SEQ_LEN's
+    entry, else min(2048, its max positions)."""
+    return resolve_seq_len(net, DEFAULT_SEQ_LEN.get(model))
 
 
 def calibration_stats(net, tokenizer, calibration: str) -> ActivationStats | None:
@@ -214,7 +220,7 @@ def accuracy_records(
     for fmt, method, group_size, calib, seed in tqdm(runs, desc="accuracy", disable=not progress):
         if base is None:
             base, tokenizer = _load(model, dtype, device)
-            seq_len = seq_len or DEFAULT_SEQ_LEN.get(model) or min(2048, max_positions(base) or 2048)
+            seq_len = seq_len or default_seq_len(model, base)
         configs = {
             d: _config(model, fmt, group_size, calib, d, seq_len, max_tokens, device, dtype, kernels, seed,
                        identities[d], method)

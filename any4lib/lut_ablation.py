@@ -74,8 +74,7 @@ def lut_ablation_records(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .evaluate import max_positions
-    from .experiments import DEFAULT_SEQ_LEN, REPO_ROOT, _load, calibration_stats, calibration_windows
+    from .experiments import REPO_ROOT, _load, calibration_stats, calibration_windows, default_seq_len
     from .identity import model_identity, text_identity
 
     store = ResultStore(store if Path(store).is_absolute() else REPO_ROOT / store)
@@ -91,7 +90,7 @@ def lut_ablation_records(
         if not store.has(config):
             if base is None:
                 base, tokenizer = _load(model, torch.float32, "cpu")
-                seq_len = DEFAULT_SEQ_LEN.get(model) or min(2048, max_positions(base) or 2048)  # as accuracy_records
+                seq_len = default_seq_len(model, base)
                 stats = calibration_stats(base, tokenizer, calibration)
                 gram = record_inputs(base, calibration_windows(tokenizer, calibration, base.config), InputGram())
             start = time.perf_counter()
