@@ -22,23 +22,22 @@ from ..nn import QuantLinear
 from ..peers import PEERS, BnbNF4Linear, TorchInt4Linear, gemlite_int4
 from ..qtensor import QuantizedTensor, cat_rows
 from ..quant import quantize
+from ..standins import standin_config
 from .model import LlamaDecoder
 
 
 def model_config(name: str):
-    """A transformers LlamaConfig by name: 'llama3-8b' (Llama-3-8B's architecture) or 'tiny' (for tests)."""
+    """A transformers LlamaConfig by name: 'llama3-8b' (Llama-3-8B's published architecture, the stand-in's config)
+    or 'tiny' (for tests)."""
     from transformers import LlamaConfig
 
-    common = dict(rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=8192)
     if name == "llama3-8b":
-        dims = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0)
-    elif name == "tiny":
-        dims = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=256, rope_theta=500000.0)
-    else:
-        raise ValueError(f"unknown model config {name!r}: use 'llama3-8b' or 'tiny'")
-    return LlamaConfig(**dims, **common)
+        return standin_config("llama-3-8b")
+    if name == "tiny":
+        return LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=256, rope_theta=500000.0, rms_norm_eps=1e-5,
+                           tie_word_embeddings=False, max_position_embeddings=8192)
+    raise ValueError(f"unknown model config {name!r}: use 'llama3-8b' or 'tiny'")
 
 
 class DequantizedLinear(nn.Module):
