@@ -67,16 +67,15 @@ def time_generation(model: LlamaDecoder, batch: int, prompt_len: int, new: int, 
     }
 
 
-def checkpoint_model(path: str, meth: Method, device, fuse: bool, attention: str, norm: str, swiglu: str
-                     ) -> tuple[LlamaDecoder, dict]:
-    """The engine's decoder of a real model: a folder saved by `any4 quantize` as it is (meth must be 'saved'), or
-    a model load_model reads, quantized with meth's format (bf16: as loaded). Peers are not built from checkpoints."""
+def packed_checkpoint(path: str, meth: Method, device):
+    """A real model, its quantized layers packed for the kernels: a folder saved by `any4 quantize` as it is (its
+    layers must be meth's format), or a model load_model reads, quantized with meth's format (bf16: as loaded; the
+    lm_head only for a :qhead method). Peers are not built from checkpoints."""
     from ..model import QUANT_CONFIG, load_model, load_quantized, quantize_model, quantized_layers
     from ..nn import pack_model
 
     if meth.name.split(":")[0] in PEERS or meth.dequantized:
         raise ValueError(f"{meth.name} runs on random weights only (no --model)")
-    start = time.perf_counter()
     if (Path(path) / QUANT_CONFIG).is_file():
         model = load_quantized(path, device).to(torch.bfloat16)
         saved = {layer.format for layer in quantized_layers(model).values()}
@@ -87,25 +86,22 @@ def checkpoint_model(path: str, meth: Method, device, fuse: bool, attention: str
         if meth.format is not None:
             exclude = [] if meth.quant_head else ["lm_head"]
             quantize_model(model, meth.format, meth.group_size, exclude=exclude, progress=False)
-    pack_model(model, torch.bfloat16)
-    decoder = LlamaDecoder.from_model(model, fuse=fuse, swiglu=swiglu == "epilogue")
+    return pack_model(model, torch.bfloat16)
+
+
+def checkpoint_model(path: str, meth: Method, device, fuse: bool, attention: str, norm: str, swiglu: str
+                     ) -> tuple[LlamaDecoder, dict]:
+    """The engine's decoder of a real model (packed_checkpoint)."""
+    start = time.perf_counter()
+    decoder = LlamaDecoder.from_model(packed_checkpoint(path, meth, device), fuse=fuse, swiglu=swiglu == "epilogue")
     decoder.set_decode_attention(attention).set_decode_norm(norm)
     return decoder, {"quantize_s_first_block": time.perf_counter() - start, "codes_reused": False}
 
 
 def time_hf_generate(path: str, meth: Method, batch: int, prompt_len: int, new: int, device, seed: int = 0) -> dict:
-    """transformers' generate on the same quantized model (packed QuantLinears, static cache: transformers compiles
+    """transformers' generate on the same quantized model (packed_checkpoint; static cache: transformers compiles
     its forward then), greedy, all `new` tokens: decode tokens/s from the full run minus a one-token run."""
-    from ..model import QUANT_CONFIG, load_model, load_quantized, quantize_model
-    from ..nn import pack_model
-
-    if (Path(path) / QUANT_CONFIG).is_file():
-        model = load_quantized(path, device).to(torch.bfloat16)
-    else:
-        model, _ = load_model(path, dtype=torch.bfloat16, device=device)
-        if meth.format is not None:
-            quantize_model(model, meth.format, meth.group_size, progress=False)
-    pack_model(model, torch.bfloat16)
+    model = packed_checkpoint(path, meth, device)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len),
                            generator=torch.Generator().manual_seed(seed)).to(device)
     cuda = torch.device(device).type == "cuda"
