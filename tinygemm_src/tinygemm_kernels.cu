@@ -25,8 +25,9 @@ struct Config {
 };
 
 // The measured best on the H100 (the measurements: docs/KERNELS.md, "Why the configuration is what it is"): 4
-// slots for int codes; 2 slots and 32 KB of pair tables (4 conflict-free copies) for LUT formats, which keeps 3
-// CTAs per SM; two tiles per CTA at m > 8, also when that leaves 128 CTAs for 132 SMs.
+// slots for int codes; 2 slots and 32 KB of pair tables (4 conflict-free copies) for LUT formats, whose shared
+// memory then holds 5 four-warp CTAs an SM at m <= 2 and fewer as the x slots grow with m (3 at m = 8); two tiles per
+// CTA at m > 8, also when that leaves 128 CTAs for 132 SMs.
 constexpr Config kChosen{4, 2, 4, 3, 0, 0};
 
 #ifdef TINYGEMM_TUNING
