@@ -11,29 +11,14 @@
 # With ANY4_RESTORE_CLEAN=1 (on the device only: it overwrites files), .carry/clean (files of a committed tree, laid
 # out as in the repository) is copied over the tree first, so that a run measures committed kernels even when the
 # working tree it was sent from holds someone's unfinished edits.
-# Peers travel as an unpacked site folder, .whl/site (bitsandbytes 0.50.2 with only its CPU and CUDA 13.0
-# libraries, to stay small; gemlite 0.6.0.post2, pure Python, built from its sdist): make it once on a machine
-# with the package index (`scripts/device_e2e.sh wheels`, not on the device) and carry it. The CSV is
+# Peers travel as .whl/peers (scripts/device_wheels.sh, run here; name it in `carry`). The CSV is
 # results/e2e/decode.csv, so a CSV carried from an earlier call resumes; it and the logs are copied to $OUT
 # (default /tmp/any4_e2e).
 set -uo pipefail
-if [ "${1:-}" = wheels ]; then
-  set -e
-  tmp=$(mktemp -d)
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_24_x86_64 -d "$tmp" bitsandbytes==0.50.2
-  python3 -m pip download -q --no-deps --no-binary=:all: -d "$tmp" gemlite==0.6.0.post2
-  python3 -m pip wheel -q --no-deps --no-build-isolation -w "$tmp" "$tmp"/gemlite-*.tar.gz
-  python3 -m pip install -q --no-deps --no-compile --target .whl/site "$tmp"/*.whl
-  find .whl/site/bitsandbytes -name 'libbitsandbytes_*.so' ! -name '*_cpu.so' ! -name '*_cuda130.so' -delete
-  du -sh .whl/site
-  exit 0
-fi
 [ "${ANY4_RESTORE_CLEAN:-0}" = 1 ] && [ -d .carry/clean ] && cp -r .carry/clean/. . && echo "restored committed files: $(cd .carry/clean && find . -type f | tr '\n' ' ')"
 OUT=${OUT:-/tmp/any4_e2e}
 mkdir -p "$OUT" results/e2e
-export PYTHONUNBUFFERED=1 ANY4_CACHE=${ANY4_CACHE:-/tmp/any4_cache}
-[ -d .whl/site ] && export PYTHONPATH=$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}
+source scripts/device_env.sh
 steps=() extra=()
 while [ $# -gt 0 ]; do
   case $1 in --) shift; extra=("$@"); break ;; *) steps+=("$1"); shift ;; esac

@@ -9,7 +9,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/any4_engine}
 mkdir -p "$OUT" results/e2e/controls results/e2e/real
-export PYTHONUNBUFFERED=1 ANY4_CACHE=${ANY4_CACHE:-/tmp/any4_cache}
+source scripts/device_env.sh
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(tests bench8b real cli)
 status=0

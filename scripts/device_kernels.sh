@@ -16,7 +16,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/any4_kernels}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 ANY4_CACHE=${ANY4_CACHE:-/tmp/any4_cache}
+source scripts/device_env.sh
 steps=${*:-build tests sanitizer bench ncu}
 status=0
 run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep going on failure, remember it

@@ -10,7 +10,7 @@ set -uo pipefail
 if [ "${1:-}" = carry ]; then
   src=${ANY4_DATA:-../shared/data}
   mkdir -p .carry/data/models .carry/data/corpora/ref-en
-  cp -r "$src/models/ref-en-16m" .carry/data/models/
+  cp -r "$src/models/ref-en-16m" "$src/models/stories260K" .carry/data/models/
   cp "$src/corpora/ref-en/heldout.txt" .carry/data/corpora/ref-en/
   cp -r "$src/wikitext-2-v1" "$src/ptb" .carry/data/  # the paper profile's offline sets (device_scale.sh paper)
   du -sh .carry
@@ -18,7 +18,7 @@ if [ "${1:-}" = carry ]; then
 fi
 OUT=${OUT:-/tmp/any4_pipeline}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD ANY4_DATA=${ANY4_DATA:-$PWD/.carry/data} ANY4_CACHE=${ANY4_CACHE:-/tmp/any4_cache}
+source scripts/device_env.sh
 status=0
 touch "$OUT/.start"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"

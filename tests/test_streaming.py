@@ -163,3 +163,26 @@ def test_scale_bench_sequential_stages_and_perplexity_of_the_in_memory_model(tin
     quantize_model(model, "int4", 64, stats, progress=False)
     expected = evaluate_perplexity(model, tokenizer, "heldout", 32, 64, batch_size=1, progress=False, chunk=KERNEL_CHUNK)
     assert metrics["ppl"] == expected.ppl and metrics["quantized_layers"] == 2 * 7
+
+
+def test_scale_bench_runs_a_method_layer_by_layer_as_quantize_model_does(tiny, tmp_path, data_root):
+    from any4lib.bench import scale
+    from any4lib.evaluate import evaluate_perplexity
+    from any4lib.experiments import KERNEL_CHUNK
+
+    _, tokenizer = tiny
+    folder = write_standin(scaled_down("llama-3-8b", vocab_size=300), tmp_path / "s", tokenizer, progress=False)
+    args = ["--model", str(folder), "--format", "int4", "--group-size", "64", "--seq-len", "32", "--windows", "2",
+            "--sequential", "--no-save", "--device", "cpu", "--store", str(tmp_path / "scale"),
+            "--calibration", "heldout:2x64"]  # fmt: skip
+    record = scale.main(args + ["--method", "gptq"])
+    assert record["config"]["method"] == "gptq" and record["metrics"]["calibration_tokens"] == 2 * 64
+    model, _ = load_model(folder, dtype=torch.bfloat16)
+    stats = calibrate(model, tokenizer, "heldout", n_samples=2, seq_len=64, mode="online", progress=False)
+    quantize_model(model, "int4", 64, stats, progress=False, method="gptq")
+    expected = evaluate_perplexity(model, tokenizer, "heldout", 32, 64, batch_size=1, progress=False, chunk=KERNEL_CHUNK)
+    assert record["metrics"]["ppl"] == expected.ppl
+    rtn = scale.main(args)  # a second record: rtn's key has no method field, as before methods existed
+    assert "method" not in rtn["config"] and rtn["metrics"]["ppl"] != expected.ppl
+    with pytest.raises(SystemExit):
+        scale.main(["--model", str(folder), "--method", "gptq"])  # the in-memory run times rtn only

@@ -14,7 +14,8 @@ record: their perplexity measures the machinery, never accuracy.
 --sequential quantizes layer by layer instead (any4lib.streaming: one decoder layer in bf16 on the device at a
 time, calibrated on the quantized layers' outputs), from the model's shards or, for a stand-in name such as
 llama-3-70b, from weights generated on the device per layer; stages quantize_by_layer (read + calibrate + quantize,
-the shards written as it goes unless --no-save), load_quantized, perplexity. --memory-cap-gb caps the process's GPU
+the shards written as it goes unless --no-save), load_quantized, perplexity. --method gptq / awq / awq+gptq runs that
+method in each layer (GPTQ's paper calibrates on 128 x 2048 tokens: --calibration heldout:128x2048). --memory-cap-gb caps the process's GPU
 memory (torch.cuda.set_per_process_memory_fraction) and first records whether the in-memory path's bf16 load fits
 under the same cap.
 """
@@ -35,6 +36,7 @@ from ..experiments import KERNEL_CHUNK, REPO_ROOT, calibration_stats, calibratio
 from ..model import (
     bits_per_weight, load_model, load_quantized, quantize_model, quantized_layers, resolve_model, save_quantized,
 )  # fmt: skip
+from ..pipeline import parse_method
 from ..results import ResultStore
 from ..standins import STANDINS, StandinWeights, load_tokenizer, standin_config, standin_label
 from ..streaming import as_weights, quantize_checkpoint
@@ -96,7 +98,7 @@ def run(model: str, fmt: str, group_size: int | None, calibration: str, dataset:
 
 def run_sequential(model: str, fmt: str, group_size: int | None, calibration: str, dataset: str, seq_len: int,
                    windows: int, device: str, work_dir: Path, save: bool, memory_cap_gb: float | None,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, method: str = "rtn") -> dict:
     """The metrics of one layer-by-layer run (see the module doc)."""
     stages, device, metrics = {}, torch.device(device), {}
     if memory_cap_gb is not None:
@@ -110,8 +112,8 @@ def run_sequential(model: str, fmt: str, group_size: int | None, calibration: st
     folder = work_dir / "quantized" if save else None
     with stage("quantize_by_layer", stages, device):
         net = quantize_checkpoint(weights, fmt, group_size, tokenizer=tokenizer, windows=calibration_ids,
-                                  device=device, out=folder, progress=progress)  # fmt: skip
-    metrics |= {"bits_per_weight": bits_per_weight(net), "quantized_layers": len(quantized_layers(net))}
+                                  method=method, device=device, out=folder, progress=progress)  # fmt: skip
+    metrics |= {"calibration_tokens": sum(w.numel() for w in calibration_ids), "bits_per_weight": bits_per_weight(net), "quantized_layers": len(quantized_layers(net))}
     if save:
         del net
         metrics["checkpoint_gb"] = round(_size(folder) / 1e9, 3)
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--store", default="results/scale")
     parser.add_argument("--sequential", action="store_true", help="quantize layer by layer (any4lib.streaming)")
+    parser.add_argument("--method", default="rtn", help="--sequential: rtn, gptq, awq or awq+gptq")
     parser.add_argument("--no-save", dest="save", action="store_false", help="--sequential: write no shards")
     parser.add_argument("--memory-cap-gb", type=float, default=None, help="--sequential: cap the GPU memory")
     parser.add_argument("--progress", action="store_true", help="--sequential: a progress bar over the layers (its "
@@ -162,6 +165,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.memory_cap_gb is not None and not (args.sequential and torch.device(args.device).type == "cuda"):
         parser.error("--memory-cap-gb needs --sequential and a CUDA --device")
+    try:
+        method = parse_method(args.method)
+    except ValueError as err:
+        parser.error(str(err))
+    if method != "rtn" and not args.sequential:
+        parser.error("--method needs --sequential (the in-memory run times round to nearest)")
     formats = [f for f in args.formats.split(",") if f]
     config = {
         "task": "scale", "model": args.model, "standin": standin_config(args.model).any4_standin if args.model in STANDINS else standin_label(args.model), "format": args.format,
@@ -170,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.sequential:  # keys only where set, so earlier records keep the keys they were stored under
         config |= {"path": "layer by layer", "save": args.save, "memory_cap_gb": args.memory_cap_gb}
+        config |= {"method": method} if method != "rtn" else {}
         config.pop("formats")
     store = ResultStore(Path(args.store) if Path(args.store).is_absolute() else REPO_ROOT / args.store)
     if not store.has(config):
@@ -177,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
             if args.sequential:
                 metrics = run_sequential(args.model, args.format, args.group_size, args.calibration, args.dataset,
                                          args.seq_len, args.windows, args.device, Path(work_dir), args.save,
-                                         args.memory_cap_gb, args.progress)  # fmt: skip
+                                         args.memory_cap_gb, args.progress, method)  # fmt: skip
             else:
                 metrics = run(args.model, args.format, args.group_size, args.calibration, args.dataset, args.seq_len,
                               args.windows, formats, args.device, Path(work_dir))  # fmt: skip
