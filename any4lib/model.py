@@ -183,7 +183,7 @@ def write_quant_config(path: Path, model: nn.Module, weight_files: list[str]) ->
     SHA-256. Written after the weight files: a folder whose quant.json exists holds complete weights."""
     config = {
         "version": 3,
-        "layers": {name: _layer_spec(m) for name, m in quantized_layers(model).items()},
+        "layers": {name: layer_spec(m) for name, m in quantized_layers(model).items()},
         "weight_files": weight_files,
         "sha256": {file: file_sha256(path / file, cache=False) for file in weight_files},
     }
@@ -202,7 +202,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) ->
     return path
 
 
-def _layer_spec(m: QuantLinear) -> dict:
+def layer_spec(m: QuantLinear) -> dict:
+    """What quant.json records of a quantized layer: enough, with its saved tensors, to rebuild it
+    (layer_from_spec)."""
     spec = {"format": m.format, "bits": m.bits, "group_size": m.group_size, "out_features": m.out_features,
             "in_features": m.in_features, "form": m.form, "method": m.method}
     if m.form == "packed":
@@ -232,6 +234,13 @@ def _contract_layer(name: str, spec: dict, tensors: dict) -> QuantLinear:
         zero=tensors.get(f"{name}.zero"), tensor_scale=float(tensors[f"{name}.tensor_scale"]),
     )
     return QuantLinear(q, tensors.get(f"{name}.bias"))
+
+
+def layer_from_spec(name: str, spec: dict, tensors: dict) -> QuantLinear:
+    """The QuantLinear `name` rebuilt from its layer_spec and the saved tensors (keys f"{name}.<tensor>")."""
+    layer = (_packed_layer if spec.get("form") == "packed" else _contract_layer)(name, spec, tensors)
+    layer.method = spec.get("method", "rtn")  # folders before methods existed: all rtn
+    return layer
 
 
 def verify_checksums(path: str | os.PathLike, quant: dict) -> None:
@@ -287,9 +296,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         tensors |= loaded
     unstack_experts(model)  # quantize_model split 3-D experts into per-expert layers before quantizing them
     for name, spec in layers.items():
-        layer = (_packed_layer if spec.get("form") == "packed" else _contract_layer)(name, spec, tensors)
-        layer.method = spec.get("method", "rtn")  # folders before methods existed: all rtn
-        set_submodule(model, name, layer)
+        set_submodule(model, name, layer_from_spec(name, spec, tensors))
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()

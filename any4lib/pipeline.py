@@ -260,8 +260,13 @@ def quantize_and_advance(
 ) -> list[BlockInput]:
     """Quantize the linears `names` of `block` on its cached inputs; return the next block's inputs (the quantized
     or the float block's outputs, as options.propagate says)."""
-    floating = [run_block(block, item) for item in inputs] if options.propagate == "float" else None
+    floating = advance(block, inputs) if options.propagate == "float" else None
     if names:
         quantize_block(block, names, inputs, fmt, group_size, method, options, statistic, **quant_options)
-    outputs = floating or [run_block(block, item) for item in inputs]
-    return [BlockInput(out, item.kwargs) for out, item in zip(outputs, inputs)]
+    return floating or advance(block, inputs)
+
+
+@torch.no_grad()
+def advance(block: nn.Module, inputs: list[BlockInput]) -> list[BlockInput]:
+    """The next block's inputs: `block` run on each cached input."""
+    return [BlockInput(run_block(block, item), item.kwargs) for item in inputs]

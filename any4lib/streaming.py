@@ -15,27 +15,34 @@ unquantized ones): each layer is calibrated on the inputs it will really get, as
 result is bit for bit what quantize_model gives with an online calibration on the same windows. With `out`, the
 quantized blocks are written as they are done, `layers_per_shard` layers to a safetensors shard, so the model never
 exists in bf16 anywhere; load_quantized reads the folder back.
+
+A stopped run (a time limit, a preempted job) resumes: each shard is written atomically and then recorded in the
+folder's progress.json with the run's settings, so calling quantize_checkpoint again with the same arguments reads
+the finished layers back from their shards, replays them to rebuild the next layer's inputs, and quantizes only the
+rest; the result is bit for bit the uninterrupted run's. Other settings on the same folder are an error.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from .model import (
-    DEFAULT_EXCLUDE, INDEX, _check_group_size, _unshared_state, resolve_model,
-    select_linear_layers, write_quant_config,
+    DEFAULT_EXCLUDE, INDEX, _check_group_size, _unshared_state, layer_from_spec, layer_spec, quantized_layers,
+    resolve_model, select_linear_layers, set_submodule, write_quant_config,
 )  # fmt: skip
 from .moe import unstack_experts
-from .pipeline import MethodOptions, capture_block_inputs, decoder_blocks, parse_method, quantize_and_advance
+from .pipeline import MethodOptions, advance, capture_block_inputs, decoder_blocks, parse_method, quantize_and_advance
 from .standins import CheckpointWeights, StandinWeights
 
 
@@ -87,40 +94,92 @@ def as_weights(source) -> CheckpointWeights | StandinWeights:
     return CheckpointWeights(folder)
 
 
+PROGRESS = "progress.json"
+
+
 class ShardWriter:
     """Writes a quantized model to a save_quantized folder as its blocks are done: `layers_per_shard` decoder
-    layers per safetensors shard, the rest of the model in a last shard, then the index and quant.json."""
+    layers per safetensors shard, the rest of the model in a last shard, then the index and quant.json.
 
-    def __init__(self, folder: str | os.PathLike, layers_per_shard: int = 4):
+    `run` (the settings that decide the result) goes to progress.json with every shard written, so a later writer of
+    the same run resumes after the last shard (`resumed` layers) and one of other settings refuses the folder."""
+
+    def __init__(self, folder: str | os.PathLike, layers_per_shard: int = 4, run: dict | None = None):
         if layers_per_shard < 1:
             raise ValueError(f"layers_per_shard must be >= 1, got {layers_per_shard}")
         self.folder, self.layers_per_shard = Path(folder), layers_per_shard
+        self.run = json.loads(json.dumps(run or {}))  # as progress.json gives it back (tuples become lists)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.pending: dict[str, torch.Tensor] = {}
-        self.layers, self.weight_map, self.files = 0, {}, []
+        self.pending_specs: dict[str, dict] = {}
+        self.layers, self.weight_map, self.files, self.specs = 0, {}, [], {}
+        self.resumed = self._resume()
+
+    def _resume(self) -> int:
+        path = self.folder / PROGRESS
+        if not path.is_file():
+            return 0
+        progress = json.loads(path.read_text())
+        if progress["run"] != self.run:
+            differ = sorted(k for k in self.run.keys() | progress["run"].keys() if self.run.get(k) != progress["run"].get(k))
+            raise ValueError(
+                f"{self.folder} holds a quantize_checkpoint run of other settings (they differ in {', '.join(differ)}); "
+                "pass another `out` folder, or delete this one to start over"
+            )
+        self.layers, self.files = progress["layers"], progress["files"]
+        self.weight_map, self.specs = progress["weight_map"], progress["specs"]
+        return self.layers
+
+    def restore_block(self, prefix: str, block: nn.Module, device: torch.device) -> None:
+        """Give the meta `block` ("model.layers.7") its quantized layers and tensors back from the shards."""
+        head = prefix + "."
+        files = sorted({file for name, file in self.weight_map.items() if name.startswith(head)})
+        tensors = {}
+        for file in files:
+            loaded = load_file(os.fspath(self.folder / file), device=str(device))
+            tensors |= {n.removeprefix(head): t for n, t in loaded.items() if n.startswith(head)}
+        unstack_experts(block)
+        for name, spec in self.specs.items():
+            if name.startswith(head):
+                set_submodule(block, name.removeprefix(head), layer_from_spec(name.removeprefix(head), spec, tensors))
+        block.load_state_dict(tensors, strict=True, assign=True)
 
     def add_block(self, prefix: str, block: nn.Module) -> None:
         """Queue block `prefix` ("model.layers.7") and write a shard once layers_per_shard are queued."""
         self.pending |= {f"{prefix}.{name}": t.cpu() for name, t in _unshared_state(block).items()}
+        self.pending_specs |= {f"{prefix}.{name}": layer_spec(m) for name, m in quantized_layers(block).items()}
         self.layers += 1
         if self.layers % self.layers_per_shard == 0:
             self._flush()
 
+    def _write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
+        file = f"model-{len(self.files) + 1:05d}.safetensors"
+        partial = self.folder / (file + ".partial")
+        save_file(tensors, os.fspath(partial), metadata={"format": "pt"})
+        os.replace(partial, self.folder / file)  # a stop mid-write leaves no shard that looks complete
+        self.weight_map |= dict.fromkeys(tensors, file)
+        self.files.append(file)
+
     def _flush(self) -> None:
         if not self.pending:
             return
-        file = f"model-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.pending, os.fspath(self.folder / file), metadata={"format": "pt"})
-        self.weight_map |= dict.fromkeys(self.pending, file)
-        self.files.append(file)
-        self.pending = {}
+        self._write_shard(self.pending)
+        self.specs |= self.pending_specs
+        self.pending, self.pending_specs = {}, {}
+        self._write_progress()
+
+    def _write_progress(self) -> None:
+        progress = {"run": self.run, "layers": self.layers, "files": self.files, "weight_map": self.weight_map,
+                    "specs": self.specs}  # fmt: skip
+        partial = self.folder / (PROGRESS + ".partial")
+        partial.write_text(json.dumps(progress, indent=1) + "\n")
+        os.replace(partial, self.folder / PROGRESS)
 
     def finish(self, model: nn.Module, blocks_prefix: str, tokenizer=None) -> Path:
         """Write the tensors outside the decoder blocks, the index, quant.json, the config and the tokenizer."""
         self._flush()
-        rest = {n: t.cpu() for n, t in _unshared_state(model).items() if not n.startswith(blocks_prefix + ".")}
-        self.pending = rest
-        self._flush()
+        # The last shard stays out of progress.json: a rerun of a finished run writes it again under the same name.
+        self._write_shard({n: t.cpu() for n, t in _unshared_state(model).items() if not n.startswith(blocks_prefix + ".")})
         index = {"metadata": {}, "weight_map": self.weight_map}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         write_quant_config(self.folder, model, self.files)
@@ -178,22 +237,62 @@ def quantize_checkpoint(
     if model.config.tie_word_embeddings:
         model.tie_weights()
     materialize_buffers(model, device)
-    inputs = capture_block_inputs(model, windows)
-    writer = ShardWriter(out, layers_per_shard) if out is not None else None
+    writer = None
+    if out is not None:
+        run = {
+            "source": _source_identity(weights), "format": fmt, "group_size": group_size, "method": method,
+            "method_options": dataclasses.asdict(settings), "include": include, "exclude": exclude,
+            "statistic": statistic, "dtype": str(dtype), "options": repr(sorted(options.items())),
+            "windows": _windows_sha256(windows), "layers_per_shard": layers_per_shard,
+        }  # fmt: skip
+        writer = ShardWriter(out, layers_per_shard, run)
+    done = writer.resumed if writer is not None else 0
+    replay = done < len(blocks)  # the finished layers' outputs are the next layer's inputs
+    inputs = capture_block_inputs(model, windows) if replay else []
 
-    for index, block in enumerate(tqdm(blocks, desc=f"{method} {fmt} by layer", disable=not progress)):
-        tensors = checkpoint_to_model_names(weights.config, _to(weights.layer_tensors(index), device, dtype))
-        head = f"{prefix}.{index}."
-        block.load_state_dict({n.removeprefix(head): t for n, t in tensors.items()}, strict=True, assign=True)
-        del tensors
-        unstack_experts(block)
-        mine = [n.removeprefix(head) for n in names if n.startswith(head)]
+    bar = tqdm(blocks, desc=f"{method} {fmt} by layer", disable=not progress)
+    for index, block in enumerate(bar):
+        head = f"{prefix}.{index}"
+        if index < done:  # on disk from a stopped run: read back and replayed, not quantized again
+            bar.set_postfix_str(f"layers 0-{done - 1} read back")
+            if replay and settings.propagate == "float":
+                _load_layer(weights, block, head, index, device, dtype)
+                inputs = advance(block, inputs)
+            writer.restore_block(head, block, device)
+            if replay and settings.propagate == "quantized":
+                inputs = advance(block, inputs)
+            continue
+        _load_layer(weights, block, head, index, device, dtype)
+        mine = [n.removeprefix(head + ".") for n in names if n.startswith(head + ".")]
         inputs = quantize_and_advance(block, mine, inputs, fmt, group_size, method, settings, statistic, **options)
         if writer is not None:
-            writer.add_block(f"{prefix}.{index}", block)
+            writer.add_block(head, block)
     if writer is not None:
         writer.finish(model, prefix, tokenizer)
     return model
+
+
+def _load_layer(weights, block: nn.Module, head: str, index: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Give the meta `block` decoder layer `index`'s unquantized tensors (experts split per expert)."""
+    tensors = checkpoint_to_model_names(weights.config, _to(weights.layer_tensors(index), device, dtype))
+    block.load_state_dict({n.removeprefix(head + "."): t for n, t in tensors.items()}, strict=True, assign=True)
+    unstack_experts(block)
+
+
+def _source_identity(weights: CheckpointWeights | StandinWeights) -> dict:
+    """What the weights are, for progress.json: the folder, or the stand-in's seed, and the config's hash."""
+    fields = {k: v for k, v in weights.config.to_dict().items() if k != "transformers_version"}
+    config = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if isinstance(weights, CheckpointWeights):
+        return {"folder": os.fspath(weights.folder.resolve()), "config": config}
+    return {"standin_seed": weights.seed, "config": config}
+
+
+def _windows_sha256(windows: Sequence[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for ids in windows:
+        digest.update(ids.to(torch.int64).cpu().numpy().tobytes() + b"|")
+    return digest.hexdigest()[:16]
 
 
 def _plan(model: nn.Module, prefix: str, fmt: str, group_size: int | None, include, exclude) -> list[str]:

@@ -186,3 +186,52 @@ def test_scale_bench_runs_a_method_layer_by_layer_as_quantize_model_does(tiny, t
     assert "method" not in rtn["config"] and rtn["metrics"]["ppl"] != expected.ppl
     with pytest.raises(SystemExit):
         scale.main(["--model", str(folder), "--method", "gptq"])  # the in-memory run times rtn only
+
+
+class Stopped(Exception):
+    """Stands for a time limit or a preemption that ends the run mid-way."""
+
+
+@pytest.mark.parametrize("fmt, method, propagate", [("any4", "rtn", "quantized"), ("int4", "gptq", "float")])
+def test_a_stopped_run_resumes_from_its_shards_and_ends_bit_for_bit_as_an_uninterrupted_one(
+    tiny, tmp_path, monkeypatch, fmt, method, propagate
+):
+    import any4lib.streaming as streaming
+
+    _, tokenizer = tiny
+    config = scaled_down("llama-3.2-1b", vocab_size=300, layers=5)
+    folder = write_standin(config, tmp_path / "s", tokenizer, seed=3, progress=False)
+    windows = [torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    run = dict(windows=windows, method=method, method_options={"propagate": propagate}, layers_per_shard=2,
+               progress=False)  # fmt: skip
+    whole = quantize_checkpoint(folder, fmt, 64, out=tmp_path / "whole", **run)
+
+    quantized = []
+    real = streaming.quantize_and_advance
+
+    def stops_at_the_fourth_layer(block, names, *args, **kwargs):
+        if len(quantized) == 3:
+            raise Stopped
+        quantized.append(names)
+        return real(block, names, *args, **kwargs)
+
+    monkeypatch.setattr(streaming, "quantize_and_advance", stops_at_the_fourth_layer)
+    with pytest.raises(Stopped):
+        quantize_checkpoint(folder, fmt, 64, out=tmp_path / "stopped", **run)
+    progress = json.loads((tmp_path / "stopped" / "progress.json").read_text())
+    assert progress["layers"] == 2 and progress["files"] == ["model-00001.safetensors"]  # layer 2 was not flushed
+    assert not (tmp_path / "stopped" / "quant.json").exists()
+
+    quantized.clear()
+    resumed = quantize_checkpoint(folder, fmt, 64, out=tmp_path / "stopped", **run)
+    assert len(quantized) == 3  # layers 2, 3, 4: the two on disk were read back
+    assert_same_state(whole, resumed)
+    assert_same_state(whole, load_quantized(tmp_path / "stopped"))
+    assert (tmp_path / "stopped" / "quant.json").read_text() == (tmp_path / "whole" / "quant.json").read_text()
+
+    quantized.clear()
+    again = quantize_checkpoint(folder, fmt, 64, out=tmp_path / "stopped", **run)  # finished: nothing quantized
+    assert not quantized
+    assert_same_state(whole, again)
+    with pytest.raises(ValueError, match="other settings .*format"):
+        quantize_checkpoint(folder, "nf4", 64, out=tmp_path / "stopped", **run)
