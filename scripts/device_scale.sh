@@ -17,10 +17,12 @@
 # 4. seq70b: the Llama-3-70B stand-in, each layer generated on the GPU, quantized any4 g128 (or SEQ70B_RUNS) layer
 #    by layer with the peak GPU memory recorded (target < 80 GB), then 4 perplexity windows (SEQ70B_WINDOWS) through
 #    the kernels (no shards written).
-# 5. methods: the 8B stand-in (step 1 first) layer by layer, any4 g128, by each of METHODS (default gptq awq
-#    awq+gptq) on 128 x 2048 calibration tokens of the held-out text (CALIBRATION): time and peak memory per method.
+# 5. methods: the 8B stand-in, generated on the GPU layer by layer, any4 g128, by each of METHODS (default gptq awq
+#    awq+gptq) on 128 x 2048 calibration tokens of the held-out text (CALIBRATION): time and peak memory per method;
+#    each under METHOD_TIMEOUT seconds (default 280; a stopped one leaves its per-layer rate in the log).
 # 6. paper: `make -B reproduce PROFILE=paper` pointed at the Llama-3.2-1B stand-in (written first), on the sets
-#    that exist offline (WikiText-2, PTB); records are stored as they finish, so a rerun continues a stopped one.
+#    that exist offline (WikiText-2, PTB); records are stored as they finish, so a rerun continues a stopped one
+#    (under PAPER_TIMEOUT seconds, default 480, so that the records made so far still come back).
 # Logs go to $OUT; the result files it wrote come back as $OUT/results.tar (unpack it at the repository root).
 set -uo pipefail
 OUT=${OUT:-/tmp/any4_scale}
@@ -59,14 +61,14 @@ if [[ " $steps " == *" seq70b "* ]]; then
 fi
 if [[ " $steps " == *" methods "* ]]; then
   for method in ${METHODS:-gptq awq awq+gptq}; do
-    python3 -m any4lib.bench.scale --model "$STANDINS/llama-3-8b-standin" --format any4 --group-size 128 \
-      --device cuda --sequential --no-save --method "$method" --calibration "${CALIBRATION:-heldout:128x2048}" \
+    timeout "${METHOD_TIMEOUT:-280}" python3 -m any4lib.bench.scale --model llama-3-8b --format any4 \
+      --group-size 128 --device cuda --sequential --no-save --method "$method" --calibration "${CALIBRATION:-heldout:128x2048}" \
       --progress 2>&1 | tee "$OUT/scale_8b_${method/+/_}.log" || status=1
   done
 fi
 if [[ " $steps " == *" paper "* ]]; then
   python3 scripts/make_standins.py llama-3.2-1b --out "$STANDINS" 2>&1 | tail -n 1 | tee "$OUT/standin_1b.log" || status=1
-  make -B reproduce PROFILE=paper MODEL="$STANDINS/llama-3.2-1b-standin" \
+  timeout "${PAPER_TIMEOUT:-480}" make -B reproduce PROFILE=paper MODEL="$STANDINS/llama-3.2-1b-standin" \
     NOTEBOOK_PARAMS='-y "{datasets: [wikitext2, ptb], dataset: wikitext2}"' 2>&1 | tee "$OUT/paper.log" || status=1
   cp -r figures results/tables "$OUT/" 2>/dev/null
 fi
