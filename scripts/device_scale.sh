@@ -68,7 +68,7 @@ if [[ " $steps " == *" methods "* ]]; then
 fi
 if [[ " $steps " == *" paper "* ]]; then
   python3 scripts/make_standins.py llama-3.2-1b --out "$STANDINS" 2>&1 | tail -n 1 | tee "$OUT/standin_1b.log" || status=1
-  timeout "${PAPER_TIMEOUT:-480}" make -B reproduce PROFILE=paper MODEL="$STANDINS/llama-3.2-1b-standin" \
+  timeout "${PAPER_TIMEOUT:-480}" make -k -B reproduce PROFILE=paper MODEL="$STANDINS/llama-3.2-1b-standin" \
     NOTEBOOK_PARAMS='-y "{datasets: [wikitext2, ptb], dataset: wikitext2}"' 2>&1 | tee "$OUT/paper.log" || status=1
   cp -r figures results/tables "$OUT/" 2>/dev/null
 fi
