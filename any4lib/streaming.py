@@ -30,30 +30,12 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .model import (
-    DEFAULT_EXCLUDE, INDEX, _check_group_size, _unshared_state, resolve_model,
-    select_linear_layers, write_quant_config,
-)  # fmt: skip
+from .checkpoint import INDEX, empty_model, materialize_buffers, unshared_state, write_quant_config
+from .model import DEFAULT_EXCLUDE, check_group_size, select_linear_layers
 from .moe import unstack_experts
+from .paths import resolve_model
 from .pipeline import MethodOptions, capture_block_inputs, decoder_blocks, parse_method, quantize_and_advance
 from .standins import CheckpointWeights, StandinWeights
-
-
-def empty_model(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """The model of `config` with every parameter on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-
-
-def materialize_buffers(model: nn.Module, device: str | torch.device) -> None:
-    """Rebuild, on `device`, the modules whose computed (non-checkpoint) buffers are still on meta: the rotary
-    embeddings' inverse frequencies."""
-    for name, module in list(model.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            with torch.device(device):
-                model.set_submodule(name, type(module)(model.config))
 
 
 def checkpoint_to_model_names(config, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,7 +71,7 @@ def as_weights(source) -> CheckpointWeights | StandinWeights:
 
 class ShardWriter:
     """Writes a quantized model to a save_quantized folder as its blocks are done: `layers_per_shard` decoder
-    layers per safetensors shard, the rest of the model in a last shard, then the index and quant.json."""
+    layers per safetensors shard, the rest of the model in a last shard, then the index and config.json."""
 
     def __init__(self, folder: str | os.PathLike, layers_per_shard: int = 4):
         if layers_per_shard < 1:
@@ -101,7 +83,7 @@ class ShardWriter:
 
     def add_block(self, prefix: str, block: nn.Module) -> None:
         """Queue block `prefix` ("model.layers.7") and write a shard once layers_per_shard are queued."""
-        self.pending |= {f"{prefix}.{name}": t.cpu() for name, t in _unshared_state(block).items()}
+        self.pending |= {f"{prefix}.{name}": t.cpu() for name, t in unshared_state(block).items()}
         self.layers += 1
         if self.layers % self.layers_per_shard == 0:
             self._flush()
@@ -116,15 +98,15 @@ class ShardWriter:
         self.pending = {}
 
     def finish(self, model: nn.Module, blocks_prefix: str, tokenizer=None) -> Path:
-        """Write the tensors outside the decoder blocks, the index, quant.json, the config and the tokenizer."""
+        """Write the tensors outside the decoder blocks, the index, the config (with its quantization_config) and the
+        tokenizer."""
         self._flush()
-        rest = {n: t.cpu() for n, t in _unshared_state(model).items() if not n.startswith(blocks_prefix + ".")}
+        rest = {n: t.cpu() for n, t in unshared_state(model).items() if not n.startswith(blocks_prefix + ".")}
         self.pending = rest
         self._flush()
         index = {"metadata": {}, "weight_map": self.weight_map}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         write_quant_config(self.folder, model, self.files)
-        model.config.save_pretrained(self.folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.folder)
         return self.folder
@@ -207,7 +189,7 @@ def _plan(model: nn.Module, prefix: str, fmt: str, group_size: int | None, inclu
             f"quantize_checkpoint quantizes the decoder layers' linears only; {outside} lie outside them: add them "
             "to exclude, or quantize the model in memory with quantize_model"
         )
-    _check_group_size(probe, names, fmt, group_size)
+    check_group_size(probe, names, fmt, group_size)
     return names
 
 

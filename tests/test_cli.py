@@ -9,7 +9,7 @@ from any4lib.cli import main
 def test_quantize_then_eval_the_saved_folder_and_rerun_reads_the_store(tiny_folder, text_file, tmp_path, capsys):
     out = tmp_path / "q"
     main(["quantize", "--model", str(tiny_folder), "--format", "int4", "--group-size", "64", "--out", str(out)])
-    assert (out / "quant.json").is_file()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "int4"
     args = ["eval", "--model", str(out), "--datasets", str(text_file), "--seq-len", "64", "--store", str(tmp_path / "r")]
     main(args)
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -157,7 +157,7 @@ def test_every_option_has_help_and_out_means_what_the_command_writes(capsys):
 
 
 def test_quantize_with_a_method_saves_a_model_that_reloads(tiny_folder, text_file, tmp_path, capsys):
-    from any4lib.model import load_quantized
+    from any4lib.checkpoint import load_quantized
 
     out = tmp_path / "gptq"
     main(["quantize", "--model", str(tiny_folder), "--format", "any4", "--group-size", "64", "--method", "gptq",

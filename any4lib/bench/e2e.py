@@ -71,12 +71,13 @@ def packed_checkpoint(path: str, meth: Method, device):
     """A real model, its quantized layers packed for the kernels: a folder saved by `any4 quantize` as it is (its
     layers must be meth's format), or a model load_model reads, quantized with meth's format (bf16: as loaded; the
     lm_head only for a :qhead method). Peers are not built from checkpoints."""
-    from ..model import QUANT_CONFIG, load_model, load_quantized, quantize_model, quantized_layers
+    from ..checkpoint import load_quantized, read_quant_config
+    from ..model import load_model, quantize_model, quantized_layers
     from ..nn import pack_model
 
     if meth.name.split(":")[0] in PEERS or meth.dequantized:
         raise ValueError(f"{meth.name} runs on random weights only (no --model)")
-    if (Path(path) / QUANT_CONFIG).is_file():
+    if read_quant_config(path) is not None:
         model = load_quantized(path, device).to(torch.bfloat16)
         saved = {layer.format for layer in quantized_layers(model).values()}
         if saved != {meth.format}:
