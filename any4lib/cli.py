@@ -38,6 +38,18 @@ def method_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def format_arg(text: str) -> str:
+    """A format name as given (records keep the name they were asked by), checked against the registry now, before
+    any model loads."""
+    from .formats import get_format
+
+    try:
+        get_format(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def csv_arg(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -275,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--seq-len", type=count_arg(2), default=None,
                         help="tokens per window, at most the model's positions (default: min(2048, its positions))")
     quant = argparse.ArgumentParser(add_help=False)
-    quant.add_argument("--format", default=None, help="any4, int4, nf4, fp4, mxfp4, ... (any4lib.list_formats())")
+    quant.add_argument("--format", type=format_arg, default=None, help="any4, int4, nf4, fp4, mxfp4, ... (any4lib.list_formats())")
     quant.add_argument("--group-size", type=group_size_arg, default=128, help="int >= 2 dividing K, or 'row' for per-row")
     quant.add_argument("--calibration", default="prompt",
                        help="'prompt', 'none', '<set>:<N>' or '<set>:<N>x<L>' (N windows of L tokens; + '@online')")

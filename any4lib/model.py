@@ -157,9 +157,11 @@ def bits_per_weight(model: nn.Module) -> float:
     return sum(m.quantized.bits_per_weight() * m.out_features * m.in_features for m in layers) / count
 
 
-def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu"):
     """(model, tokenizer) from a Hugging Face folder or hub id, a llama2.c checkpoint, or a name under
-    data_root()/models ("ref-en-16m", "stories260K"). Raises FileNotFoundError naming what was tried."""
+    data_root()/models ("ref-en-16m", "stories260K"). dtype: default float32 on a CPU (what evaluation and the
+    engine compute in there; a float32 checkpoint such as llama2.c's is not rounded), bf16 on a GPU.
+    Raises FileNotFoundError naming what was tried."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from huggingface_hub import try_to_load_from_cache
@@ -168,7 +170,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.bfloa
     from .paths import data_root, resolve_model
 
     check_device(device)
-    check_dtype(dtype)
+    dtype = check_dtype(dtype) if dtype is not None else torch.float32 if torch.device(device).type == "cpu" \
+        else torch.bfloat16
     source = resolve_model(name_or_path)
     if isinstance(source, Path):
         checkpoints = [source] if source.is_file() else sorted(source.glob("*.bin"))

@@ -130,6 +130,7 @@ def test_a_damaged_checkpoint_is_one_error_line_and_no_record(tiny_folder, text_
     ("--limit", "0", "must be an integer >= 1"),
     ("--device", "gpu", "not a device name"),
     ("--group-size", "1", "group size must be an integer >= 2"),
+    ("--format", "any5", "unknown format 'any5'; known formats: any2, any3, any4"),
 ])
 def test_bad_arguments_are_one_error_line_with_the_valid_range(tiny_folder, text_file, tmp_path, capsys, flag, value,
                                                                message):

@@ -146,7 +146,7 @@ def test_ref_en_16m_from_pretrained_equals_load_quantized(tmp_path):
     quantize_model(model, "any4", 128, calibrate(model, tokenizer, progress=False), progress=False)
     folder = save_quantized(model, tmp_path / "q", tokenizer)
     loaded = AutoModelForCausalLM.from_pretrained(folder)
-    assert len(quantized_layers(loaded)) == 8 * 7 and loaded.dtype == torch.bfloat16
+    assert len(quantized_layers(loaded)) == 8 * 7 and loaded.dtype == torch.float32  # load_model's CPU default
     ids = tokenizer("The history of the city", return_tensors="pt").input_ids
     assert torch.equal(logits(loaded, ids), logits(load_quantized(folder), ids))
 
