@@ -36,6 +36,7 @@ _LAZY = {
     "load_quantized": "checkpoint",
     "load_model": "model",
     "Any4Config": "hf",
+    "convert_bnb_model": "bnb",
     "quantize_checkpoint": "streaming",
     "bits_per_weight": "model",
     "perplexity": "evaluate",

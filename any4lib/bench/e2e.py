@@ -2,6 +2,8 @@
 
     python -m any4lib.bench.e2e --model-config llama3-8b --formats bf16,int4,any4,nf4,mxfp4 \
         --peers torch-int4,gemlite-int4,bnb-nf4 --batch 1,4,16 --prompt 512 --new 128
+    python -m any4lib.bench.e2e --model-config llama3-8b --formats bf16,bnb-nf4-tinygemm,bnb-fp4-tinygemm \
+        --peers bnb-nf4,bnb-fp4 --batch 1,4,16      # bitsandbytes' own 4-bit path vs its weights on tinygemm
     python -m any4lib.bench.e2e --model ref-en-16m --formats bf16,any4 --peers '' --hf-generate --batch 1,16
 
 Without --model the decoder gets seeded random weights of --model-config's shape (engine.random_weights, a stand-in:
