@@ -1,7 +1,8 @@
 """any4 in transformers (any4lib.hf): from_pretrained on a save_quantized folder gives QuantLinear layers and
 load_quantized's logits; save_pretrained round-trips; device_map / max_memory place it; quantization_config=
 Any4Config(...) quantizes on load as quantize_model does; folders of earlier versions get a note on converting;
-registration never makes `import any4lib` import transformers."""
+registration never makes `import any4lib` import transformers. On ref-en-16m: lm-eval's own `hf` model on the folder
+gives the metrics of the loaded model, and transformers' text-generation pipeline decodes as the engine."""
 
 import json
 import logging
@@ -139,16 +140,68 @@ def test_import_any4lib_stays_cheap_and_registers_in_either_order(first):
     assert out == [str(first == "import any4lib"), "ABCMeta", "Any4HfQuantizer"]
 
 
-@pytest.mark.real_data
-@needs_ref
-def test_ref_en_16m_from_pretrained_equals_load_quantized(tmp_path):
+@pytest.fixture(scope="module")
+def ref_folder(tmp_path_factory):
+    """ref-en-16m quantized any4 g128 on the prompt, saved with its tokenizer (once for the tests below)."""
+    if not REF.is_dir():
+        pytest.skip(f"needs {REF}")
     model, tokenizer = load_model("ref-en-16m")
     quantize_model(model, "any4", 128, calibrate(model, tokenizer, progress=False), progress=False)
-    folder = save_quantized(model, tmp_path / "q", tokenizer)
+    return save_quantized(model, tmp_path_factory.mktemp("ref") / "q", tokenizer), tokenizer
+
+
+@pytest.mark.real_data
+@needs_ref
+def test_ref_en_16m_from_pretrained_equals_load_quantized(ref_folder):
+    folder, tokenizer = ref_folder
     loaded = AutoModelForCausalLM.from_pretrained(folder)
     assert len(quantized_layers(loaded)) == 8 * 7 and loaded.dtype == torch.float32  # load_model's CPU default
     ids = tokenizer("The history of the city", return_tensors="pt").input_ids
     assert torch.equal(logits(loaded, ids), logits(load_quantized(folder), ids))
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+@needs_ref
+def test_lm_eval_hf_model_on_the_folder_equals_evaluating_the_loaded_model(ref_folder, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from any4lib.zeroshot import evaluate_tasks, task_config
+    from test_zeroshot import FIXTURES, SPLIT
+
+    folder, tokenizer = ref_folder
+    tasks = ["piqa", "lambada_openai"]
+    for task in tasks:
+        (tmp_path / task).mkdir()
+        (tmp_path / task / f"{SPLIT[task]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in FIXTURES[task]))
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder}", device="cpu", batch_size=4,
+                                  tasks=[task_config(t, tmp_path) for t in tasks],
+                                  task_manager=TaskManager(include_defaults=False), log_samples=False)
+    through_hf = {task: {k.split(",")[0]: v for k, v in metrics.items() if "," in k and v != "N/A"}
+                  for task, metrics in out["results"].items()}
+    in_memory = evaluate_tasks(load_quantized(folder), tokenizer, tasks, data_dir=tmp_path, batch_size=4)
+    assert through_hf == in_memory and 0 < through_hf["lambada_openai"]["perplexity"] < float("inf")
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+@needs_ref
+def test_text_generation_pipeline_on_the_folder_decodes_as_the_engine(ref_folder):
+    from transformers import pipeline
+
+    from test_engine import F32_TIE, assert_agrees
+
+    folder, tokenizer = ref_folder
+    prompt = "The history of the city"
+    generate = pipeline("text-generation", model=str(folder))
+    generated = generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                         return_tensors=True)[0]["generated_token_ids"]
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    assert generated[:len(prompt_ids)] == prompt_ids
+    model = load_quantized(folder)
+    engine = any4lib.generate(model, tokenizer, prompt, 12, eos=False).tokens[0]
+    assert_agrees(load_quantized(folder), prompt_ids, generated[len(prompt_ids):], engine, tie=F32_TIE)
 
 
 @pytest.mark.gpu
