@@ -170,8 +170,9 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
     from .paths import data_root, resolve_model
 
     check_device(device)
-    dtype = check_dtype(dtype) if dtype is not None else torch.float32 if torch.device(device).type == "cpu" \
-        else torch.bfloat16
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    dtype = check_dtype(dtype)
     source = resolve_model(name_or_path)
     if isinstance(source, Path):
         checkpoints = [source] if source.is_file() else sorted(source.glob("*.bin"))

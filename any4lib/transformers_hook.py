@@ -33,19 +33,27 @@ def _register() -> None:
 
 
 class _RegistryFinder(importlib.abc.MetaPathFinder):
-    """Finds the registry module with the other finders and runs _register after its loader executes it."""
+    """Finds the registry module with the other finders and runs _register after its loader executes it; leaves
+    sys.meta_path once it has."""
+
+    finding = False
 
     def find_spec(self, name, path, target=None):
-        if name != REGISTRY:
+        if name != REGISTRY or self.finding:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps find_spec below from finding this finder again
-        spec = importlib.util.find_spec(name)
+        self.finding = True  # the other finders' turn
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.finding = False
         if spec is None or spec.loader is None:
             return spec
         execute = spec.loader.exec_module
 
         def execute_then_register(module):
             execute(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _register()
 
         spec.loader.exec_module = execute_then_register
