@@ -4,10 +4,12 @@
     any4lib.quantize_model(model, "any4", calibration=any4lib.calibrate(model, tokenizer))
     any4lib.perplexity(model, tokenizer, "wikitext2")
     any4lib.generate(model, tokenizer, ["The capital of France is"], max_new_tokens=32).texts
+    any4lib.save_quantized(model, "q")   # then AutoModelForCausalLM.from_pretrained("q") after `import any4lib`
     any4lib.quantize_checkpoint("Llama-3-70B/", "any4", tokenizer=tokenizer, device="cuda", out="q70b")  # by layer
 
 Importing the package is cheap and never touches CUDA: the model-level API (which needs transformers) is loaded on
-first use, and the kernels build on first GPU use.
+first use, the any4 quantizer joins transformers' registry when transformers loads it (any4lib.hf), and the
+kernels build on first GPU use.
 """
 
 from importlib import import_module
@@ -16,6 +18,9 @@ from .formats import Format, get_format, list_formats
 from .kmeans import kmeans_1d
 from .qtensor import QuantizedTensor
 from .quant import dequantize, quantize, valid_group_sizes
+from .transformers_hook import install as _install_transformers_hook
+
+_install_transformers_hook()  # transformers' from_pretrained reads any4 folders once it loads its registry
 
 # Public name -> the module that defines it, imported when the name is first used.
 _LAZY = {
@@ -27,9 +32,11 @@ _LAZY = {
     "generate": "engine.generate",
     "Engine": "engine.generate",
     "quantize_model": "model",
-    "save_quantized": "model",
-    "load_quantized": "model",
+    "save_quantized": "checkpoint",
+    "load_quantized": "checkpoint",
     "load_model": "model",
+    "Any4Config": "hf",
+    "convert_bnb_model": "bnb",
     "quantize_checkpoint": "streaming",
     "bits_per_weight": "model",
     "perplexity": "evaluate",

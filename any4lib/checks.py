@@ -1,4 +1,5 @@
-"""Argument checks at the entry points (API and CLI): a bad value fails at once, saying the valid range."""
+"""Argument checks at the entry points (API and CLI): a bad value fails at once, saying the valid range; loaded
+tensors are checked finite."""
 
 from __future__ import annotations
 
@@ -42,3 +43,13 @@ def check_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     raise ValueError(f"dtype {dtype!r} is not a compute dtype; use one of {', '.join(DTYPES)} (or a torch float dtype)")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source) -> None:
+    """Raise ValueError naming the floating tensors (weights, scales, tables) that hold NaN or Inf."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(
+            f"{source}: {len(bad)} tensor(s) hold NaN/Inf values, e.g. {', '.join(bad[:3])}; the checkpoint is "
+            "damaged and would give meaningless outputs"
+        )

@@ -38,6 +38,18 @@ def method_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def format_arg(text: str) -> str:
+    """A format name as given (records keep the name they were asked by), checked against the registry now, before
+    any model loads."""
+    from .formats import get_format
+
+    try:
+        get_format(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def csv_arg(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -74,11 +86,12 @@ def compute_dtype(args) -> torch.dtype:
 
 def _load(args):
     """(model, tokenizer, quantized-by-this-command?) for --model, quantized with --format when given."""
-    from .model import QUANT_CONFIG, load_model, load_quantized
+    from .checkpoint import load_quantized, read_quant_config
+    from .model import load_model
 
     dtype = compute_dtype(args)
     path = Path(args.model)
-    if (path / QUANT_CONFIG).is_file():
+    if read_quant_config(path) is not None:
         if getattr(args, "format", None):
             raise ValueError(f"{path} is already quantized; drop --format or point --model at the original model")
         from transformers import AutoTokenizer
@@ -102,7 +115,7 @@ def _quantize(model, tokenizer, args):
 
 
 def cmd_quantize(args) -> None:
-    from .model import save_quantized
+    from .checkpoint import save_quantized
 
     if not args.format:
         raise ValueError("any4 quantize needs --format (e.g. --format any4)")
@@ -119,7 +132,7 @@ def _quantize_sequential(args) -> None:
     from transformers import AutoTokenizer
 
     from .experiments import calibration_windows
-    from .model import resolve_model
+    from .paths import resolve_model
     from .streaming import as_weights, quantize_checkpoint
 
     weights = as_weights(args.model)
@@ -134,14 +147,12 @@ def _quantize_sequential(args) -> None:
 def _saved_format(path: Path) -> tuple[str, int | None, str] | None:
     """(format, group size, method) of a folder written by `any4 quantize` ("a+b" where its layers differ), else
     None."""
-    from .model import QUANT_CONFIG
+    from .checkpoint import read_quant_config, saved_values
 
-    if not (path / QUANT_CONFIG).is_file():
+    quant = read_quant_config(path)
+    if quant is None:
         return None
-    layers = json.loads((path / QUANT_CONFIG).read_text())["layers"].values()
-    formats = sorted({spec["format"] for spec in layers})
-    sizes = sorted({spec["group_size"] for spec in layers})
-    methods = sorted({spec.get("method", "rtn") for spec in layers})
+    formats, sizes, methods = (sorted(saved_values(quant, key)) for key in ("format", "group_size", "method"))
     return "+".join(formats) or "none", sizes[0] if len(sizes) == 1 else None, "+".join(methods) or "rtn"
 
 
@@ -276,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--seq-len", type=count_arg(2), default=None,
                         help="tokens per window, at most the model's positions (default: min(2048, its positions))")
     quant = argparse.ArgumentParser(add_help=False)
-    quant.add_argument("--format", default=None, help="any4, int4, nf4, fp4, mxfp4, ... (any4lib.list_formats())")
+    quant.add_argument("--format", type=format_arg, default=None, help="any4, int4, nf4, fp4, mxfp4, ... (any4lib.list_formats())")
     quant.add_argument("--group-size", type=group_size_arg, default=128, help="int >= 2 dividing K, or 'row' for per-row")
     quant.add_argument("--calibration", default="prompt",
                        help="'prompt', 'none', '<set>:<N>' or '<set>:<N>x<L>' (N windows of L tokens; + '@online')")

@@ -285,6 +285,11 @@ register(Format(
     "scaling onto 16.",
 ))
 register(Format(
+    "fp4_bnb", 4, _grid_quantizer(grids.BNB_FP4),
+    "bitsandbytes' FP4 (quant_type='fp4'): its own sign / 2-exponent / 1-mantissa table, magnitudes 0, 1/192, 1/6, "
+    "1/4, 1/3, 1/2, 2/3, 1 in bitsandbytes' code order. Per-group absmax scaling onto 1.",
+))
+register(Format(
     "nf4", 4, _grid_quantizer(grids.NF4_LEVELS),
     "NormalFloat4 (QLoRA): the 16 published levels in [-1, 1] (normal quantiles, exact zero). Per-group absmax "
     "scaling onto 1.",

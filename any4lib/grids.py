@@ -41,6 +41,11 @@ NF4_LEVELS = torch.tensor(
 )
 
 E2M1 = minifloat_grid(2, 1)  # 0, .5, 1, 1.5, 2, 3, 4, 6 and negatives: OCP MX FP4
+# bitsandbytes' "fp4", as bitsandbytes.functional.get_4bit_type builds it: 1 sign, 2 exponent (bias 2) and 1 mantissa
+# bit in its own bit order (0b000 .. 0b111 = 0, 0.0625, 8, 12, 4, 6, 2, 3), divided by 12 in float32; +0 at code 8.
+# Not E2M1: its smallest nonzero magnitude is 1/192 of the largest (E2M1's: 1/12).
+_BNB_FP4_MAGNITUDES = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]
+BNB_FP4 = torch.tensor(_BNB_FP4_MAGNITUDES + [-m or 0.0 for m in _BNB_FP4_MAGNITUDES], dtype=torch.float32) / 12.0
 E8M0_BIAS = 127  # OCP MX shared scale: 2^(byte - 127)
 E2M1_EMAX = 2  # largest E2M1 exponent: 6 = 1.5 * 2^2
 FP8_E4M3_MAX = 448.0  # largest finite OCP FP8 E4M3 value

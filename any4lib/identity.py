@@ -15,7 +15,8 @@ from pathlib import Path
 from .paths import cache_root, load_text, text_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-# Files that decide what a model folder computes besides its weights (quant.json: formats and checksums).
+# Files that decide what a model folder computes besides its weights (config.json: also the quantization_config;
+# quant.json: that of folders written before version 4).
 MODEL_CONFIGS = ("quant.json", "config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer.model")
 _CACHE_FILE = "file_hashes.json"
 
@@ -88,7 +89,7 @@ def hub_revision(repo_id: str) -> str:
 def model_identity(name_or_path: str | os.PathLike) -> str:
     """"sha256:..." for a local model (see local_model_identity), "<repo>@<commit>" for a hub id,
     "builtin:tiny" for experiments.tiny_model (defined by the code the record's provenance names)."""
-    from .model import resolve_model
+    from .paths import resolve_model
 
     if str(name_or_path) == "tiny":
         return "builtin:tiny"

@@ -1,36 +1,24 @@
-"""Quantize a model's linear layers in place, and save / reload the quantized model without re-quantizing.
-
-A saved model is a folder: `model.safetensors` (every tensor, QuantLinear codes and tables included; codes of at
-most 4 bits two to a byte), `quant.json` (format, bits, group size, shape and form of each quantized layer, the
-weight files with their SHA-256, which load_quantized verifies; quantize_checkpoint writes several shards) and the
-Hugging Face `config.json`. Version 1 folders (one code per byte) and version 2 folders still load.
-"""
+"""Load a model, and quantize its linear layers in place (saving and reloading the result: any4lib.checkpoint)."""
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import re
 from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import ActivationStats, record_inputs
+from .checks import check_device, check_dtype, check_finite
 from .formats import get_format
-from .identity import file_sha256
 from .moe import ROUTER_PATTERNS, expert_sample_weight, unstack_experts
 from .nn import QuantLinear
-from .qtensor import QuantizedTensor
 from .quant import quantize, valid_group_sizes
 
-QUANT_CONFIG = "quant.json"
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 DEFAULT_EXCLUDE = ("lm_head", *ROUTER_PATTERNS)
 
 
@@ -111,7 +99,7 @@ def quantize_model(
     method = parse_method(method)
     unstack_experts(model)
     names = _order_by_forward(select_linear_layers(model, include, exclude), calibration)
-    _check_group_size(model, names, fmt, group_size)
+    check_group_size(model, names, fmt, group_size)
     online = calibration is not None and calibration.mode == "online"
     if (online or method != "rtn") and (calibration is None or not calibration.inputs):
         raise ValueError(
@@ -141,7 +129,7 @@ def quantize_model(
     return model
 
 
-def _check_group_size(model: nn.Module, names: list[str], fmt: str, group_size: int | None) -> None:
+def check_group_size(model: nn.Module, names: list[str], fmt: str, group_size: int | None) -> None:
     """Fail before quantizing anything when group_size does not divide every chosen layer's input width."""
     if not isinstance(group_size, int) or group_size < 2 or get_format(fmt).fixed_group_size is not None:
         return  # per-row, or invalid (quantize says why), or a block format with its own size
@@ -169,179 +157,22 @@ def bits_per_weight(model: nn.Module) -> float:
     return sum(m.quantized.bits_per_weight() * m.out_features * m.in_features for m in layers) / count
 
 
-def _unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each tied parameter once and buffers copied, since layers may share a format's grid
-    tensor and safetensors stores no aliases."""
-    keys = model.state_dict().keys()
-    state = {name: p.detach().contiguous() for name, p in model.named_parameters()}  # tied weights once
-    state |= {name: b.detach().contiguous().clone() for name, b in model.named_buffers() if name in keys}
-    return state
-
-
-def write_quant_config(path: Path, model: nn.Module, weight_files: list[str]) -> None:
-    """quant.json: each quantized layer's format, shape and form, the safetensors files holding the weights and their
-    SHA-256. Written after the weight files: a folder whose quant.json exists holds complete weights."""
-    config = {
-        "version": 3,
-        "layers": {name: layer_spec(m) for name, m in quantized_layers(model).items()},
-        "weight_files": weight_files,
-        "sha256": {file: file_sha256(path / file, cache=False) for file in weight_files},
-    }
-    (path / QUANT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-
-
-def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
-    """Write the quantized model to folder `path` (see the module doc); the tokenizer too when given."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(path)
-    save_file(_unshared_state(model), os.fspath(path / WEIGHTS), metadata={"format": "pt"})
-    write_quant_config(path, model, [WEIGHTS])
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    return path
-
-
-def layer_spec(m: QuantLinear) -> dict:
-    """What quant.json records of a quantized layer: enough, with its saved tensors, to rebuild it
-    (layer_from_spec)."""
-    spec = {"format": m.format, "bits": m.bits, "group_size": m.group_size, "out_features": m.out_features,
-            "in_features": m.in_features, "form": m.form, "method": m.method}
-    if m.form == "packed":
-        spec |= {"dtype": str(m.packed.dtype).removeprefix("torch."), "int_codes": m.packed.int_codes,
-                 "swiglu": m.packed.swiglu, "rows": m.packed.n}
-    return spec
-
-
-def _packed_layer(name: str, spec: dict, tensors: dict) -> QuantLinear:
-    from .kernels import PackedWeight
-
-    packed = PackedWeight(
-        codes=tensors[f"{name}.packed_codes"], scales=tensors[f"{name}.packed_scales"],
-        lut=tensors.get(f"{name}.packed_lut"), n=spec["rows"], k=spec["in_features"], group_size=spec["group_size"],
-        int_codes=spec["int_codes"], format=spec["format"], dtype=getattr(torch, spec["dtype"]), swiglu=spec["swiglu"],
-    )
-    return QuantLinear.from_packed(packed, tensors.get(f"{name}.bias"))
-
-
-def _contract_layer(name: str, spec: dict, tensors: dict) -> QuantLinear:
-    # Placeholder codes of the right shape: load_state_dict fills the buffer from either layout (QuantLinear packs a
-    # version 1 folder's one-code-a-byte tensor as it loads).
-    codes = torch.zeros(spec["out_features"], spec["in_features"], dtype=torch.uint8)
-    q = QuantizedTensor(
-        format=spec["format"], bits=spec["bits"], group_size=spec["group_size"],
-        codes=codes, lut=tensors[f"{name}.lut"], scale=tensors[f"{name}.scale"],
-        zero=tensors.get(f"{name}.zero"), tensor_scale=float(tensors[f"{name}.tensor_scale"]),
-    )
-    return QuantLinear(q, tensors.get(f"{name}.bias"))
-
-
-def layer_from_spec(name: str, spec: dict, tensors: dict) -> QuantLinear:
-    """The QuantLinear `name` rebuilt from its layer_spec and the saved tensors (keys f"{name}.<tensor>")."""
-    layer = (_packed_layer if spec.get("form") == "packed" else _contract_layer)(name, spec, tensors)
-    layer.method = spec.get("method", "rtn")  # folders before methods existed: all rtn
-    return layer
-
-
-def verify_checksums(path: str | os.PathLike, quant: dict) -> None:
-    """Raise ValueError when a weight file's SHA-256 differs from the one quant.json records."""
-    for name, expected in quant.get("sha256", {}).items():
-        actual = file_sha256(Path(path) / name, cache=False)
-        if actual != expected:
-            raise ValueError(
-                f"{Path(path) / name} is damaged or was changed after saving: its SHA-256 is {actual[:16]}..., "
-                f"{QUANT_CONFIG} records {expected[:16]}...; quantize and save the model again "
-                "(or load with verify=False / --no-verify to skip this check)"
-            )
-
-
-def check_finite(tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
-    """Raise ValueError naming the floating tensors (weights, scales, tables) that hold NaN or Inf."""
-    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise ValueError(
-            f"{source}: {len(bad)} tensor(s) hold NaN/Inf values, e.g. {', '.join(bad[:3])}; the checkpoint is "
-            "damaged and would give meaningless outputs"
-        )
-
-
-def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
-    """A model saved by save_quantized (or written by quantize_checkpoint), rebuilt from its config and codes:
-    built on the meta device and given the saved tensors, so no unquantized copy ever exists.
-
-    verify: check each weight file against the SHA-256 quant.json records (False skips the hashing, for speed).
-    Every floating tensor loaded (scales, tables, dense weights) is checked finite either way.
-    """
-    from transformers import AutoConfig
-
-    from .streaming import empty_model, materialize_buffers
-
-    path = Path(path)
-    for needed in (QUANT_CONFIG, "config.json"):
-        if not (path / needed).is_file():
-            raise FileNotFoundError(f"{path} is not a quantized model folder: {needed} is missing (see save_quantized)")
-    quant_config = json.loads((path / QUANT_CONFIG).read_text())
-    layers, files = quant_config["layers"], quant_config.get("weight_files", [WEIGHTS])
-    absent = [f for f in files if not (path / f).is_file()]
-    if absent:
-        raise FileNotFoundError(f"{path} is not a complete quantized model folder: {absent} missing (see save_quantized)")
-    if verify:
-        verify_checksums(path, quant_config)
-    config = AutoConfig.from_pretrained(path)
-    model = empty_model(config, getattr(config, "dtype", None) or torch.float32)
-    tensors = {}
-    for file in files:
-        loaded = load_file(os.fspath(path / file), device=str(device))
-        check_finite(loaded, path / file)
-        tensors |= loaded
-    unstack_experts(model)  # quantize_model split 3-D experts into per-expert layers before quantizing them
-    for name, spec in layers.items():
-        set_submodule(model, name, layer_from_spec(name, spec, tensors))
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    missing = [m for m in missing if not _is_tied(model, m)]  # loaded through the parameter it shares
-    if missing or unexpected:
-        raise ValueError(f"{path} ({', '.join(files)}) does not fit its config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    materialize_buffers(model, device)
-    return model.to(device).eval()
-
-
-def _is_tied(model: nn.Module, name: str) -> bool:
-    """Whether parameter `name` shares its storage with another parameter of the model (tied embeddings)."""
-    target = model.get_parameter(name)
-    return any(
-        other is target for other_name, other in model.named_parameters(remove_duplicate=False) if other_name != name
-    )
-
-
-def resolve_model(name_or_path: str | os.PathLike) -> Path | str:
-    """A local model folder / llama2.c file, a model name under data_root()/models, or else a hub id (returned as is)."""
-    from .paths import data_root
-
-    for candidate in (Path(name_or_path).expanduser(), data_root() / "models" / str(name_or_path)):
-        if candidate.exists():
-            return candidate
-    text = str(name_or_path)
-    if text.startswith((".", "/", "~")) or text.count("/") > 1:  # a path, not a hub id "org/name"
-        raise FileNotFoundError(f"model path {text!r} does not exist (also looked under {data_root() / 'models'})")
-    return text
-
-
-def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu"):
     """(model, tokenizer) from a Hugging Face folder or hub id, a llama2.c checkpoint, or a name under
-    data_root()/models ("ref-en-16m", "stories260K"). Raises FileNotFoundError naming what was tried."""
+    data_root()/models ("ref-en-16m", "stories260K"). dtype: default float32 on a CPU (what evaluation and the
+    engine compute in there; a float32 checkpoint such as llama2.c's is not rounded), bf16 on a GPU.
+    Raises FileNotFoundError naming what was tried."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from huggingface_hub import try_to_load_from_cache
 
-    from .checks import check_device, check_dtype
     from .hub import hub_reachable, hub_unreachable_error
-    from .paths import data_root
+    from .paths import data_root, resolve_model
 
     check_device(device)
-    check_dtype(dtype)
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    dtype = check_dtype(dtype)
     source = resolve_model(name_or_path)
     if isinstance(source, Path):
         checkpoints = [source] if source.is_file() else sorted(source.glob("*.bin"))

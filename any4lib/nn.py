@@ -6,7 +6,8 @@
   alone (kernels.PackedWeight: codes, scales, lut in the activation dtype), run by the tinygemm kernels on CUDA and
   by their PyTorch reference on the CPU. Packing converts the layer in place and frees the contract buffers.
 
-The state dict saves whichever form the layer is in; quant.json records each layer's form (model.py).
+The state dict saves whichever form the layer is in; the checkpoint's config records each layer's form
+(any4lib.checkpoint).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class QuantLinear(nn.Module):
     memory and checkpoints cost what the format's bits say; wider codes take a byte each ([out, in]).
     """
 
-    method = "rtn"  # how the codes were chosen (quantize_model sets "gptq", "awq", ...); saved in quant.json
+    method = "rtn"  # how the codes were chosen (quantize_model sets "gptq", "awq", ...); saved in the checkpoint
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -176,9 +177,15 @@ class QuantLinear(nn.Module):
             after = getattr(self, name)
             if after.dtype != before.dtype:
                 setattr(self, name, before.to(after.device))
+        self.buffers_changed()
+        return self
+
+    def buffers_changed(self) -> None:
+        """Forget what was computed from the buffers, and point a packed weight at the current ones: after they
+        moved, or were assigned from outside (transformers' loader sets each by name)."""
+        self._cache = {}
         if self.form == "packed":
             self._packed = replace(self._packed, **{f: getattr(self, b) for f, b in _PACKED.items()})
-        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._cache = {}

@@ -1,4 +1,4 @@
-"""Where data lives, and the named text sets the evaluations and calibration read.
+"""Where data lives: models by name, and the named text sets the evaluations and calibration read.
 
 The data folder is never part of the repository: it is `$ANY4_DATA`, else `../shared/data` beside the checkout.
 A named set is read from its local file under that folder when present, else from the Hugging Face hub (when the
@@ -66,6 +66,17 @@ TEXT_SETS: dict[str, TextSet] = {
     "pile": TextSet("pile/train.txt", ("monology/pile-uncopyrighted", None, "train", "text"), max_chars=STREAM_CHARS),
     "heldout": TextSet("corpora/ref-en/heldout.txt"),
 }
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path | str:
+    """A local model folder / llama2.c file, a model name under data_root()/models, or else a hub id (returned as is)."""
+    for candidate in (Path(name_or_path).expanduser(), data_root() / "models" / str(name_or_path)):
+        if candidate.exists():
+            return candidate
+    text = str(name_or_path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:  # a path, not a hub id "org/name"
+        raise FileNotFoundError(f"model path {text!r} does not exist (also looked under {data_root() / 'models'})")
+    return text
 
 
 def calibration_prompt() -> str:

@@ -1,4 +1,5 @@
-"""Peer 4-bit linear layers the benchmark times beside tinygemm: PyTorch's int4 tinygemm, GemLite, bitsandbytes NF4.
+"""Peer 4-bit linear layers the benchmark times beside tinygemm: PyTorch's int4 tinygemm, GemLite, bitsandbytes NF4 /
+FP4.
 
 Each stands in for nn.Linear and is built from the same weight (our int4 QuantizedTensor where the peer's formula is
 ours); the peer libraries are imported when a layer is built.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-PEERS = ("torch-int4", "gemlite-int4", "bnb-nf4")
+PEERS = ("torch-int4", "gemlite-int4", "bnb-nf4", "bnb-fp4")
 
 
 class TorchInt4Linear(nn.Module):
@@ -51,14 +52,14 @@ def gemlite_int4(q):
     return layer
 
 
-class BnbNF4Linear(nn.Module):
-    """bitsandbytes NF4 (its default block of 64, absmax scaling), through bnb.matmul_4bit."""
+class Bnb4bitLinear(nn.Module):
+    """bitsandbytes NF4 or FP4 (its default block of 64, absmax scaling), through bnb.matmul_4bit."""
 
-    def __init__(self, w: torch.Tensor):
+    def __init__(self, w: torch.Tensor, quant_type: str):
         super().__init__()
         import bitsandbytes.functional as bnbf
 
-        self.weight, self.state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        self.weight, self.state = bnbf.quantize_4bit(w, blocksize=64, quant_type=quant_type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb

@@ -217,7 +217,7 @@ def quantize_block(
             except ValueError as err:
                 raise ValueError(f"layer {name!r} ({tuple(linear.weight.shape)}): {err}") from err
             layer = QuantLinear(q, linear.bias).to(linear.weight.device)
-            layer.method = method  # saved in quant.json, named by `any4 eval`
+            layer.method = method  # saved in the checkpoint, named by `any4 eval`
             block.set_submodule(name, layer)
 
 

@@ -222,7 +222,7 @@ def standin_bytes(config) -> int:
 def standin_label(model: str | os.PathLike) -> dict | None:
     """The `any4_standin` label of a local model folder (or a name under data_root()/models), None for any other
     model: records and tables made from a stand-in carry it."""
-    from .model import resolve_model
+    from .paths import resolve_model
 
     source = resolve_model(model)
     config = Path(source) / "config.json" if not isinstance(source, str) else None
@@ -237,7 +237,7 @@ def load_tokenizer(tokenizer=None):
         return tokenizer
     from transformers import AutoTokenizer
 
-    from .model import resolve_model
+    from .paths import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model(tokenizer or DEFAULT_TOKENIZER))
 

@@ -37,30 +37,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .model import (
-    DEFAULT_EXCLUDE, INDEX, _check_group_size, _unshared_state, layer_from_spec, layer_spec, quantized_layers,
-    resolve_model, select_linear_layers, set_submodule, write_quant_config,
+from .checkpoint import (
+    INDEX, empty_model, layer_spec, materialize_buffers, quantized_layer, unshared_state, write_quant_config,
 )  # fmt: skip
+from .model import DEFAULT_EXCLUDE, check_group_size, quantized_layers, select_linear_layers, set_submodule
 from .moe import unstack_experts
+from .paths import resolve_model
 from .pipeline import MethodOptions, advance, capture_block_inputs, decoder_blocks, parse_method, quantize_and_advance
 from .standins import CheckpointWeights, StandinWeights
-
-
-def empty_model(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """The model of `config` with every parameter on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-
-
-def materialize_buffers(model: nn.Module, device: str | torch.device) -> None:
-    """Rebuild, on `device`, the modules whose computed (non-checkpoint) buffers are still on meta: the rotary
-    embeddings' inverse frequencies."""
-    for name, module in list(model.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            with torch.device(device):
-                model.set_submodule(name, type(module)(model.config))
 
 
 def checkpoint_to_model_names(config, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,7 +83,7 @@ PROGRESS = "progress.json"
 
 class ShardWriter:
     """Writes a quantized model to a save_quantized folder as its blocks are done: `layers_per_shard` decoder
-    layers per safetensors shard, the rest of the model in a last shard, then the index and quant.json.
+    layers per safetensors shard, the rest of the model in a last shard, then the index and config.json.
 
     `run` (the settings that decide the result) goes to progress.json with every shard written, so a later writer of
     the same run resumes after the last shard (`resumed` layers) and one of other settings refuses the folder."""
@@ -141,12 +125,13 @@ class ShardWriter:
         unstack_experts(block)
         for name, spec in self.specs.items():
             if name.startswith(head):
-                set_submodule(block, name.removeprefix(head), layer_from_spec(name.removeprefix(head), spec, tensors))
+                name = name.removeprefix(head)
+                set_submodule(block, name, quantized_layer(name, spec, block.get_submodule(name), tensors))
         block.load_state_dict(tensors, strict=True, assign=True)
 
     def add_block(self, prefix: str, block: nn.Module) -> None:
         """Queue block `prefix` ("model.layers.7") and write a shard once layers_per_shard are queued."""
-        self.pending |= {f"{prefix}.{name}": t.cpu() for name, t in _unshared_state(block).items()}
+        self.pending |= {f"{prefix}.{name}": t.cpu() for name, t in unshared_state(block).items()}
         self.pending_specs |= {f"{prefix}.{name}": layer_spec(m) for name, m in quantized_layers(block).items()}
         self.layers += 1
         if self.layers % self.layers_per_shard == 0:
@@ -176,14 +161,14 @@ class ShardWriter:
         os.replace(partial, self.folder / PROGRESS)
 
     def finish(self, model: nn.Module, blocks_prefix: str, tokenizer=None) -> Path:
-        """Write the tensors outside the decoder blocks, the index, quant.json, the config and the tokenizer."""
+        """Write the tensors outside the decoder blocks, the index, the config (with its quantization_config) and the
+        tokenizer."""
         self._flush()
         # The last shard stays out of progress.json: a rerun of a finished run writes it again under the same name.
-        self._write_shard({n: t.cpu() for n, t in _unshared_state(model).items() if not n.startswith(blocks_prefix + ".")})
+        self._write_shard({n: t.cpu() for n, t in unshared_state(model).items() if not n.startswith(blocks_prefix + ".")})
         index = {"metadata": {}, "weight_map": self.weight_map}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         write_quant_config(self.folder, model, self.files)
-        model.config.save_pretrained(self.folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.folder)
         return self.folder
@@ -306,7 +291,7 @@ def _plan(model: nn.Module, prefix: str, fmt: str, group_size: int | None, inclu
             f"quantize_checkpoint quantizes the decoder layers' linears only; {outside} lie outside them: add them "
             "to exclude, or quantize the model in memory with quantize_model"
         )
-    _check_group_size(probe, names, fmt, group_size)
+    check_group_size(probe, names, fmt, group_size)
     return names
 
 

@@ -9,7 +9,7 @@ from any4lib.cli import main
 def test_quantize_then_eval_the_saved_folder_and_rerun_reads_the_store(tiny_folder, text_file, tmp_path, capsys):
     out = tmp_path / "q"
     main(["quantize", "--model", str(tiny_folder), "--format", "int4", "--group-size", "64", "--out", str(out)])
-    assert (out / "quant.json").is_file()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "int4"
     args = ["eval", "--model", str(out), "--datasets", str(text_file), "--seq-len", "64", "--store", str(tmp_path / "r")]
     main(args)
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -130,6 +130,7 @@ def test_a_damaged_checkpoint_is_one_error_line_and_no_record(tiny_folder, text_
     ("--limit", "0", "must be an integer >= 1"),
     ("--device", "gpu", "not a device name"),
     ("--group-size", "1", "group size must be an integer >= 2"),
+    ("--format", "any5", "unknown format 'any5'; known formats: any2, any3, any4"),
 ])
 def test_bad_arguments_are_one_error_line_with_the_valid_range(tiny_folder, text_file, tmp_path, capsys, flag, value,
                                                                message):
@@ -157,7 +158,7 @@ def test_every_option_has_help_and_out_means_what_the_command_writes(capsys):
 
 
 def test_quantize_with_a_method_saves_a_model_that_reloads(tiny_folder, text_file, tmp_path, capsys):
-    from any4lib.model import load_quantized
+    from any4lib.checkpoint import load_quantized
 
     out = tmp_path / "gptq"
     main(["quantize", "--model", str(tiny_folder), "--format", "any4", "--group-size", "64", "--method", "gptq",

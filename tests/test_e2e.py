@@ -400,9 +400,9 @@ def test_compiled_decode_matches_eager_in_float32_on_gpu(mode):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("name", ["bf16", "any4", "torch-int4", "bnb-nf4"])
+@pytest.mark.parametrize("name", ["bf16", "any4", "torch-int4", "bnb-nf4", "bnb-fp4-tinygemm"])
 def test_graphed_and_compiled_quantized_decode_on_gpu(name):
-    if name == "bnb-nf4":
+    if name.startswith("bnb-"):
         pytest.importorskip("bitsandbytes")
     eager = greedy_tokens(name, "cuda", "none")
     # The same kernels replayed from a CUDA graph: bitwise the same tokens.

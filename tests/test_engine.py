@@ -140,7 +140,7 @@ def test_layers_the_kernels_cannot_serve_run_dequantized_said_once(caplog):
     quantize_model(model, "int4", 32, include="*.mlp.*", progress=False)
     quantize_model(model, "int3", 32, include="*.self_attn.*", progress=False)  # 3-bit: not a tinygemm format
     with caplog.at_level(logging.WARNING, logger="any4lib"):
-        engine = Engine(model, tokenizer=None, max_batch=3)
+        engine = Engine(model, tokenizer=None, max_batch=3, dtype=torch.bfloat16)  # packed: what a GPU runs
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("any4lib")]
     assert len(lines) == 8 and all("runs its dequantized weight" in line and "int3" in line for line in lines)
     expected = [hf_greedy(model, p, 12) for p in PROMPTS]
@@ -231,8 +231,12 @@ def test_any4lib_generate_grows_its_engine_and_falls_back_for_other_architecture
     one = any4lib.generate(model, tokenizer, "Once", 6, eos=False)
     two = any4lib.generate(model, tokenizer, ["Once", "Twice upon"], 6, eos=False)
     assert two.tokens[0] == one.tokens[0]
-    reference = copy.deepcopy(model)
+    assert model.dtype == torch.bfloat16  # on a CPU the engine computes in float32, the model keeps its dtype
+    reference = copy.deepcopy(model).float()
     assert one.tokens[0] == hf_greedy(reference, tokenizer("Once")["input_ids"], 6)
+    for bad in ([], [1, 2], None):
+        with pytest.raises(ValueError, match="prompts must be a string or a non-empty list of strings"):
+            any4lib.generate(model, tokenizer, bad, 4)
 
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=258, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
@@ -263,7 +267,7 @@ def test_stories260k_zoo_continuation_through_the_engine_is_llama2c():
 
     if not (data_root() / "models" / "stories260K").exists():
         pytest.skip(f"stories260K is not under {data_root() / 'models'}")
-    model, tokenizer = any4lib.load_model("stories260K", dtype=torch.float32)
-    out = Engine(model, tokenizer, max_len=256).generate("Zoo", len(C_GREEDY_ZOO) - 4, eos=False)
+    model, tokenizer = any4lib.load_model("stories260K")  # stored in bf16; the engine computes in float32 on a CPU
+    out = any4lib.generate(model, tokenizer, "Zoo", len(C_GREEDY_ZOO) - 4, eos=False)
     assert out.tokens[0] == C_GREEDY_ZOO[4:]
     assert "was a little girl named Lily. She loved to play outside in the park." in out.texts[0]

@@ -12,7 +12,8 @@ import torch
 from any4lib.awq import awq_scale, fold_scales, foldable_sets
 from any4lib.calibration import calibrate
 from any4lib.gptq import HessianAccumulator, gptq_quantize
-from any4lib.model import load_quantized, quantize_model, save_quantized
+from any4lib.checkpoint import load_quantized, save_quantized
+from any4lib.model import quantize_model
 from any4lib.nn import QuantLinear, use_kernels
 from any4lib.pipeline import parse_method
 from any4lib.quant import quantize

@@ -1,5 +1,4 @@
 import copy
-import json
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ from torch import nn
 
 import any4lib
 from any4lib.calibration import calibrate
-from any4lib.model import bits_per_weight, load_model, load_quantized, quantize_model, save_quantized, select_linear_layers
+from any4lib.model import bits_per_weight, load_model, quantize_model, select_linear_layers
 from any4lib.nn import QuantLinear
 
 
@@ -60,115 +59,13 @@ def test_group_size_error_names_the_sizes_valid_for_every_layer(tiny):
     assert per_row.model.layers[0].mlp.down_proj.group_size == 256
 
 
-@pytest.mark.parametrize("fmt", ["any4", "nvfp4"])
-def test_save_then_load_gives_identical_logits(tiny, tmp_path, fmt):
-    model, tokenizer = tiny
-    quantize_model(model, fmt, 64, calibration=calibrate(model, tokenizer, progress=False), progress=False)
-    save_quantized(model, tmp_path / "q", tokenizer)
-    back = load_quantized(tmp_path / "q")
-    ids = torch.randint(0, 258, (2, 33))
-    assert torch.equal(logits(back, ids), logits(model, ids))
-    assert back.lm_head.weight is back.model.embed_tokens.weight  # still tied
-    layer = back.model.layers[1].self_attn.o_proj
-    assert isinstance(layer, QuantLinear) and layer.format == fmt
-    assert torch.equal(layer.codes, model.model.layers[1].self_attn.o_proj.codes)
-
-
-def test_checkpoint_stores_4_bit_codes_two_to_a_byte_and_reads_version_1(tiny, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    from any4lib.qtensor import unpack_nibbles
-
-    model, _ = tiny
-    quantize_model(model, "any4", 64, progress=False)
-    folder = save_quantized(model, tmp_path / "q")
-    tensors = load_file(folder / "model.safetensors")
-    layers = json.loads((folder / "quant.json").read_text())["layers"]
-    for name, spec in layers.items():
-        assert tensors[f"{name}.codes"].shape == (spec["out_features"], spec["in_features"] // 2)
-    # The same model as a version 1 folder (one code per byte) loads to the same logits.
-    for name, spec in layers.items():
-        tensors[f"{name}.codes"] = unpack_nibbles(tensors[f"{name}.codes"], spec["in_features"])
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    (folder / "quant.json").write_text(json.dumps({"version": 1, "layers": layers}))
-    ids = torch.randint(0, 258, (2, 17))
-    assert torch.equal(logits(load_quantized(folder), ids), logits(model, ids))
-
-
-def test_packed_layers_save_and_load_packed_and_version_2_still_loads(tiny, tmp_path):
-    from safetensors.torch import load_file
-
-    model, _ = tiny
-    model = quantize_model(model.to(torch.bfloat16), "any4", 64, progress=False)
-    contract = save_quantized(model, tmp_path / "contract")
-    spec = json.loads((contract / "quant.json").read_text())
-    assert spec["version"] == 3 and {s["form"] for s in spec["layers"].values()} == {"contract"}
-    # A version 2 folder (no form recorded) is a contract-form folder.
-    for layer in spec["layers"].values():
-        del layer["form"]
-    (contract / "quant.json").write_text(json.dumps({"version": 2, "layers": spec["layers"]}))
-    ids = torch.randint(0, 258, (2, 17))
-    expected_contract = logits(model, ids)
-    assert torch.equal(logits(load_quantized(contract).to(torch.bfloat16), ids), expected_contract)
-
-    any4lib.pack_model(model, torch.bfloat16)
-    folder = save_quantized(model, tmp_path / "packed")
-    spec = json.loads((folder / "quant.json").read_text())["layers"]["model.layers.0.mlp.up_proj"]
-    assert spec["form"] == "packed" and spec["dtype"] == "bfloat16" and not spec["swiglu"]
-    assert not any(name.endswith(".codes") for name in load_file(folder / "model.safetensors"))
-    back = load_quantized(folder)
-    layer = back.model.layers[0].mlp.up_proj
-    assert layer.form == "packed" and torch.equal(layer.packed_codes, model.model.layers[0].mlp.up_proj.packed_codes)
-    assert torch.equal(logits(back.to(torch.bfloat16), ids), logits(model, ids))
-
-
-def test_load_errors_name_the_path(tmp_path, tiny_folder):
-    with pytest.raises(FileNotFoundError, match="quant.json is missing"):
-        load_quantized(tiny_folder)
+def test_load_model_errors_name_the_path(tmp_path, tiny_folder):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "no" / "such" / "model")
     with pytest.raises(FileNotFoundError, match="neither a config.json"):
         load_model(tmp_path)
     model, tokenizer = load_model(tiny_folder, dtype=torch.float32)
     assert model.config.hidden_size == 128 and tokenizer.decode(tokenizer("a b").input_ids) == "a b"
-
-
-def _rewrite(folder, change):
-    """Apply `change` to the saved tensors and write the file back (its checksum in quant.json no longer fits)."""
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(folder / "model.safetensors")
-    change(tensors)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-
-
-def test_a_damaged_checkpoint_fails_its_checksum(tiny, tmp_path):
-    model, _ = tiny
-    quantize_model(model, "int4", 64, progress=False)
-    folder = save_quantized(model, tmp_path / "q")
-    quant = json.loads((folder / "quant.json").read_text())
-    assert set(quant["sha256"]) == {"model.safetensors"} and len(quant["sha256"]["model.safetensors"]) == 64
-    data = bytearray((folder / "model.safetensors").read_bytes())
-    data[-100:-90] = bytes(10)  # overwrite a few bytes of the last tensor, sizes unchanged
-    (folder / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="damaged or was changed after saving.*verify=False"):
-        load_quantized(folder)
-    load_quantized(folder, verify=False)  # the opt-out skips the hash (the values are finite, so it loads)
-
-
-def test_a_nan_scale_in_a_checkpoint_is_refused_at_load(tiny, tmp_path):
-    model, _ = tiny
-    quantize_model(model, "int4", 64, progress=False)
-    folder = save_quantized(model, tmp_path / "q")
-    layer = next(iter(json.loads((folder / "quant.json").read_text())["layers"]))
-
-    def nan_in_a_floating_tensor_of_the_layer(tensors):
-        name = next(k for k, t in tensors.items() if k.startswith(layer + ".") and t.is_floating_point() and t.dim())
-        tensors[name].view(-1)[0] = float("nan")
-
-    _rewrite(folder, nan_in_a_floating_tensor_of_the_layer)
-    with pytest.raises(ValueError, match="hold NaN/Inf values"):
-        load_quantized(folder, verify=False)
 
 
 def test_dense_weights_are_checked_finite_at_load(tiny, tmp_path):

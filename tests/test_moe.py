@@ -13,7 +13,8 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 import any4lib
 from any4lib.calibration import calibrate
-from any4lib.model import load_quantized, quantize_model, save_quantized
+from any4lib.checkpoint import load_quantized, save_quantized
+from any4lib.model import quantize_model
 from any4lib.moe import ExpertLinears, unstack_experts
 from any4lib.nn import QuantLinear
 

@@ -99,7 +99,8 @@ def test_packed_form_is_the_only_state_and_computes_the_kernels_reference(fmt, g
 
 def test_packed_layer_runs_float32_activations_on_the_cpu(tmp_path, tiny):
     """A folder saved after packing (e.g. on a GPU) evaluates on a CPU in float32, the CPU's compute default."""
-    from any4lib.model import load_quantized, quantize_model, save_quantized
+    from any4lib.checkpoint import load_quantized, save_quantized
+    from any4lib.model import quantize_model
 
     torch.manual_seed(0)
     w, x = torch.randn(48, 256), torch.randn(3, 256)

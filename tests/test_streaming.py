@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from any4lib.calibration import calibrate
-from any4lib.model import load_model, load_quantized, quantize_model
+from any4lib.checkpoint import load_quantized
+from any4lib.model import load_model, quantize_model
 from any4lib.nn import QuantLinear
 from any4lib.paths import data_root
 from any4lib.pipeline import decoder_blocks
@@ -44,9 +45,10 @@ def test_ref_en_16m_layer_by_layer_equals_in_memory_bit_for_bit_and_reloads_from
     assert_same_state(reference, model)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 8 * 7
 
-    quant = json.loads((folder / "quant.json").read_text())
-    assert quant["weight_files"] == ["model-00001.safetensors", "model-00002.safetensors", "model-00003.safetensors",
-                                     "model-00004.safetensors"]  # 8 layers by 3, then the rest  # fmt: skip
+    quant = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert sorted(quant["checksums"]) == ["model-00001.safetensors", "model-00002.safetensors",
+                                          "model-00003.safetensors", "model-00004.safetensors"]  # 8 layers by 3, the rest
+    assert quant["format"] == "any4" and quant["modules_to_not_convert"] == ["lm_head"] and not quant["layers"]
     index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
     assert index["model.layers.7.mlp.down_proj.codes"] == "model-00003.safetensors"
     assert index["model.embed_tokens.weight"] == "model-00004.safetensors"
@@ -220,14 +222,14 @@ def test_a_stopped_run_resumes_from_its_shards_and_ends_bit_for_bit_as_an_uninte
         quantize_checkpoint(folder, fmt, 64, out=tmp_path / "stopped", **run)
     progress = json.loads((tmp_path / "stopped" / "progress.json").read_text())
     assert progress["layers"] == 2 and progress["files"] == ["model-00001.safetensors"]  # layer 2 was not flushed
-    assert not (tmp_path / "stopped" / "quant.json").exists()
+    assert not (tmp_path / "stopped" / "config.json").exists()  # written last: the folder is not a model yet
 
     quantized.clear()
     resumed = quantize_checkpoint(folder, fmt, 64, out=tmp_path / "stopped", **run)
     assert len(quantized) == 3  # layers 2, 3, 4: the two on disk were read back
     assert_same_state(whole, resumed)
     assert_same_state(whole, load_quantized(tmp_path / "stopped"))
-    assert (tmp_path / "stopped" / "quant.json").read_text() == (tmp_path / "whole" / "quant.json").read_text()
+    assert (tmp_path / "stopped" / "config.json").read_text() == (tmp_path / "whole" / "config.json").read_text()
 
     quantized.clear()
     again = quantize_checkpoint(folder, fmt, 64, out=tmp_path / "stopped", **run)  # finished: nothing quantized

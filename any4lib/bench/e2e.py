@@ -2,6 +2,8 @@
 
     python -m any4lib.bench.e2e --model-config llama3-8b --formats bf16,int4,any4,nf4,mxfp4 \
         --peers torch-int4,gemlite-int4,bnb-nf4 --batch 1,4,16 --prompt 512 --new 128
+    python -m any4lib.bench.e2e --model-config llama3-8b --formats bf16,bnb-nf4-tinygemm,bnb-fp4-tinygemm \
+        --peers bnb-nf4,bnb-fp4 --batch 1,4,16      # bitsandbytes' own 4-bit path vs its weights on tinygemm
     python -m any4lib.bench.e2e --model ref-en-16m --formats bf16,any4 --peers '' --hf-generate --batch 1,16
 
 Without --model the decoder gets seeded random weights of --model-config's shape (engine.random_weights, a stand-in:
@@ -71,12 +73,13 @@ def packed_checkpoint(path: str, meth: Method, device):
     """A real model, its quantized layers packed for the kernels: a folder saved by `any4 quantize` as it is (its
     layers must be meth's format), or a model load_model reads, quantized with meth's format (bf16: as loaded; the
     lm_head only for a :qhead method). Peers are not built from checkpoints."""
-    from ..model import QUANT_CONFIG, load_model, load_quantized, quantize_model, quantized_layers
+    from ..checkpoint import load_quantized, read_quant_config
+    from ..model import load_model, quantize_model, quantized_layers
     from ..nn import pack_model
 
     if meth.name.split(":")[0] in PEERS or meth.dequantized:
         raise ValueError(f"{meth.name} runs on random weights only (no --model)")
-    if (Path(path) / QUANT_CONFIG).is_file():
+    if read_quant_config(path) is not None:
         model = load_quantized(path, device).to(torch.bfloat16)
         saved = {layer.format for layer in quantized_layers(model).values()}
         if saved != {meth.format}:

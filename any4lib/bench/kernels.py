@@ -7,13 +7,15 @@ Each method runs back to back inside a CUDA graph over enough weight copies that
 Ours are launched without programmatic dependent launch (ANY4_TINYGEMM_PDL=0 unless set): copies of one GEMM back
 to back would overlap each one's start with the previous one's end, which no decode step offers (a GEMM there
 follows a norm or attention kernel), and no other method gets.
-Writes results/kernels/kernels_<device>.csv with provenance columns. `--prefill M`: the same shapes at M rows, where
+Writes results/kernels/kernels_<device>.csv with provenance columns. `--bnb` adds bitsandbytes' nf4 / fp4 matmul_4bit
+and the same codes converted to tinygemm (any4lib.bnb). `--prefill M`: the same shapes at M rows, where
 `linear` runs the dequantize kernel and cuBLAS (kernels_prefill_<device>.csv).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import datetime
 import math
@@ -106,11 +108,39 @@ def timing_row(n: int, k: int, m: int, method: str, us: float, weight_bytes: int
     return dict(zip(COLUMNS, values))
 
 
-def bench_shape(n: int, k: int, copy_bps: float, rows=ROWS) -> list[dict]:
+def bnb_methods(n: int, k: int) -> dict:
+    """bitsandbytes' own 4-bit matmul (matmul_4bit, nf4 / fp4 in blocks of 64) and the very same codes converted to
+    tinygemm (any4lib.bnb), as bench_shape's methods."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from ..bnb import quantized_from_bnb
+
+    def clone(weight):
+        packed, state = weight
+        copied = copy.copy(state)
+        copied.absmax = state.absmax.clone()
+        return packed.clone(), copied
+
+    methods = {}
+    for quant_type in ("nf4", "fp4"):
+        weight = bnbf.quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, blocksize=64,
+                                    quant_type=quant_type)
+        nbytes = sum(t.numel() * t.element_size() for t in (weight[0], weight[1].absmax))
+        copies = [weight] + [clone(weight) for _ in range(max(2, math.ceil(ROTATE_BYTES / nbytes)) - 1)]
+        methods[f"bnb_{quant_type}"] = (copies, lambda x, w: bnb.matmul_4bit(x, w[0].t(), quant_state=w[1]), nbytes)
+        ours = PackedWeight.from_quantized(quantized_from_bnb(*weight), torch.bfloat16)
+        methods[f"ours_bnb_{quant_type}"] = (_clones(ours, ours.nbytes()), linear, ours.nbytes())
+    return methods
+
+
+def bench_shape(n: int, k: int, copy_bps: float, rows=ROWS, bnb: bool = False) -> list[dict]:
     results = []
     dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     methods = {"cublas_bf16": (_clones(dense, n * k * 2), lambda x, w: F.linear(x, w), n * k * 2)}
     del dense
+    if bnb:
+        methods |= bnb_methods(n, k)
     # Ours, and PyTorch's int4 on the very same int4 codes.
     for fmt, group_size in OURS:
         q = random_quantized(fmt, n, k, group_size)
@@ -232,6 +262,9 @@ def print_table(rows: list[dict]) -> None:
               + f"   {any4['median_us'] / int4['median_us']:>9.2f}  {us[0] / any4['median_us']:>11.2f}"
               + f"  {us[1] / any4['median_us']:>10.2f}  {100 * any4['fraction_of_copy']:>9.1f}%"
               + f"  {100 * int4['fraction_of_copy']:>9.1f}%")
+    for r in rows:  # --bnb: bitsandbytes' matmul_4bit and the same codes on tinygemm
+        if "bnb_" in r["method"]:
+            print(f"{r['n']}x{r['k']} m={r['m']:>2} {r['method']:<13} {r['median_us']:>8.2f} us")
 
 
 def main(argv=None) -> None:
@@ -241,6 +274,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="m values, e.g. 1,2,4,8,16")
     parser.add_argument("--prefill", type=int, default=0, help="time m = PREFILL rows instead (ours: dequantize "
                         "kernel + cuBLAS) against cuBLAS bf16 and the PyTorch unpacking (writes kernels_prefill_<device>.csv)")
+    parser.add_argument("--bnb", action="store_true", help="also bitsandbytes' nf4 / fp4 matmul_4bit and the same "
+                        "codes on tinygemm (bnb_*, ours_bnb_* rows)")
     parser.add_argument("--variants", default="", help="kernel variants of a TINYGEMM_TUNING build to compare, "
                         "e.g. 'base:;s2:TINYGEMM_STAGES=2' (writes kernels_variants_<device>.csv)")
     args = parser.parse_args(argv)
@@ -269,7 +304,7 @@ def main(argv=None) -> None:
         elif args.prefill:
             rows += bench_prefill(n, k, copy_bps, args.prefill)
         else:
-            rows += bench_shape(n, k, copy_bps, rows_m)
+            rows += bench_shape(n, k, copy_bps, rows_m, bnb=args.bnb)
         with path.open("w", newline="") as f:  # rewritten after each shape: a cut-off run keeps what it measured
             writer = csv.DictWriter(f, fieldnames=[*rows[0], *provenance])
             writer.writeheader()

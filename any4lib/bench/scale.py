@@ -33,9 +33,9 @@ import torch
 
 from ..evaluate import evaluate_perplexity
 from ..experiments import KERNEL_CHUNK, REPO_ROOT, calibration_stats, calibration_windows
-from ..model import (
-    bits_per_weight, load_model, load_quantized, quantize_model, quantized_layers, resolve_model, save_quantized,
-)  # fmt: skip
+from ..checkpoint import load_quantized, save_quantized
+from ..model import bits_per_weight, load_model, quantize_model, quantized_layers
+from ..paths import resolve_model
 from ..pipeline import parse_method
 from ..results import ResultStore
 from ..standins import STANDINS, StandinWeights, load_tokenizer, standin_config, standin_label

@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..checks import check_dtype
+from ..evaluate import computing_in
 from ..nn import pack_model
 from .model import LlamaDecoder, UnsupportedModel, check_model
 from .sampling import check_sampling, greedy, sample
@@ -224,27 +226,30 @@ def _record(new: list[int], results, done, eos, stop, on_tokens) -> list[bool]:
 class Engine:
     """A model's decoder with its tokenizer, caches and compiled steps (see the module docstring).
 
-    model: a transformers Llama (bf16 / fp16, QuantLinear layers packed in place for the kernels by pack_model; a
-    float32 model runs its quantized layers' dequantized weights). max_batch / max_len: the cache (max_len defaults
-    to the model's maximum positions, capped at 4096). fuse: q/k/v and gate/up stacked (default on CUDA; the
-    transformers model's separate layers are then no longer usable, see LlamaDecoder.from_model). compile: make_step's
-    mode for the decode step.
+    model: a transformers Llama (QuantLinear layers packed in place for the kernels by pack_model when computing in
+    bf16 / fp16; in float32 they run their dequantized weights). dtype: what the engine computes in, default float32
+    on a CPU (as evaluation does: its greedy text is then the float32 model's) and the model's own dtype on a GPU; a
+    stored dtype other than it is cast for each call, the model keeping its own. max_batch / max_len: the cache
+    (max_len defaults to the model's maximum positions, capped at 4096). fuse: q/k/v and gate/up stacked (default on
+    CUDA; the transformers model's separate layers are then no longer usable, see LlamaDecoder.from_model). compile:
+    make_step's mode for the decode step.
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 1, max_len: int | None = None, fuse: bool | None = None,
-                 compile: str = "auto", attention: str = "triton", norm: str = "triton"):
+                 compile: str = "auto", attention: str = "triton", norm: str = "triton",
+                 dtype: torch.dtype | None = None):
         if compile not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {compile!r}: use {', '.join(COMPILE_MODES)}")
         check_model(model)
-        device, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
-        if dtype in (torch.bfloat16, torch.float16):
-            pack_model(model, dtype)
+        device, stored = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
+        self.dtype = check_dtype(dtype) if dtype is not None else torch.float32 if device.type == "cpu" else stored
+        if self.dtype in (torch.bfloat16, torch.float16):
+            pack_model(model, self.dtype)
         fuse = device.type == "cuda" if fuse is None else fuse
         self.decoder = LlamaDecoder.from_model(model, fuse=fuse).set_decode_attention(attention).set_decode_norm(norm)
         self.tokenizer, self.compile = tokenizer, compile
         limit = getattr(model.config, "max_position_embeddings", None) or 4096
-        self.decoder.setup_caches(max_batch, max_len or min(limit, 4096))
-        self._steps: dict = {}
+        self.resize(max_batch, max_len or min(limit, 4096))
 
     @property
     def max_batch(self) -> int:
@@ -256,7 +261,8 @@ class Engine:
 
     def resize(self, max_batch: int, max_len: int) -> None:
         """New caches (and steps, which are built for one batch size)."""
-        self.decoder.setup_caches(max_batch, max_len)
+        with computing_in(self.decoder, self.dtype):  # the cache takes the compute dtype
+            self.decoder.setup_caches(max_batch, max_len)
         self._steps = {}
 
     def step(self, greedy_step: bool):
@@ -275,7 +281,7 @@ class Engine:
                  stream: Callable[[int, str], None] | None = None) -> Generation:
         """Continue each prompt (a string or a list of them). stop_strings: a sequence ends at the first one (cut from
         its text); eos: end at the tokenizer's EOS. stream(i, text): each new piece of text of sequence i."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = as_prompts(prompts)
         ids = [self._encode(p) for p in prompts]
         longest = max(map(len, ids), default=0)
         limit = getattr(self.decoder.config, "max_position_embeddings", None)
@@ -311,9 +317,10 @@ class Engine:
         _, pad = static_batch(ids, self.max_batch)
         self.decoder.set_padding(torch.tensor(pad, device=self.decoder.device))  # the step is built for it
         step = self.step(greedy_step)
-        out = generate_ids(self.decoder, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, eos_ids=eos_ids, stop=stop, on_tokens=on_tokens, step=step,
-                           pad_id=_pad_id(self.tokenizer))
+        with computing_in(self.decoder, self.dtype):
+            out = generate_ids(self.decoder, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=seed, eos_ids=eos_ids, stop=stop, on_tokens=on_tokens, step=step,
+                               pad_id=_pad_id(self.tokenizer))
         out.texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
         for i, text in enumerate(out.texts):
             cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
@@ -323,6 +330,14 @@ class Engine:
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
+
+
+def as_prompts(prompts: str | Sequence[str]) -> list[str]:
+    """A list of prompt strings from one string or a non-empty sequence of them; anything else is a clear error."""
+    listed = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, Sequence) else []
+    if not listed or not all(isinstance(p, str) for p in listed):
+        raise ValueError(f"prompts must be a string or a non-empty list of strings; got {prompts!r}")
+    return listed
 
 
 def _eos_ids(tokenizer) -> list[int]:
@@ -347,8 +362,8 @@ def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int
     """Generate from `model` (see Engine.generate for the options) on the engine, built once per model and grown
     when a call needs a bigger batch or cache. Architectures the engine does not cover run transformers' generate
     (greedy / sampled, EOS; no stop strings or streaming there) after a one-line warning."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    engine_options = {k: options.pop(k) for k in ("fuse", "compile", "attention", "norm") if k in options}
+    prompts = as_prompts(prompts)
+    engine_options = {k: options.pop(k) for k in ("fuse", "compile", "attention", "norm", "dtype") if k in options}
     try:
         engine = _engines.get(model)
         if engine is None:

@@ -17,13 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import grids
+from ..bnb import FORMATS as BNB_FORMATS, quantize_with_bnb
 from ..formats import get_format, list_formats
 from ..nn import QuantLinear
-from ..peers import PEERS, BnbNF4Linear, TorchInt4Linear, gemlite_int4
+from ..peers import PEERS, Bnb4bitLinear, TorchInt4Linear, gemlite_int4
 from ..qtensor import QuantizedTensor, cat_rows
 from ..quant import quantize
 from ..standins import standin_config
 from .model import LlamaDecoder
+
+# bitsandbytes' quantization (blocks of 64) converted to run on tinygemm, beside bitsandbytes' own rows: method ->
+# bitsandbytes quant_type.
+BNB_ON_TINYGEMM = {"bnb-nf4-tinygemm": "nf4", "bnb-fp4-tinygemm": "fp4"}
 
 
 def model_config(name: str):
@@ -85,15 +90,18 @@ class Method:
             layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
             layer.weight.data.copy_(w)
             return layer
-        if self.name == "bnb-nf4":
+        if self.name in ("bnb-nf4", "bnb-fp4"):
             # Blocks of 64 run along rows (K = 4096 is a multiple of 64): quantizing the stack = stacking the parts.
-            return BnbNF4Linear(w)
+            return Bnb4bitLinear(w, self.name.removeprefix("bnb-"))
         from .. import kernels
 
         dtype = w.dtype
         del w
-        quantized = [quantize(p, self.format, group_size=self.group_size, **({"seed": seed} if self.learned else {}))
-                     for p in parts]
+        if self.name in BNB_ON_TINYGEMM:  # bitsandbytes' own codes and scales, converted (any4lib.bnb)
+            quantized = [quantize_with_bnb(p, BNB_ON_TINYGEMM[self.name]) for p in parts]
+        else:
+            quantized = [quantize(p, self.format, group_size=self.group_size, **({"seed": seed} if self.learned else {}))
+                         for p in parts]
         if swiglu:
             if not self.on_tinygemm or len(quantized) != 2:
                 raise ValueError(f"swiglu: {self.name} must run on the tinygemm kernels, with w = [gate, up]")
@@ -121,7 +129,7 @@ class Method:
             return f"torch {torch.__version__} dense (cuBLAS on CUDA)"
         if self.name == "torch-int4":
             return f"torch {torch.__version__} _weight_int4pack_mm"
-        dist = {"gemlite-int4": "gemlite", "bnb-nf4": "bitsandbytes"}.get(self.name)
+        dist = {"gemlite-int4": "gemlite", "bnb-nf4": "bitsandbytes", "bnb-fp4": "bitsandbytes"}.get(self.name)
         if dist is None:
             if self.dequantized:
                 return "any4lib dequantized weight, dense matmul"
@@ -147,11 +155,13 @@ def method(name: str, group_size: int) -> Method:
         return Method(name, None, None)
     if name in ("torch-int4", "gemlite-int4"):
         return Method(name, "int4", group_size)
-    if name == "bnb-nf4":
+    if name in ("bnb-nf4", "bnb-fp4"):
         return Method(name, None, 64)
+    if name in BNB_ON_TINYGEMM:
+        return Method(name, BNB_FORMATS[BNB_ON_TINYGEMM[name]][0], 64)
     if name not in list_formats():
-        raise ValueError(f"unknown method {name!r}: use bf16, one of {', '.join(PEERS)}, or a format of "
-                         f"any4lib.list_formats()")
+        raise ValueError(f"unknown method {name!r}: use bf16, one of {', '.join(PEERS)}, "
+                         f"{', '.join(BNB_ON_TINYGEMM)}, or a format of any4lib.list_formats()")
     spec = get_format(name)
     return Method(name, name, spec.fixed_group_size or group_size, learned=spec.learned)
 
