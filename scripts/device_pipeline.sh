@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The library's GPU checks outside the kernel and e2e suites, in one device call, from the repository root:
 #   scripts/device_pipeline.sh carry                  # here, beside ../shared/data: stage what the device needs
-#   ANY4_GIT_COMMIT=<sha> scripts/device_pipeline.sh  # on the device, with .carry named in `carry`
+#   ANY4_GIT_COMMIT=<sha> scripts/device_pipeline.sh  # on the device, with .carry/data named in `carry`
+# `carry` stages two folders: .carry/data (35 MB: the models and texts the GPU tests read) and .carry/lite (5 MB: the
+# texts and ref-en-16m's tokenizer alone, all the stand-in runs of device_scale.sh read), so that a call carrying
+# .whl/lab (the notebooks' packages) stays under the 64 MB a call carries; scripts/device_env.sh reads whichever came.
 # 1. GPU tests of the quantization core, QuantLinear and the kernel-path perplexity (issue 8: within 0.5%).
 # 2. LUT learning speed on CUDA (results/lut/any4_cuda.json).
 # 3. ref-en-16m perplexity on heldout, fake-quant vs the tinygemm kernels (profiles gpu_fake, gpu_kernels).
@@ -13,7 +16,10 @@ if [ "${1:-}" = carry ]; then
   cp -r "$src/models/ref-en-16m" "$src/models/stories260K" .carry/data/models/
   cp "$src/corpora/ref-en/heldout.txt" .carry/data/corpora/ref-en/
   cp -r "$src/wikitext-2-v1" "$src/ptb" .carry/data/  # the paper profile's offline sets (device_scale.sh paper)
-  du -sh .carry
+  rm -rf .carry/lite && mkdir -p .carry/lite/models/ref-en-16m
+  cp -r .carry/data/corpora .carry/data/wikitext-2-v1 .carry/data/ptb .carry/lite/
+  cp .carry/data/models/ref-en-16m/{config.json,tokenizer.json,tokenizer_config.json} .carry/lite/models/ref-en-16m/
+  du -sh .carry/*
   exit 0
 fi
 OUT=${OUT:-/tmp/any4_pipeline}

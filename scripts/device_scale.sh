@@ -4,7 +4,8 @@
 #                                                     # stand-in's) and the heldout text, into .carry/data
 #   scripts/device_wheels.sh                          # here: .whl/peers (tests) and .whl/lab (paper)
 #   ANY4_GIT_COMMIT=<sha> scripts/device_scale.sh [tests] [standin] [bench] [capped] [seq70b] [methods] [paper]
-#                                                     # on the device, .carry and the .whl folders named in `carry`
+#                                                     # on the device; `carry`: .carry/data and .whl/peers for tests,
+#                                                     # .carry/lite for the stand-in steps, + .whl/lab for paper
 # Steps (default standin bench; to fit the 10-minute call limit, run one or two per call on the same warm machine):
 # 0. tests: `make test-gpu` (every test marked gpu), its log to results/gpu_tests/<GPU>_make_test_gpu_<commit>.log.
 # 1. Writes the stand-in (published Llama-3-8B shapes, seeded random weights, 16 GB in 4 shards) under $STANDINS
