@@ -38,6 +38,15 @@ def method_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def activations_arg(text: str) -> str | None:
+    from .activations import resolve_activations
+
+    try:
+        return resolve_activations(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def csv_arg(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -98,7 +107,8 @@ def _quantize(model, tokenizer, args):
 
     calibration = method_calibration(args.calibration, args.method)
     stats = calibration_stats(model, tokenizer, calibration)
-    return quantize_model(model, args.format, args.group_size, stats, exclude=args.exclude, method=args.method)
+    return quantize_model(model, args.format, args.group_size, stats, exclude=args.exclude, method=args.method,
+                          activations=args.activations)
 
 
 def cmd_quantize(args) -> None:
@@ -109,6 +119,8 @@ def cmd_quantize(args) -> None:
     if not args.out:
         raise ValueError("any4 quantize needs --out FOLDER")
     if args.sequential:
+        if args.activations:
+            raise ValueError("--sequential quantizes weights only: drop --activations, or quantize in memory")
         return _quantize_sequential(args)
     model, tokenizer = _load(args)
     print(f"saved {save_quantized(model, args.out, tokenizer)}")
@@ -131,9 +143,9 @@ def _quantize_sequential(args) -> None:
     print(f"saved {args.out}")
 
 
-def _saved_format(path: Path) -> tuple[str, int | None, str] | None:
-    """(format, group size, method) of a folder written by `any4 quantize` ("a+b" where its layers differ), else
-    None."""
+def _saved_format(path: Path) -> tuple[str, int | None, str, str | None] | None:
+    """(format, group size, method, activation format or None) of a folder written by `any4 quantize` ("a+b" where
+    its layers differ), else None."""
     from .model import QUANT_CONFIG
 
     if not (path / QUANT_CONFIG).is_file():
@@ -142,7 +154,9 @@ def _saved_format(path: Path) -> tuple[str, int | None, str] | None:
     formats = sorted({spec["format"] for spec in layers})
     sizes = sorted({spec["group_size"] for spec in layers})
     methods = sorted({spec.get("method", "rtn") for spec in layers})
-    return "+".join(formats) or "none", sizes[0] if len(sizes) == 1 else None, "+".join(methods) or "rtn"
+    activations = sorted({spec.get("activations") or "none" for spec in layers})
+    return ("+".join(formats) or "none", sizes[0] if len(sizes) == 1 else None, "+".join(methods) or "rtn",
+            None if activations in ([], ["none"]) else "+".join(activations))
 
 
 def cmd_eval(args) -> None:
@@ -152,11 +166,15 @@ def cmd_eval(args) -> None:
 
     store = ResultStore(args.store)
     identity = model_identity(args.model)
-    fmt, group_size, method = (_saved_format(Path(args.model))
-                               or (args.format or "none", args.group_size, args.method if args.format else "rtn"))
+    fmt, group_size, method, activations = (
+        _saved_format(Path(args.model))
+        or (args.format or "none", args.group_size, args.method if args.format else "rtn",
+            args.activations if args.format else None))
     base = {"model": args.model, "format": fmt, "group_size": group_size,
             "method": method, "calibration": args.calibration, "dtype": str(compute_dtype(args)).removeprefix("torch."),
             "device": torch.device(args.device).type}
+    if activations:  # only where set: weight-only records keep the keys they were stored under
+        base["activations"] = activations
     todo = [{"task": "perplexity", "dataset": d, "seq_len": args.seq_len, "max_tokens": args.max_tokens,
              "identity": {"model": identity, "data": text_identity(d)}} for d in args.datasets]
     shots = {"num_fewshot": args.num_fewshot} if args.num_fewshot else {}  # zero-shot records keep their keys
@@ -182,7 +200,8 @@ def cmd_eval(args) -> None:
         source = "computed" if config in missing else served_from_store([record])
         if config not in missing:
             print(f"{config['dataset']}: {source}", file=sys.stderr)
-        named = {k: config[k] for k in ("model", "format", "group_size", "method", "task", "dataset")}
+        named = {k: config[k] for k in ("model", "format", "group_size", "method", "activations", "task", "dataset")
+                 if k in config}
         print(json.dumps(named | record["metrics"] | {"source": source}, default=str))
 
 
@@ -282,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'prompt', 'none', '<set>:<N>' or '<set>:<N>x<L>' (N windows of L tokens; + '@online')")
     quant.add_argument("--method", type=method_arg, default="rtn",
                        help="rtn, gptq, awq or awq+gptq (the methods calibrate on --calibration's token windows)")
+    quant.add_argument("--activations", type=activations_arg, default=None,
+                       help="activation format of the quantized layers' inputs: none (default), int8, int8_sym, "
+                            "int4, fp8_e4m3, mxfp8, mxfp4, nvfp4, ... (any4lib.activations)")
     quant.add_argument("--exclude", type=csv_arg, default=",".join(DEFAULT_EXCLUDE),
                        help="layer name patterns to keep unquantized (lm_head and MoE routers by default)")
 

@@ -44,6 +44,7 @@ E2M1 = minifloat_grid(2, 1)  # 0, .5, 1, 1.5, 2, 3, 4, 6 and negatives: OCP MX F
 E8M0_BIAS = 127  # OCP MX shared scale: 2^(byte - 127)
 E2M1_EMAX = 2  # largest E2M1 exponent: 6 = 1.5 * 2^2
 FP8_E4M3_MAX = 448.0  # largest finite OCP FP8 E4M3 value
+FP8_E4M3_EMAX = 8  # its exponent: 448 = 1.75 * 2^8
 
 
 def round_to_fp8_e4m3(x: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,7 @@ def quantize_model(
     progress: bool = True,
     method: str | Iterable[str] = "rtn",
     method_options: dict | None = None,
+    activations: str | None = None,
     **options,
 ) -> nn.Module:
     """Replace the chosen nn.Linear layers of `model` by QuantLinear in format `fmt` (in place; returns model).
@@ -105,13 +106,19 @@ def quantize_model(
     method: "rtn" (round to nearest), "gptq", "awq" or "awq+gptq" (also ["awq", "gptq"]): the methods run block by
     block on the calibration token windows (any4lib.pipeline), so they need a calibration that kept them
     (calibrate(..., mode="online")). method_options: any4lib.pipeline.MethodOptions fields (damp, act_order, ...).
+    activations: the activation format every quantized layer rounds its input to (any4lib.activations: "int8",
+    "int4_sym", "fp8_e4m3", "mxfp4", ...; None / "none": inputs stay in the model's dtype).
     """
+    from .activations import check_activation_width, resolve_activations
     from .pipeline import MethodOptions, parse_method, quantize_sequential
 
     method = parse_method(method)
+    activations = resolve_activations(activations)
     unstack_experts(model)
     names = _order_by_forward(select_linear_layers(model, include, exclude), calibration)
     _check_group_size(model, names, fmt, group_size)
+    for name in names:
+        check_activation_width(activations, model.get_submodule(name).in_features)
     online = calibration is not None and calibration.mode == "online"
     if (online or method != "rtn") and (calibration is None or not calibration.inputs):
         raise ValueError(
@@ -122,6 +129,7 @@ def quantize_model(
         raise ValueError(f"method 'rtn' takes no method options; got {sorted(method_options)}")
     if online or method != "rtn":  # block by block on cached block inputs: L block passes, not a prefix per layer
         settings = MethodOptions.from_dict(method_options)
+        settings.activations = activations
         names = quantize_sequential(
             model, names, calibration.inputs, fmt, group_size, method, settings, statistic, progress, **options
         )  # what is left lies outside the decoder blocks: round to nearest below
@@ -137,7 +145,9 @@ def quantize_model(
             q = quantize(linear.weight, fmt, group_size, sample_weight=sample_weight, **options)
         except ValueError as err:
             raise ValueError(f"layer {name!r} ({tuple(linear.weight.shape)}): {err}") from err
-        set_submodule(model, name, QuantLinear(q, linear.bias).to(linear.weight.device))
+        layer = QuantLinear(q, linear.bias).to(linear.weight.device)
+        layer.activations = activations
+        set_submodule(model, name, layer)
     return model
 
 
@@ -205,6 +215,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) ->
 def _layer_spec(m: QuantLinear) -> dict:
     spec = {"format": m.format, "bits": m.bits, "group_size": m.group_size, "out_features": m.out_features,
             "in_features": m.in_features, "form": m.form, "method": m.method}
+    spec |= {key: getattr(m, key) for key in ("activations", "input_rotation") if getattr(m, key) is not None}
     if m.form == "packed":
         spec |= {"dtype": str(m.packed.dtype).removeprefix("torch."), "int_codes": m.packed.int_codes,
                  "swiglu": m.packed.swiglu, "rows": m.packed.n}
@@ -289,6 +300,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     for name, spec in layers.items():
         layer = (_packed_layer if spec.get("form") == "packed" else _contract_layer)(name, spec, tensors)
         layer.method = spec.get("method", "rtn")  # folders before methods existed: all rtn
+        layer.activations, layer.input_rotation = spec.get("activations"), spec.get("input_rotation")
         set_submodule(model, name, layer)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if config.tie_word_embeddings:

@@ -6,6 +6,9 @@
   alone (kernels.PackedWeight: codes, scales, lut in the activation dtype), run by the tinygemm kernels on CUDA and
   by their PyTorch reference on the CPU. Packing converts the layer in place and frees the contract buffers.
 
+Either form can quantize its input first (`activations`, an any4lib.activations format: weight-activation
+quantization such as W4A8), after an optional online rotation of the input (`input_rotation`, any4lib.rotation).
+
 The state dict saves whichever form the layer is in; quant.json records each layer's form (model.py).
 """
 
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import quantize_activations
 from .qtensor import QuantizedTensor, pack_nibbles, unpack_nibbles
 
 log = logging.getLogger("any4lib")
@@ -36,6 +40,8 @@ class QuantLinear(nn.Module):
     """
 
     method = "rtn"  # how the codes were chosen (quantize_model sets "gptq", "awq", ...); saved in quant.json
+    activations: str | None = None  # activation format of the input (None: unquantized); saved in quant.json
+    input_rotation: str | None = None  # online rotation of the input before it is quantized; saved in quant.json
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -138,6 +144,11 @@ class QuantLinear(nn.Module):
         return self._cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            from .rotation import rotate_online
+
+            x = rotate_online(x, self.input_rotation)
+        x = quantize_activations(x, self.activations)
         if x.is_cuda and self.use_kernel and self.form == "contract":
             if "reason" not in self._cache:
                 self._cache["reason"] = self.unpacked_reason()
@@ -192,6 +203,8 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"format={self.format}, group_size={self.group_size}, form={self.form}"
+            + (f", activations={self.activations}" if self.activations else "")
+            + (f", input_rotation={self.input_rotation}" if self.input_rotation else "")
             + (", swiglu" if self.swiglu else "")
         )
 

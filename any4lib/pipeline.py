@@ -57,6 +57,7 @@ class MethodOptions:
     awq_grid: int = 10
     awq_tokens: int | None = 2048
     propagate: str = "quantized"
+    activations: str | None = None
 
     def __post_init__(self):
         if self.propagate not in PROPAGATE:
@@ -218,6 +219,7 @@ def quantize_block(
                 raise ValueError(f"layer {name!r} ({tuple(linear.weight.shape)}): {err}") from err
             layer = QuantLinear(q, linear.bias).to(linear.weight.device)
             layer.method = method  # saved in quant.json, named by `any4 eval`
+            layer.activations = options.activations
             block.set_submodule(name, layer)
 
 
