@@ -39,6 +39,10 @@ FORMATS_MAIN = ["bf16", "int4", "fp4", "nf4", "any4", "int3", "any3", "int2", "a
 FORMATS_METHODS = ["int4", "nf4", "any4", "int3", "any3", "int2", "any2"]
 METHOD_CALIBRATION = "wikitext2_valid:16"
 METHODS = ["rtn", "gptq", "awq", "awq+gptq"]
+WA_METHODS = ["rtn", "smoothquant", "rotate", "rotate+gptq"]
+WA_COMMON = dict(methods=WA_METHODS, group_sizes=[None], datasets=["heldout", "wikitext2", "ptb"],
+                 calibration=METHOD_CALIBRATION)
+WA_PROFILES = ["wa_w4", "wa_w8", "wa_w3w2", "wa_w6"]
 PROFILES = {
     "main": dict(formats=FORMATS_MAIN, group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"]),
     # ref-en-16m's K is 384 (and 1024 for down_proj): no size above 128 divides both, so beyond 128 the sweep
@@ -63,6 +67,13 @@ PROFILES = {
     "methods_seeds": dict(formats=[f for f in FORMATS_METHODS if get_format(f).learned], methods=METHODS,
                           group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"], calibration=METHOD_CALIBRATION,
                           seeds=[1, 2]),
+    # Weight-activation quantization (issue 33), ABQ-LLM's settings: per-channel weights (one group per row, as
+    # integer GEMMs need), per-token dynamic asymmetric activations, every method calibrated on METHOD_CALIBRATION.
+    # One profile per weight width so each is a product of formats x activations; WA_PROFILES runs them in order.
+    "wa_w4": dict(formats=["int4", "any4"], activations=["int8", "int6", "int4"], **WA_COMMON),
+    "wa_w8": dict(formats=["bf16", "int8"], activations=["int8"], **WA_COMMON),
+    "wa_w3w2": dict(formats=["int3", "any3", "int2", "any2"], activations=["int8"], **WA_COMMON),
+    "wa_w6": dict(formats=["int6"], activations=["int6"], **WA_COMMON),
     # The whole held-out set, to check the pipeline against the model's published baseline (ppl 56.1).
     "bf16_full": dict(formats=["bf16"], group_sizes=[128], datasets=["heldout"], max_tokens=None),
 }
