@@ -40,8 +40,11 @@ FORMATS_METHODS = ["int4", "nf4", "any4", "int3", "any3", "int2", "any2"]
 METHOD_CALIBRATION = "wikitext2_valid:16"
 METHODS = ["rtn", "gptq", "awq", "awq+gptq"]
 WA_METHODS = ["rtn", "smoothquant", "rotate", "rotate+gptq"]
-WA_COMMON = dict(methods=WA_METHODS, group_sizes=[None], datasets=["heldout", "wikitext2", "ptb"],
-                 calibration=METHOD_CALIBRATION)
+# Weight-activation runs evaluate the first 8,192 tokens of each set (16 windows of 512): fake-quantizing every
+# linear's input costs CPU time, and the sweep has to fit a shared 2-core machine. Settings compare on the same tokens.
+WA_TOKENS = 8192
+WA_COMMON = dict(group_sizes=[None], datasets=["heldout", "wikitext2", "ptb"], calibration=METHOD_CALIBRATION,
+                 max_tokens=WA_TOKENS)
 WA_PROFILES = ["wa_w4", "wa_w8", "wa_w3w2", "wa_w6"]
 PROFILES = {
     "main": dict(formats=FORMATS_MAIN, group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"]),
@@ -70,10 +73,14 @@ PROFILES = {
     # Weight-activation quantization (issue 33), ABQ-LLM's settings: per-channel weights (one group per row, as
     # integer GEMMs need), per-token dynamic asymmetric activations, every method calibrated on METHOD_CALIBRATION.
     # One profile per weight width so each is a product of formats x activations; WA_PROFILES runs them in order.
-    "wa_w4": dict(formats=["int4", "any4"], activations=["int8", "int6", "int4"], **WA_COMMON),
-    "wa_w8": dict(formats=["bf16", "int8"], activations=["int8"], **WA_COMMON),
-    "wa_w3w2": dict(formats=["int3", "any3", "int2", "any2"], activations=["int8"], **WA_COMMON),
-    "wa_w6": dict(formats=["int6"], activations=["int6"], **WA_COMMON),
+    "wa_w4": dict(formats=["int4", "any4"], activations=["int4", "int8", "int6"], methods=WA_METHODS, **WA_COMMON),
+    "wa_w8": dict(formats=["bf16", "int8"], activations=["int8"], methods=WA_METHODS, **WA_COMMON),
+    "wa_w3w2": dict(formats=["int3", "any3", "int2", "any2"], activations=["int8"],
+                    methods=["rtn", "rotate", "rotate+gptq"], **WA_COMMON),
+    "wa_w6": dict(formats=["int6"], activations=["int6"], methods=WA_METHODS, **WA_COMMON),
+    # The learned steps (LWC + LET) where they matter most, W4A4, fewer epochs than OmniQuant's 20 (CPU time).
+    "wa_omniquant": dict(formats=["int4", "any4"], activations=["int4"], methods=["omniquant", "rotate+omniquant"],
+                         method_options={"omniquant_epochs": 5}, **WA_COMMON),
     # The whole held-out set, to check the pipeline against the model's published baseline (ppl 56.1).
     "bf16_full": dict(formats=["bf16"], group_sizes=[128], datasets=["heldout"], max_tokens=None),
 }
@@ -158,7 +165,7 @@ def method_calibration(calibration: str, method: str) -> str:
 
 
 def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, device, dtype, kernels, seed,
-            identity, method="rtn", activations=None) -> dict:
+            identity, method="rtn", activations=None, method_options=None) -> dict:
     if fmt == UNQUANTIZED:
         group_size, calibration = None, "none"
     config = {
@@ -178,6 +185,8 @@ def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, d
         config["method"] = method
     if activations is not None:
         config["activations"] = activations
+    if method_options and method != "rtn" and fmt != UNQUANTIZED:
+        config["method_options"] = dict(sorted(method_options.items()))
     return config
 
 
@@ -198,6 +207,7 @@ def accuracy_records(
     recompute: bool = False,
     methods: list[str] = ["rtn"],
     activations: list[str | None] = [None],
+    method_options: dict | None = None,
 ):
     """One row per (format, method, group_size, calibration, dataset): ppl, bits_per_weight, seconds (of that
     evaluation).
@@ -212,7 +222,8 @@ def accuracy_records(
     learned formats (one row per seed; other formats run once). methods: quantize_model's methods ("rtn", "gptq",
     "awq", "awq+gptq"); all but rtn calibrate online, on the token windows of `calibration`. activations: the
     activation formats of the quantized layers' inputs (any4lib.activations; None or "none": unquantized, A16);
-    the unquantized model ("bf16") runs with unquantized activations only.
+    the unquantized model ("bf16") runs with unquantized activations only. method_options: quantize_model's, for
+    every method but rtn (a key of the records where given).
     Computes what the store lacks (everything with recompute=True), reads the rest, and says in one line how many
     rows came from the store. Records are keyed by the content of the model and of each text (any4lib.identity).
     """
@@ -243,7 +254,7 @@ def accuracy_records(
             seq_len = seq_len or default_seq_len(model, base)
         configs = {
             d: _config(model, fmt, group_size, calib, d, seq_len, max_tokens, device, dtype, kernels, seed,
-                       identities[d], method, acts)
+                       identities[d], method, acts, method_options)
             for d in datasets
         }
         missing = [d for d, c in configs.items() if recompute or not store.has(c)]
@@ -256,7 +267,8 @@ def accuracy_records(
                 start = time.perf_counter()
                 options = {"seed": seed} if get_format(fmt).learned else {}
                 net = quantize_model(copy.deepcopy(base), fmt, group_size, stats_cache[source], progress=False,
-                                     method=method, activations=acts, **options)
+                                     method=method, activations=acts,
+                                     method_options=method_options if method != "rtn" else None, **options)
                 quantize_seconds = time.perf_counter() - start
                 use_kernels(net, kernels)
             chunking = {"batch_size": 1, "chunk": KERNEL_CHUNK} if kernels else {}

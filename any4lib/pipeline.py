@@ -31,9 +31,9 @@ from .nn import QuantLinear
 from .quant import quantize
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")  # the weight-only methods; the steps below compose into more
-# Steps in the order they run: rotate the whole float model, then per block fold scales (SmoothQuant, AWQ), then
-# choose codes (GPTQ, else round to nearest).
-STEPS = ("rotate", "smoothquant", "awq", "gptq")
+# Steps in the order they run: rotate the whole float model, then per block fold scales (SmoothQuant, AWQ), train
+# LWC + LET (OmniQuant), then choose codes (GPTQ, else round to nearest).
+STEPS = ("rotate", "smoothquant", "awq", "omniquant", "gptq")
 PROPAGATE = ("quantized", "float")
 
 
@@ -59,7 +59,8 @@ class MethodOptions:
     """GPTQ: damp (fraction of mean diag H added to it), block_size, act_order, static_groups. AWQ: awq_grid (alpha
     values 0, 1/n, ..., (n-1)/n are tried; AutoAWQ tries 20, 10 halves the search), awq_tokens (calibration tokens
     the alpha search runs the block on; None: all). smoothquant_alpha: SmoothQuant's migration strength.
-    rotation_seed: the signs of the residual rotation (any4lib.rotation). propagate: what the next block sees
+    rotation_seed: the signs of the residual rotation (any4lib.rotation). omniquant_epochs: passes of LWC + LET's
+    training over the block's inputs (any4lib.omniquant; OmniQuant's 20). propagate: what the next block sees
     ("quantized" or "float"). activations: the activation format the quantized layers round their inputs to
     (quantize_model's `activations`), so each block is calibrated on what the blocks before it really give."""
 
@@ -71,6 +72,7 @@ class MethodOptions:
     awq_tokens: int | None = 2048
     smoothquant_alpha: float = 0.5
     rotation_seed: int = 0
+    omniquant_epochs: int = 20
     propagate: str = "quantized"
     activations: str | None = None
 
@@ -223,6 +225,10 @@ def quantize_block(
 
         awq_block(block, names, inputs, fmt, group_size, options.awq_grid, statistic, options.awq_tokens,
                   **quant_options)
+    if "omniquant" in steps:
+        from .omniquant import omniquant_block
+
+        omniquant_block(block, names, inputs, fmt, group_size, options.activations, options.omniquant_epochs)
     for shared in _shared_input_sets(block, names, inputs[0]):
         stats, acc = record_block(block, shared, inputs, hessian="gptq" in steps)
         for name in shared:

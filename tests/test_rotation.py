@@ -107,3 +107,14 @@ def test_rotation_errors(tiny):
         rotate_model(model)
     with pytest.raises(ValueError, match="unknown online rotation"):
         rotate_online(torch.randn(2, 8), "givens")
+
+
+def test_scales_do_not_fold_across_an_online_rotation(tiny):
+    from any4lib.awq import foldable_sets
+
+    model, _ = tiny
+    block = model.model.layers[0]
+    names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert "mlp.up_proj" in [p for p, _ in foldable_sets(block, names)]
+    rotate_model(model)
+    assert "mlp.up_proj" not in [p for p, _ in foldable_sets(block, names)]  # down_proj sees H-mixed channels

@@ -62,7 +62,7 @@ def test_smoothquant_helps_w8a8_on_outlier_channels(outlier):
 def test_method_names_compose_in_step_order():
     assert parse_method("gptq+smoothquant") == "smoothquant+gptq"
     assert parse_method(["gptq", "rotate"]) == "rotate+gptq"
-    with pytest.raises(ValueError, match="steps of rotate, smoothquant, awq, gptq"):
+    with pytest.raises(ValueError, match="steps of rotate, smoothquant, awq, omniquant, gptq"):
         parse_method("smoothquant+rtn")
     with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
         smooth_block(torch.nn.Module(), [], [], alpha=1.5)
