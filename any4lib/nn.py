@@ -148,6 +148,12 @@ class QuantLinear(nn.Module):
             from .rotation import rotate_online
 
             x = rotate_online(x, self.input_rotation)
+        if x.is_cuda and self.use_kernel and self.form == "contract" and self.activations is not None:
+            prepared = self._low_precision_weight()
+            if prepared is not None:  # int8 / FP8 GEMM: it quantizes x itself
+                from .wa_matmul import linear as low_precision_linear
+
+                return low_precision_linear(x, prepared, None if self.bias is None else self.bias.to(x.dtype))
         x = quantize_activations(x, self.activations)
         if x.is_cuda and self.use_kernel and self.form == "contract":
             if "reason" not in self._cache:
@@ -178,6 +184,19 @@ class QuantLinear(nn.Module):
 
             return swiglu_reference(F.linear(x, self.dequantized_weight(x.dtype)))
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def _low_precision_weight(self):
+        """The weight prepared for any4lib.wa_matmul's int8 / FP8 GEMM under this layer's activations (cached), or
+        None when the layer has no such path (said once in the "any4lib" log)."""
+        key = ("low_precision", self.activations)
+        if key not in self._cache:
+            from .wa_matmul import execution_reason, prepare
+
+            reason = execution_reason(self.quantized, self.activations)
+            if reason is not None:
+                _note_unpacked(f"{self.format} x {self.activations} [{self.out_features}, {self.in_features}]", reason)
+            self._cache[key] = None if reason else prepare(self.quantized, self.activations)
+        return self._cache[key]
 
     def _apply(self, fn, recurse=True):
         self._cache = {}
