@@ -175,3 +175,19 @@ def test_w4a4_is_worse_than_w4a16_on_the_reference_model(tmp_path):
     ppl = frame.set_index("activations")["ppl"]
     assert ppl["none"] < ppl["int4"] and ppl["int8"] < ppl["int4"]
     assert abs(ppl["int8"] - ppl["none"]) < 0.02 * ppl["none"]
+
+
+def test_the_engine_fuses_projections_with_their_activation_format(tiny):
+    from any4lib.engine.model import stack_linears
+    from any4lib.nn import pack_model
+
+    model, _ = tiny
+    quantize_model(model, "int4", 64, progress=False, activations="int8")
+    pack_model(model, torch.bfloat16)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        expected = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+        fused = stack_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        assert fused.activations == "int8"
+        torch.testing.assert_close(fused(x), expected, rtol=0, atol=0)
