@@ -45,7 +45,7 @@ WA_METHODS = ["rtn", "smoothquant", "rotate"]
 WA_TOKENS = 8192
 WA_COMMON = dict(group_sizes=[None], datasets=["heldout"], calibration=METHOD_CALIBRATION, max_tokens=WA_TOKENS)
 # In the order the sweep runs them: the cheap methods everywhere first, then the learned and GPTQ steps.
-WA_PROFILES = ["wa_w4", "wa_w8", "wa_w3w2", "wa_w6", "wa_omniquant", "wa_gptq"]
+WA_PROFILES = ["wa_w4", "wa_w8", "wa_w3w2", "wa_w6", "wa_omniquant", "wa_gptq", "wa_w4a16"]
 PROFILES = {
     "main": dict(formats=FORMATS_MAIN, group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"]),
     # ref-en-16m's K is 384 (and 1024 for down_proj): no size above 128 divides both, so beyond 128 the sweep
@@ -83,6 +83,8 @@ PROFILES = {
     "wa_omniquant": dict(formats=["int4", "any4"], activations=["int4"], methods=["omniquant"],
                          method_options={"omniquant_epochs": 5}, **WA_COMMON),
     "wa_gptq": dict(formats=["int4", "any4"], activations=["int4"], methods=["rotate+gptq"], **WA_COMMON),
+    # The same weights with unquantized activations: what the activation quantizer costs.
+    "wa_w4a16": dict(formats=["int4", "any4"], activations=[None], methods=["rtn", "rotate"], **WA_COMMON),
     # The whole held-out set, to check the pipeline against the model's published baseline (ppl 56.1).
     "bf16_full": dict(formats=["bf16"], group_sizes=[128], datasets=["heldout"], max_tokens=None),
 }
