@@ -40,10 +40,11 @@ FORMATS_METHODS = ["int4", "nf4", "any4", "int3", "any3", "int2", "any2"]
 METHOD_CALIBRATION = "wikitext2_valid:16"
 METHODS = ["rtn", "gptq", "awq", "awq+gptq"]
 WA_METHODS = ["rtn", "smoothquant", "rotate"]
-# Weight-activation runs evaluate the first 8,192 tokens of held-out text (16 windows of 512): fake-quantizing every
+# Weight-activation runs evaluate the first 8,192 tokens of each set (16 windows of 512): fake-quantizing every
 # linear's input costs CPU time, and the sweep has to fit a shared 2-core machine. Settings compare on the same tokens.
 WA_TOKENS = 8192
-WA_COMMON = dict(group_sizes=[None], datasets=["heldout"], calibration=METHOD_CALIBRATION, max_tokens=WA_TOKENS)
+WA_COMMON = dict(group_sizes=[None], datasets=["heldout", "wikitext2", "ptb"], calibration=METHOD_CALIBRATION,
+                 max_tokens=WA_TOKENS)
 # In the order the sweep runs them: the cheap methods everywhere first, then the learned and GPTQ steps.
 WA_PROFILES = ["wa_w4", "wa_w8", "wa_w3w2", "wa_w6", "wa_omniquant", "wa_gptq", "wa_w4a16"]
 PROFILES = {
