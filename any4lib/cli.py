@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--calibration", default="prompt",
                        help="'prompt', 'none', '<set>:<N>' or '<set>:<N>x<L>' (N windows of L tokens; + '@online')")
     quant.add_argument("--method", type=method_arg, default="rtn",
-                       help="rtn, gptq, awq or awq+gptq (the methods calibrate on --calibration's token windows)")
+                       help="rtn, or steps joined by '+': gptq, awq, smoothquant, rotate, omniquant (e.g. awq+gptq, "
+                            "rotate+gptq; the methods calibrate on --calibration's token windows)")
     quant.add_argument("--activations", type=activations_arg, default=None,
                        help="activation format of the quantized layers' inputs: none (default), int8, int8_sym, "
                             "int4, fp8_e4m3, mxfp8, mxfp4, nvfp4, ... (any4lib.activations)")
@@ -353,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--model", default="ref-en-16m", help="model name or path, as for the other commands")
     acc.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     acc.add_argument("--profile", action="append", help="main, groups, calibration, seeds, methods, "
-                     "methods_seeds, wa_w4, wa_w8, wa_w3w2, wa_w6, wa_omniquant, wa_gptq, wa_w4a16, bf16_full, gpu_fake, "
-                     "gpu_kernels (any4lib.experiments.PROFILES; repeatable; default: main, groups, calibration)")
+                     "methods_seeds, wa_w4, wa_w8, wa_w3w2, wa_w6, wa_omniquant, wa_gptq, wa_w4a16, bf16_full, "
+                     "gpu_fake, gpu_kernels (any4lib.experiments.PROFILES; repeatable; default: main, groups, "
+                     "calibration)")
     acc.set_defaults(run=cmd_accuracy)
     return parser
 

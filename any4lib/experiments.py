@@ -34,7 +34,8 @@ REF_TOKENS = 32768
 # Tokens per forward call on the kernel path: decode-shaped calls (batch 1 x 16 rows) that tinygemm serves.
 KERNEL_CHUNK = 16
 
-COLUMNS = ["format", "method", "activations", "group_size", "calibration", "seed", "dataset", "ppl", "bits_per_weight", "seconds"]
+COLUMNS = ["format", "method", "activations", "group_size", "calibration", "seed", "dataset", "ppl", "bits_per_weight",
+           "seconds"]
 FORMATS_MAIN = ["bf16", "int4", "fp4", "nf4", "any4", "int3", "any3", "int2", "any2", "mxfp4", "nvfp4"]
 FORMATS_METHODS = ["int4", "nf4", "any4", "int3", "any3", "int2", "any2"]
 METHOD_CALIBRATION = "wikitext2_valid:16"

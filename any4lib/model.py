@@ -103,10 +103,12 @@ def quantize_model(
     With an "online" calibration each layer's statistics are re-measured on the partly quantized model just before
     the layer is quantized: block by block (any4lib.pipeline), each block replayed on its cached inputs.
     options: passed to any4lib.quantize (anyN k-means settings).
-    method: "rtn" (round to nearest), or steps joined by "+" (or a list): "gptq", "awq", "smoothquant" (any4lib.
-    smoothquant), "rotate" (QuaRot's Hadamard rotations, any4lib.rotation; the model's float weights are rotated
-    first, keeping its function), e.g. "awq+gptq", "rotate+gptq": the methods run block by block on the calibration
-    token windows (any4lib.pipeline), so they need a calibration that kept them (calibrate(..., mode="online")). method_options: any4lib.pipeline.MethodOptions fields (damp, act_order, ...).
+    method: "rtn" (round to nearest), or steps joined by "+" (or a list): "gptq", "awq", "smoothquant"
+    (any4lib.smoothquant), "omniquant" (LWC + LET, any4lib.omniquant), "rotate" (QuaRot's Hadamard rotations,
+    any4lib.rotation; the model's float weights are rotated first, keeping its function), e.g. "awq+gptq",
+    "rotate+gptq": the methods run block by block on the calibration token windows (any4lib.pipeline), so they need
+    a calibration that kept them (calibrate(..., mode="online")). method_options: any4lib.pipeline.MethodOptions
+    fields (damp, act_order, smoothquant_alpha, omniquant_epochs, ...).
     activations: the activation format every quantized layer rounds its input to (any4lib.activations: "int8",
     "int4_sym", "fp8_e4m3", "mxfp4", ...; None / "none": inputs stay in the model's dtype).
     """

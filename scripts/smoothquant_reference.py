@@ -11,7 +11,8 @@ perplexity on the weight-activation protocol (WA_TOKENS of each set), beside rou
 llm-compressor pins other torch / transformers versions than the suite, so it runs from its own venv beside the
 suite's (the .pth line makes the suite's packages visible, the venv's own pins shadow them):
     python -m venv /tmp/venv-sq
-    echo "$(python -c 'import site; print(site.getsitepackages()[0])')" > /tmp/venv-sq/lib/python3.11/site-packages/suite.pth
+    python -c 'import site; print(site.getsitepackages()[0])' \\
+        > /tmp/venv-sq/lib/python3.11/site-packages/suite.pth
     /tmp/venv-sq/bin/pip install --no-deps llmcompressor "compressed-tensors==0.19.0" "transformers==5.17.0" \\
         "huggingface-hub>=1.5,<2" loguru
     /tmp/venv-sq/bin/pip install datasets accelerate httpx

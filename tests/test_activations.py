@@ -63,7 +63,8 @@ def e4m3_nearest(values: torch.Tensor) -> torch.Tensor:
     best = distance.min(1, keepdim=True).values
     candidates = distance == best
     # among equally near values prefer the even pattern (and +0 over -0)
-    rank = torch.where(candidates, (patterns % 2) * 2 + (patterns == 128).long(), torch.full_like(distance, 9, dtype=torch.long))
+    preference = (patterns % 2) * 2 + (patterns == 128).long()
+    rank = torch.where(candidates, preference, torch.full_like(distance, 9, dtype=torch.long))
     return grid[rank.argmin(1)]
 
 

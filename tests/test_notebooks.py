@@ -26,7 +26,8 @@ EXPECTED = {
     "06_lut_explorer": (["06_lut_explorer"], ["06_lut_explorer"]),
     "07_weight_activation": (["07_weight_activation"], ["07_weight_activation"]),
 }
-NEEDS_TEXT = {"03_accuracy", "04_ablations", "07_weight_activation"}  # evaluate perplexity on the held-out text under data_root()
+# They evaluate perplexity on the held-out text under data_root().
+NEEDS_TEXT = {"03_accuracy", "04_ablations", "07_weight_activation"}
 
 
 def test_write_table_round_trips_and_renders_markdown(tmp_path):

@@ -19,7 +19,8 @@ from any4lib.quant import quantize
 def test_lwc_fake_quantize_is_omniquants_closed_form():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 128, generator=g, dtype=torch.float64)
-    gamma, beta = torch.randn(8, 2, generator=g, dtype=torch.float64), torch.randn(8, 2, generator=g, dtype=torch.float64)
+    gamma = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    beta = torch.randn(8, 2, generator=g, dtype=torch.float64)
     groups = w.reshape(8, 2, 64)
     hi = groups.amax(-1) / (1 + torch.exp(-gamma))
     lo = groups.amin(-1) / (1 + torch.exp(-beta))
