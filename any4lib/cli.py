@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--model", default="ref-en-16m", help="model name or path, as for the other commands")
     acc.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     acc.add_argument("--profile", action="append", help="main, groups, calibration, seeds, methods, "
-                     "methods_seeds, wa_w4, wa_w8, wa_w3w2, wa_w6, wa_omniquant, wa_gptq, wa_w4a16, bf16_full, "
+                     "methods_seeds, wa_w4, wa_w8, wa_w3w2, wa_w6, wa_omniquant, wa_gptq, wa_w4a16, wa_seeds, bf16_full, "
                      "gpu_fake, gpu_kernels (any4lib.experiments.PROFILES; repeatable; default: main, groups, "
                      "calibration)")
     acc.set_defaults(run=cmd_accuracy)

@@ -47,7 +47,7 @@ WA_TOKENS = 8192
 WA_COMMON = dict(group_sizes=[None], datasets=["heldout", "wikitext2", "ptb"], calibration=METHOD_CALIBRATION,
                  max_tokens=WA_TOKENS)
 # In the order the sweep runs them: the cheap methods everywhere first, then the learned and GPTQ steps.
-WA_PROFILES = ["wa_w4", "wa_w8", "wa_w3w2", "wa_w6", "wa_omniquant", "wa_gptq", "wa_w4a16"]
+WA_PROFILES = ["wa_w4", "wa_w8", "wa_w3w2", "wa_w6", "wa_omniquant", "wa_gptq", "wa_w4a16", "wa_seeds"]
 PROFILES = {
     "main": dict(formats=FORMATS_MAIN, group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"]),
     # ref-en-16m's K is 384 (and 1024 for down_proj): no size above 128 divides both, so beyond 128 the sweep
@@ -85,6 +85,9 @@ PROFILES = {
     "wa_omniquant": dict(formats=["int4", "any4"], activations=["int4"], methods=["omniquant"],
                          method_options={"omniquant_epochs": 5}, **WA_COMMON),
     "wa_gptq": dict(formats=["int4", "any4"], activations=["int4"], methods=["rotate+gptq"], **WA_COMMON),
+    # k-means seeds 1 and 2 of any4 at W4A4 (seed 0 is in the profiles above): the noise bar of its cells.
+    "wa_seeds": dict(formats=["any4"], activations=["int4"], methods=["rtn", "rotate", "rotate+gptq"], seeds=[1, 2],
+                     **WA_COMMON),
     # The same weights with unquantized activations: what the activation quantizer costs.
     "wa_w4a16": dict(formats=["int4", "any4"], activations=[None], methods=["rtn", "rotate"], **WA_COMMON),
     # The whole held-out set, to check the pipeline against the model's published baseline (ppl 56.1).
