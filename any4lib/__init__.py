@@ -47,6 +47,9 @@ _LAZY = {
     "load_llama2c": "llama2c",
     "Llama2cTokenizer": "llama2c",
     "data_root": "paths",
+    "quantize_activations": "activations",
+    "list_activation_formats": "activations",
+    "rotate_model": "rotation",
 }
 
 __all__ = [

@@ -58,6 +58,8 @@ def foldable_sets(block: nn.Module, names: list[str]) -> list[tuple[str, tuple[s
         source, targets = _module(block, producer), [_module(block, c) for c in consumers]
         if source is None or any(t is None for t in targets) or not all(c in names for c in consumers):
             continue
+        if any(getattr(t, "input_rotation", None) for t in targets):
+            continue  # its input is rotated online (any4lib.rotation): a channel scale before it does not fold
         if isinstance(source, nn.Linear):
             if any(t.in_features != source.out_features for t in targets):
                 continue  # e.g. v -> o under grouped-query attention

@@ -8,7 +8,8 @@ packed layer's tinygemm tensors; the tokenizer when given; and `config.json`, th
 
     quant_method            "any4"
     format, bits, group_size, method, activations
-                            the quantized layers' values (activations: reserved, None: weights only)
+                            the quantized layers' values (activations: the activation format their inputs are
+                            rounded to, any4lib.activations; None: weights only)
     modules_to_not_convert  the linear layers left unquantized (lm_head by default)
     layers                  per layer, only the fields where it departs from those (a packed layer's form and layout)
     checksums               each weight file's SHA-256, verified on load (a folder written by transformers'
@@ -44,7 +45,7 @@ VERSION = 4
 LEGACY_CONFIG = "quant.json"  # versions 1-3
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-MODEL_WIDE = ("format", "bits", "group_size", "method")
+MODEL_WIDE = ("format", "bits", "group_size", "method", "activations")
 
 
 def unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -58,7 +59,8 @@ def unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def layer_spec(m: QuantLinear) -> dict:
     """What rebuilding layer `m` needs beyond its tensors and its linear's shape."""
-    spec = {"format": m.format, "bits": m.bits, "group_size": m.group_size, "method": m.method, "form": m.form}
+    spec = {"format": m.format, "bits": m.bits, "group_size": m.group_size, "method": m.method,
+            "activations": m.activations, "input_rotation": m.input_rotation, "form": m.form}
     if m.form == "packed":
         spec |= {"dtype": str(m.packed.dtype).removeprefix("torch."), "int_codes": m.packed.int_codes,
                  "swiglu": m.packed.swiglu, "rows": m.packed.n}
@@ -72,10 +74,10 @@ def describe_quantization(model: nn.Module) -> dict:
     if not specs:
         raise ValueError("the model has no quantized layer to save: quantize it first (any4lib.quantize_model)")
     wide = {key: Counter(spec[key] for spec in specs.values()).most_common(1)[0][0] for key in MODEL_WIDE}
-    defaults = wide | {"form": "contract"}
+    defaults = wide | {"form": "contract", "input_rotation": None}
     departures = {name: {k: v for k, v in spec.items() if defaults.get(k) != v} for name, spec in specs.items()}
     return {
-        "quant_method": QUANT_METHOD, **wide, "activations": None,
+        "quant_method": QUANT_METHOD, **wide,
         "modules_to_not_convert": [name for name, m in model.named_modules() if type(m) is nn.Linear],
         "layers": {name: d for name, d in departures.items() if d},
         "version": VERSION,
@@ -146,10 +148,10 @@ def checksums_of(quant: dict) -> dict[str, str]:
 
 
 def saved_values(quant: dict, key: str) -> set:
-    """The values field `key` (format, group_size, method) takes over a folder's quantized layers."""
+    """The values field `key` (format, group_size, method, activations) takes over a folder's quantized layers."""
     if quant.get("version", 1) < VERSION:
         return {spec.get(key, "rtn" if key == "method" else None) for spec in quant["layers"].values()}
-    return {quant[key]} | {spec[key] for spec in (quant.get("layers") or {}).values() if key in spec}
+    return {quant.get(key)} | {spec[key] for spec in (quant.get("layers") or {}).values() if key in spec}
 
 
 def layer_specs(model: nn.Module, quant: dict) -> dict[str, dict]:
@@ -157,7 +159,7 @@ def layer_specs(model: nn.Module, quant: dict) -> dict[str, dict]:
     layers of `model` (experts split) not in modules_to_not_convert; versions 1-3 list every layer in full."""
     if quant.get("version", 1) < VERSION:
         return {name: {"form": "contract", "method": "rtn"} | spec for name, spec in quant["layers"].items()}
-    wide = {key: quant[key] for key in MODEL_WIDE} | {"form": "contract"}
+    wide = {key: quant.get(key) for key in MODEL_WIDE} | {"form": "contract"}
     names = select_linear_layers(model, exclude=quant.get("modules_to_not_convert") or [])
     departures = quant.get("layers") or {}
     return {name: wide | departures.get(name, {}) for name in dict.fromkeys([*names, *departures])}
@@ -189,6 +191,7 @@ def quantized_layer(name: str, spec: dict, linear: nn.Module, tensors: dict[str,
         )
         layer = QuantLinear(q, bias)
     layer.method = spec["method"]
+    layer.activations, layer.input_rotation = spec.get("activations"), spec.get("input_rotation")
     return layer
 
 

@@ -50,6 +50,15 @@ def format_arg(text: str) -> str:
     return text
 
 
+def activations_arg(text: str) -> str | None:
+    from .activations import resolve_activations
+
+    try:
+        return resolve_activations(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def csv_arg(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -111,7 +120,8 @@ def _quantize(model, tokenizer, args):
 
     calibration = method_calibration(args.calibration, args.method)
     stats = calibration_stats(model, tokenizer, calibration)
-    return quantize_model(model, args.format, args.group_size, stats, exclude=args.exclude, method=args.method)
+    return quantize_model(model, args.format, args.group_size, stats, exclude=args.exclude, method=args.method,
+                          activations=args.activations)
 
 
 def cmd_quantize(args) -> None:
@@ -122,6 +132,8 @@ def cmd_quantize(args) -> None:
     if not args.out:
         raise ValueError("any4 quantize needs --out FOLDER")
     if args.sequential:
+        if args.activations:
+            raise ValueError("--sequential quantizes weights only: drop --activations, or quantize in memory")
         return _quantize_sequential(args)
     model, tokenizer = _load(args)
     print(f"saved {save_quantized(model, args.out, tokenizer)}")
@@ -144,16 +156,20 @@ def _quantize_sequential(args) -> None:
     print(f"saved {args.out}")
 
 
-def _saved_format(path: Path) -> tuple[str, int | None, str] | None:
-    """(format, group size, method) of a folder written by `any4 quantize` ("a+b" where its layers differ), else
+def _saved_format(path: Path) -> tuple[str, int | None, str, str | None] | None:
+    """(format, group size, method, activation format or None) of a folder written by `any4 quantize` ("a+b" where its layers differ), else
     None."""
     from .checkpoint import read_quant_config, saved_values
 
     quant = read_quant_config(path)
     if quant is None:
         return None
-    formats, sizes, methods = (sorted(saved_values(quant, key)) for key in ("format", "group_size", "method"))
-    return "+".join(formats) or "none", sizes[0] if len(sizes) == 1 else None, "+".join(methods) or "rtn"
+    formats, sizes, methods, activations = (
+        sorted(saved_values(quant, key), key=str) for key in ("format", "group_size", "method", "activations")
+    )
+    activations = [a for a in activations if a not in (None, "none")]
+    return ("+".join(formats) or "none", sizes[0] if len(sizes) == 1 else None, "+".join(methods) or "rtn",
+            "+".join(activations) or None)
 
 
 def cmd_eval(args) -> None:
@@ -163,11 +179,15 @@ def cmd_eval(args) -> None:
 
     store = ResultStore(args.store)
     identity = model_identity(args.model)
-    fmt, group_size, method = (_saved_format(Path(args.model))
-                               or (args.format or "none", args.group_size, args.method if args.format else "rtn"))
+    fmt, group_size, method, activations = (
+        _saved_format(Path(args.model))
+        or (args.format or "none", args.group_size, args.method if args.format else "rtn",
+            args.activations if args.format else None))
     base = {"model": args.model, "format": fmt, "group_size": group_size,
             "method": method, "calibration": args.calibration, "dtype": str(compute_dtype(args)).removeprefix("torch."),
             "device": torch.device(args.device).type}
+    if activations:  # only where set: weight-only records keep the keys they were stored under
+        base["activations"] = activations
     todo = [{"task": "perplexity", "dataset": d, "seq_len": args.seq_len, "max_tokens": args.max_tokens,
              "identity": {"model": identity, "data": text_identity(d)}} for d in args.datasets]
     shots = {"num_fewshot": args.num_fewshot} if args.num_fewshot else {}  # zero-shot records keep their keys
@@ -193,7 +213,8 @@ def cmd_eval(args) -> None:
         source = "computed" if config in missing else served_from_store([record])
         if config not in missing:
             print(f"{config['dataset']}: {source}", file=sys.stderr)
-        named = {k: config[k] for k in ("model", "format", "group_size", "method", "task", "dataset")}
+        named = {k: config[k] for k in ("model", "format", "group_size", "method", "activations", "task", "dataset")
+                 if k in config}
         print(json.dumps(named | record["metrics"] | {"source": source}, default=str))
 
 
@@ -292,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--calibration", default="prompt",
                        help="'prompt', 'none', '<set>:<N>' or '<set>:<N>x<L>' (N windows of L tokens; + '@online')")
     quant.add_argument("--method", type=method_arg, default="rtn",
-                       help="rtn, gptq, awq or awq+gptq (the methods calibrate on --calibration's token windows)")
+                       help="rtn, or steps joined by '+': gptq, awq, smoothquant, rotate, omniquant (e.g. awq+gptq, "
+                            "rotate+gptq; the methods calibrate on --calibration's token windows)")
+    quant.add_argument("--activations", type=activations_arg, default=None,
+                       help="activation format of the quantized layers' inputs: none (default), int8, int8_sym, "
+                            "int4, fp8_e4m3, mxfp8, mxfp4, nvfp4, ... (any4lib.activations)")
     quant.add_argument("--exclude", type=csv_arg, default=",".join(DEFAULT_EXCLUDE),
                        help="layer name patterns to keep unquantized (lm_head and MoE routers by default)")
 
@@ -342,8 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--model", default="ref-en-16m", help="model name or path, as for the other commands")
     acc.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     acc.add_argument("--profile", action="append", help="main, groups, calibration, seeds, methods, "
-                     "methods_seeds, bf16_full, gpu_fake, gpu_kernels (any4lib.experiments.PROFILES; repeatable; "
-                     "default: main, groups, calibration)")
+                     "methods_seeds, wa_w4, wa_w8, wa_w3w2, wa_w6, wa_omniquant, wa_gptq, wa_w4a16, wa_seeds, bf16_full, "
+                     "gpu_fake, gpu_kernels (any4lib.experiments.PROFILES; repeatable; default: main, groups, "
+                     "calibration)")
     acc.set_defaults(run=cmd_accuracy)
     return parser
 

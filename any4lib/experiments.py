@@ -34,11 +34,20 @@ REF_TOKENS = 32768
 # Tokens per forward call on the kernel path: decode-shaped calls (batch 1 x 16 rows) that tinygemm serves.
 KERNEL_CHUNK = 16
 
-COLUMNS = ["format", "method", "group_size", "calibration", "seed", "dataset", "ppl", "bits_per_weight", "seconds"]
+COLUMNS = ["format", "method", "activations", "group_size", "calibration", "seed", "dataset", "ppl", "bits_per_weight",
+           "seconds"]
 FORMATS_MAIN = ["bf16", "int4", "fp4", "nf4", "any4", "int3", "any3", "int2", "any2", "mxfp4", "nvfp4"]
 FORMATS_METHODS = ["int4", "nf4", "any4", "int3", "any3", "int2", "any2"]
 METHOD_CALIBRATION = "wikitext2_valid:16"
 METHODS = ["rtn", "gptq", "awq", "awq+gptq"]
+WA_METHODS = ["rtn", "smoothquant", "rotate"]
+# Weight-activation runs evaluate the first 8,192 tokens of each set (16 windows of 512): fake-quantizing every
+# linear's input costs CPU time, and the sweep has to fit a shared 2-core machine. Settings compare on the same tokens.
+WA_TOKENS = 8192
+WA_COMMON = dict(group_sizes=[None], datasets=["heldout", "wikitext2", "ptb"], calibration=METHOD_CALIBRATION,
+                 max_tokens=WA_TOKENS)
+# In the order the sweep runs them: the cheap methods everywhere first, then the learned and GPTQ steps.
+WA_PROFILES = ["wa_w4", "wa_w8", "wa_w3w2", "wa_w6", "wa_omniquant", "wa_gptq", "wa_w4a16", "wa_seeds"]
 PROFILES = {
     "main": dict(formats=FORMATS_MAIN, group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"]),
     # ref-en-16m's K is 384 (and 1024 for down_proj): no size above 128 divides both, so beyond 128 the sweep
@@ -63,6 +72,24 @@ PROFILES = {
     "methods_seeds": dict(formats=[f for f in FORMATS_METHODS if get_format(f).learned], methods=METHODS,
                           group_sizes=[128], datasets=["heldout", "wikitext2", "ptb"], calibration=METHOD_CALIBRATION,
                           seeds=[1, 2]),
+    # Weight-activation quantization (issue 33), ABQ-LLM's settings: per-channel weights (one group per row, as
+    # integer GEMMs need), per-token dynamic asymmetric activations, every method calibrated on METHOD_CALIBRATION.
+    # One profile per weight width so each is a product of formats x activations; WA_PROFILES runs them in order.
+    "wa_w4": dict(formats=["int4", "any4"], activations=["int4", "int8", "int6"], methods=WA_METHODS, **WA_COMMON),
+    "wa_w8": dict(formats=["bf16", "int8"], activations=["int8"], methods=WA_METHODS, **WA_COMMON),
+    "wa_w3w2": dict(formats=["int3", "any3", "int2", "any2"], activations=["int8"], methods=["rtn", "rotate"],
+                    **WA_COMMON),
+    "wa_w6": dict(formats=["int6"], activations=["int6"], methods=WA_METHODS, **WA_COMMON),
+    # The learned steps (LWC + LET) and GPTQ after rotation where they matter most, W4A4; LWC + LET with 5 epochs,
+    # not OmniQuant's 20 (CPU time).
+    "wa_omniquant": dict(formats=["int4", "any4"], activations=["int4"], methods=["omniquant"],
+                         method_options={"omniquant_epochs": 5}, **WA_COMMON),
+    "wa_gptq": dict(formats=["int4", "any4"], activations=["int4"], methods=["rotate+gptq"], **WA_COMMON),
+    # k-means seeds 1 and 2 of any4 at W4A4 (seed 0 is in the profiles above): the noise bar of its cells.
+    "wa_seeds": dict(formats=["any4"], activations=["int4"], methods=["rtn", "rotate", "rotate+gptq"], seeds=[1, 2],
+                     **WA_COMMON),
+    # The same weights with unquantized activations: what the activation quantizer costs.
+    "wa_w4a16": dict(formats=["int4", "any4"], activations=[None], methods=["rtn", "rotate"], **WA_COMMON),
     # The whole held-out set, to check the pipeline against the model's published baseline (ppl 56.1).
     "bf16_full": dict(formats=["bf16"], group_sizes=[128], datasets=["heldout"], max_tokens=None),
 }
@@ -147,7 +174,7 @@ def method_calibration(calibration: str, method: str) -> str:
 
 
 def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, device, dtype, kernels, seed,
-            identity, method="rtn") -> dict:
+            identity, method="rtn", activations=None, method_options=None) -> dict:
     if fmt == UNQUANTIZED:
         group_size, calibration = None, "none"
     config = {
@@ -165,6 +192,10 @@ def _config(model, fmt, group_size, calibration, dataset, seq_len, max_tokens, d
         config["seed"] = seed
     if method != "rtn" and fmt != UNQUANTIZED:
         config["method"] = method
+    if activations is not None:
+        config["activations"] = activations
+    if method_options and method != "rtn" and fmt != UNQUANTIZED:
+        config["method_options"] = dict(sorted(method_options.items()))
     return config
 
 
@@ -184,6 +215,8 @@ def accuracy_records(
     seeds: tuple[int, ...] | list[int] = (0,),
     recompute: bool = False,
     methods: list[str] = ["rtn"],
+    activations: list[str | None] = [None],
+    method_options: dict | None = None,
 ):
     """One row per (format, method, group_size, calibration, dataset): ppl, bits_per_weight, seconds (of that
     evaluation).
@@ -196,7 +229,10 @@ def accuracy_records(
     kernels: run the quantized layers through the tinygemm kernels (CUDA), feeding each window KERNEL_CHUNK
     tokens at a time; otherwise they multiply by the dequantized weight (fake-quant). seeds: k-means seeds of the
     learned formats (one row per seed; other formats run once). methods: quantize_model's methods ("rtn", "gptq",
-    "awq", "awq+gptq"); all but rtn calibrate online, on the token windows of `calibration`.
+    "awq", "awq+gptq"); all but rtn calibrate online, on the token windows of `calibration`. activations: the
+    activation formats of the quantized layers' inputs (any4lib.activations; None or "none": unquantized, A16);
+    the unquantized model ("bf16") runs with unquantized activations only. method_options: quantize_model's, for
+    every method but rtn (a key of the records where given).
     Computes what the store lacks (everything with recompute=True), reads the rest, and says in one line how many
     rows came from the store. Records are keyed by the content of the model and of each text (any4lib.identity).
     """
@@ -210,20 +246,24 @@ def accuracy_records(
     base = tokenizer = None
     from .pipeline import parse_method
 
+    from .activations import resolve_activations
+
     methods = [parse_method(m) for m in methods]
+    activations = list(dict.fromkeys(resolve_activations(a) for a in activations))
     runs = [
-        (f, m, g, c, seed)
-        for f in formats for m in (methods if f != UNQUANTIZED else ["rtn"]) for g in group_sizes for c in calibrations
+        (f, m, a, g, c, seed)
+        for f in formats for m in (methods if f != UNQUANTIZED else ["rtn"])
+        for a in (activations if f != UNQUANTIZED else [None]) for g in group_sizes for c in calibrations
         for seed in (seeds if f != UNQUANTIZED and get_format(f).learned else [0])
     ]
     rows, served, stats_cache = [], [], {}
-    for fmt, method, group_size, calib, seed in tqdm(runs, desc="accuracy", disable=not progress):
+    for fmt, method, acts, group_size, calib, seed in tqdm(runs, desc="accuracy", disable=not progress):
         if base is None:
             base, tokenizer = _load(model, dtype, device)
             seq_len = seq_len or default_seq_len(model, base)
         configs = {
             d: _config(model, fmt, group_size, calib, d, seq_len, max_tokens, device, dtype, kernels, seed,
-                       identities[d], method)
+                       identities[d], method, acts, method_options)
             for d in datasets
         }
         missing = [d for d, c in configs.items() if recompute or not store.has(c)]
@@ -236,7 +276,8 @@ def accuracy_records(
                 start = time.perf_counter()
                 options = {"seed": seed} if get_format(fmt).learned else {}
                 net = quantize_model(copy.deepcopy(base), fmt, group_size, stats_cache[source], progress=False,
-                                     method=method, **options)
+                                     method=method, activations=acts,
+                                     method_options=method_options if method != "rtn" else None, **options)
                 quantize_seconds = time.perf_counter() - start
                 use_kernels(net, kernels)
             chunking = {"batch_size": 1, "chunk": KERNEL_CHUNK} if kernels else {}
@@ -307,6 +348,7 @@ def _row(record: dict) -> dict:
     config = record["config"]
     row = {k: config[k] for k in ("format", "group_size", "calibration", "dataset")} | {"seed": config.get("seed", 0)}
     row["method"] = config.get("method", "rtn")
+    row["activations"] = config.get("activations", "none")
     return row | {k: record["metrics"][k] for k in ("ppl", "bits_per_weight", "seconds")}
 
 
@@ -342,7 +384,8 @@ def run_profile(name: str, model: str = "ref-en-16m", **overrides):
 
 def pivot(frame, columns: str = "dataset"):
     """A table of perplexities: rows (format, group size, calibration, seed), one column per `columns` value."""
-    index = [c for c in ("format", "method", "group_size", "calibration", "seed", "dataset") if c != columns]
+    index = [c for c in ("format", "method", "activations", "group_size", "calibration", "seed", "dataset")
+             if c != columns]
     if frame.duplicated(index + [columns]).any():
         raise ValueError("several records per cell (e.g. different max_tokens or seq_len): filter the frame first")
     table = frame.pivot_table(index=index, columns=columns, values="ppl", sort=False, dropna=False)

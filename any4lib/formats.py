@@ -204,16 +204,22 @@ def _float32_exponent(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().view(torch.int32) >> 23) & 0xFF) - 127
 
 
-def _mxfp4_exponent(amax: torch.Tensor, rule: str) -> torch.Tensor:
-    """The shared E8M0 exponent of each block. "floor" (OCP MX): floor(log2 amax) - 2, the largest power of two
-    not above amax over E2M1's largest power of two, so elements can exceed 6 and saturate. "rceil" (NVIDIA's
-    cuBLAS rule): ceil(log2(amax / 6)), the smallest scale that maps amax within 6 (no saturation)."""
+def mx_shared_exponent(
+    amax: torch.Tensor, rule: str = "floor", element_max: float = 6.0, element_emax: int = grids.E2M1_EMAX
+) -> torch.Tensor:
+    """The shared E8M0 exponent of each MX block of largest magnitude `amax`, for an element type whose largest
+    value is `element_max` = m * 2^element_emax (E2M1: 6 = 1.5 * 2^2; FP8 E4M3: 448 = 1.75 * 2^8). "floor" (OCP MX):
+    floor(log2 amax) - element_emax, the largest power of two not above amax over the element's largest power of
+    two, so elements can exceed element_max and saturate. "rceil" (NVIDIA's cuBLAS rule): ceil(log2(amax /
+    element_max)), the smallest scale that maps amax within element_max (no saturation)."""
     if rule == "floor":
-        exponent = _float32_exponent(amax) - grids.E2M1_EMAX
-    else:
-        descale = amax / grids.E2M1.max()
+        exponent = _float32_exponent(amax) - element_emax
+    elif rule == "rceil":
+        descale = amax / element_max
         mantissa, exponent = torch.frexp(descale)  # descale = mantissa * 2^exponent, mantissa in [0.5, 1)
         exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)  # exact powers of two need no rounding up
+    else:
+        raise ValueError(f"MX scale rule must be 'floor' or 'rceil', got {rule!r}")
     return exponent.clamp(-grids.E8M0_BIAS, grids.E8M0_BIAS)
 
 
@@ -222,7 +228,8 @@ def _mxfp4_quantizer(rule: str) -> Quantizer:
         """OCP MX: blocks of 32 elements share a power-of-two scale; elements round half to even onto E2M1 and
         saturate at +-6 (the rule of torchao's to_mx)."""
         n, g_count, g = groups.shape
-        scale = torch.exp2(_mxfp4_exponent(groups.abs().amax(-1, keepdim=True), rule).float())
+        amax = groups.abs().amax(-1, keepdim=True)
+        scale = torch.exp2(mx_shared_exponent(amax, rule, float(grids.E2M1.max())).float())
         divisor = scale.clamp_min(torch.finfo(torch.float32).tiny)  # an all-zero block: 2^-127 stored, codes 0
         x = (groups / divisor).reshape(n, -1)
         return _finish(groups, fmt, _nearest_code(x, grids.E2M1[None]), grids.E2M1[None], scale)

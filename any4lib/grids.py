@@ -49,6 +49,7 @@ BNB_FP4 = torch.tensor(_BNB_FP4_MAGNITUDES + [-m or 0.0 for m in _BNB_FP4_MAGNIT
 E8M0_BIAS = 127  # OCP MX shared scale: 2^(byte - 127)
 E2M1_EMAX = 2  # largest E2M1 exponent: 6 = 1.5 * 2^2
 FP8_E4M3_MAX = 448.0  # largest finite OCP FP8 E4M3 value
+FP8_E4M3_EMAX = 8  # its exponent: 448 = 1.75 * 2^8
 
 
 def round_to_fp8_e4m3(x: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,8 @@ class Any4Config(QuantizationConfigMixin):
     """transformers' quantization_config of an any4lib model (the fields: any4lib.checkpoint's module doc).
 
     As a request to from_pretrained: format (any any4lib format name), group_size (None: one group per row),
-    method ("rtn", "gptq", "awq", "awq+gptq"), calibration ("prompt" (None: the default), "none", "<set>:<N>", as
+    method ("rtn", or steps joined by "+": "gptq", "awq", "smoothquant", "rotate", "omniquant"), activations (an
+    activation format of any4lib.activations, e.g. "int8"; None: weights only), calibration ("prompt" (None: the default), "none", "<set>:<N>", as
     `any4 quantize`),
     modules_to_not_convert (glob / regex patterns; lm_head and MoE routers by default).
     """
@@ -57,8 +58,8 @@ class Any4Config(QuantizationConfigMixin):
 
         if unknown:
             raise ValueError(f"Any4Config: unknown fields {sorted(unknown)} (written by a newer any4lib?)")
-        if activations is not None:
-            raise ValueError("Any4Config(activations=...) is reserved: any4lib quantizes weights only for now")
+        from .activations import resolve_activations
+
         self.quant_method = QUANT_METHOD
         self.format = get_format(format).name
         self.bits = get_format(format).bits if bits is None else bits
@@ -66,7 +67,7 @@ class Any4Config(QuantizationConfigMixin):
         self.method = parse_method(method)
         parse_calibration(calibration or "prompt")  # a bad spec fails here, not after the weights loaded
         self.calibration = calibration
-        self.activations = activations
+        self.activations = resolve_activations(activations)
         self.modules_to_not_convert = list(DEFAULT_EXCLUDE if modules_to_not_convert is None else modules_to_not_convert)
         self.layers = layers or {}
         self.checksums = checksums
@@ -119,7 +120,7 @@ class Any4HfQuantizer(HfQuantizer):
             tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
         stats = calibration_stats(model, tokenizer, calibration)
         quantize_model(model, request.format, request.group_size, stats, exclude=request.modules_to_not_convert,
-                       method=request.method, progress=False)
+                       method=request.method, activations=request.activations, progress=False)
         self._describe(model)
 
     def _describe(self, model: nn.Module) -> None:

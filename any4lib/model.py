@@ -79,6 +79,7 @@ def quantize_model(
     progress: bool = True,
     method: str | Iterable[str] = "rtn",
     method_options: dict | None = None,
+    activations: str | None = None,
     **options,
 ) -> nn.Module:
     """Replace the chosen nn.Linear layers of `model` by QuantLinear in format `fmt` (in place; returns model).
@@ -90,16 +91,25 @@ def quantize_model(
     With an "online" calibration each layer's statistics are re-measured on the partly quantized model just before
     the layer is quantized: block by block (any4lib.pipeline), each block replayed on its cached inputs.
     options: passed to any4lib.quantize (anyN k-means settings).
-    method: "rtn" (round to nearest), "gptq", "awq" or "awq+gptq" (also ["awq", "gptq"]): the methods run block by
-    block on the calibration token windows (any4lib.pipeline), so they need a calibration that kept them
-    (calibrate(..., mode="online")). method_options: any4lib.pipeline.MethodOptions fields (damp, act_order, ...).
+    method: "rtn" (round to nearest), or steps joined by "+" (or a list): "gptq", "awq", "smoothquant"
+    (any4lib.smoothquant), "omniquant" (LWC + LET, any4lib.omniquant), "rotate" (QuaRot's Hadamard rotations,
+    any4lib.rotation; the model's float weights are rotated first, keeping its function), e.g. "awq+gptq",
+    "rotate+gptq": the methods run block by block on the calibration token windows (any4lib.pipeline), so they need
+    a calibration that kept them (calibrate(..., mode="online")). method_options: any4lib.pipeline.MethodOptions
+    fields (damp, act_order, smoothquant_alpha, omniquant_epochs, ...).
+    activations: the activation format every quantized layer rounds its input to (any4lib.activations: "int8",
+    "int4_sym", "fp8_e4m3", "mxfp4", ...; None / "none": inputs stay in the model's dtype).
     """
-    from .pipeline import MethodOptions, parse_method, quantize_sequential
+    from .activations import check_activation_width, resolve_activations
+    from .pipeline import MethodOptions, method_steps, parse_method, quantize_sequential
 
     method = parse_method(method)
+    activations = resolve_activations(activations)
     unstack_experts(model)
     names = _order_by_forward(select_linear_layers(model, include, exclude), calibration)
     check_group_size(model, names, fmt, group_size)
+    for name in names:
+        check_activation_width(activations, model.get_submodule(name).in_features)
     online = calibration is not None and calibration.mode == "online"
     if (online or method != "rtn") and (calibration is None or not calibration.inputs):
         raise ValueError(
@@ -110,6 +120,9 @@ def quantize_model(
         raise ValueError(f"method 'rtn' takes no method options; got {sorted(method_options)}")
     if online or method != "rtn":  # block by block on cached block inputs: L block passes, not a prefix per layer
         settings = MethodOptions.from_dict(method_options)
+        settings.activations = activations
+        if "rotate" in method_steps(method):
+            _rotate(model, names, settings.rotation_seed)
         names = quantize_sequential(
             model, names, calibration.inputs, fmt, group_size, method, settings, statistic, progress, **options
         )  # what is left lies outside the decoder blocks: round to nearest below
@@ -125,8 +138,23 @@ def quantize_model(
             q = quantize(linear.weight, fmt, group_size, sample_weight=sample_weight, **options)
         except ValueError as err:
             raise ValueError(f"layer {name!r} ({tuple(linear.weight.shape)}): {err}") from err
-        set_submodule(model, name, QuantLinear(q, linear.bias).to(linear.weight.device))
+        layer = QuantLinear(q, linear.bias).to(linear.weight.device)
+        layer.activations = activations
+        layer.input_rotation = getattr(linear, "input_rotation", None)  # set by any4lib.rotation
+        set_submodule(model, name, layer)
     return model
+
+
+def _rotate(model: nn.Module, names: list[str], seed: int) -> None:
+    """any4lib.rotation.rotate_model, after checking every down_proj is being quantized (its online rotation lives
+    in the QuantLinear, so an unquantized one would lose it on saving)."""
+    from .rotation import rotate_model
+
+    unquantized = [n for n, m in model.named_modules() if n.endswith("mlp.down_proj") and n not in names]
+    if unquantized:
+        raise ValueError(f"method 'rotate' rotates every down_proj's input online, so each must be quantized; "
+                         f"{unquantized[:3]} are excluded or not chosen")
+    rotate_model(model, seed)
 
 
 def check_group_size(model: nn.Module, names: list[str], fmt: str, group_size: int | None) -> None:

@@ -6,6 +6,9 @@
   alone (kernels.PackedWeight: codes, scales, lut in the activation dtype), run by the tinygemm kernels on CUDA and
   by their PyTorch reference on the CPU. Packing converts the layer in place and frees the contract buffers.
 
+Either form can quantize its input first (`activations`, an any4lib.activations format: weight-activation
+quantization such as W4A8), after an optional online rotation of the input (`input_rotation`, any4lib.rotation).
+
 The state dict saves whichever form the layer is in; the checkpoint's config records each layer's form
 (any4lib.checkpoint).
 """
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import quantize_activations
 from .qtensor import QuantizedTensor, pack_nibbles, unpack_nibbles
 
 log = logging.getLogger("any4lib")
@@ -37,6 +41,8 @@ class QuantLinear(nn.Module):
     """
 
     method = "rtn"  # how the codes were chosen (quantize_model sets "gptq", "awq", ...); saved in the checkpoint
+    activations: str | None = None  # activation format of the input (None: unquantized); saved in the checkpoint
+    input_rotation: str | None = None  # online rotation of the input before it is quantized; saved in the checkpoint
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -139,6 +145,17 @@ class QuantLinear(nn.Module):
         return self._cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            from .rotation import rotate_online
+
+            x = rotate_online(x, self.input_rotation)
+        if x.is_cuda and self.use_kernel and self.form == "contract" and self.activations is not None:
+            prepared = self._low_precision_weight()
+            if prepared is not None:  # int8 / FP8 GEMM: it quantizes x itself
+                from .wa_matmul import linear as low_precision_linear
+
+                return low_precision_linear(x, prepared, None if self.bias is None else self.bias.to(x.dtype))
+        x = quantize_activations(x, self.activations)
         if x.is_cuda and self.use_kernel and self.form == "contract":
             if "reason" not in self._cache:
                 self._cache["reason"] = self.unpacked_reason()
@@ -168,6 +185,19 @@ class QuantLinear(nn.Module):
 
             return swiglu_reference(F.linear(x, self.dequantized_weight(x.dtype)))
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def _low_precision_weight(self):
+        """The weight prepared for any4lib.wa_matmul's int8 / FP8 GEMM under this layer's activations (cached), or
+        None when the layer has no such path (said once in the "any4lib" log)."""
+        key = ("low_precision", self.activations)
+        if key not in self._cache:
+            from .wa_matmul import execution_reason, prepare
+
+            reason = execution_reason(self.quantized, self.activations)
+            if reason is not None:
+                _note_unpacked(f"{self.format} x {self.activations} [{self.out_features}, {self.in_features}]", reason)
+            self._cache[key] = None if reason else prepare(self.quantized, self.activations)
+        return self._cache[key]
 
     def _apply(self, fn, recurse=True):
         self._cache = {}
@@ -199,6 +229,8 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"format={self.format}, group_size={self.group_size}, form={self.form}"
+            + (f", activations={self.activations}" if self.activations else "")
+            + (f", input_rotation={self.input_rotation}" if self.input_rotation else "")
             + (", swiglu" if self.swiglu else "")
         )
 

@@ -30,25 +30,39 @@ from .moe import expert_sample_weight, is_expert_layer
 from .nn import QuantLinear
 from .quant import quantize
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")  # the weight-only methods; the steps below compose into more
+# Steps in the order they run: rotate the whole float model, then per block fold scales (SmoothQuant, AWQ), train
+# LWC + LET (OmniQuant), then choose codes (GPTQ, else round to nearest).
+STEPS = ("rotate", "smoothquant", "awq", "omniquant", "gptq")
 PROPAGATE = ("quantized", "float")
 
 
 def parse_method(method: str | Sequence[str]) -> str:
-    """The canonical method name ("rtn", "gptq", "awq" or "awq+gptq") of a name or a list of steps."""
+    """The canonical method name of a name or a list of steps: "rtn", or STEPS joined by "+" in their order
+    ("gptq", "awq+gptq", "smoothquant", "rotate+gptq", ...)."""
     steps = [s.strip().lower() for s in (method.split("+") if isinstance(method, str) else method)]
     if steps == ["rtn"]:
         return "rtn"
-    if steps and len(set(steps)) == len(steps) and set(steps) <= {"awq", "gptq"}:
-        return "+".join(s for s in ("awq", "gptq") if s in steps)  # AWQ's scales come before any rounding
-    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)} (or a list: ['awq', 'gptq'])")
+    if steps and len(set(steps)) == len(steps) and set(steps) <= set(STEPS):
+        return "+".join(s for s in STEPS if s in steps)
+    raise ValueError(f"unknown method {method!r}: choose 'rtn' or steps of {', '.join(STEPS)} joined by '+' (e.g. "
+                     f"{', '.join(METHODS[1:])}, smoothquant+gptq, rotate+gptq), or a list of them")
+
+
+def method_steps(method: str) -> list[str]:
+    """The steps of a canonical method name (parse_method's)."""
+    return [] if method == "rtn" else method.split("+")
 
 
 @dataclass
 class MethodOptions:
     """GPTQ: damp (fraction of mean diag H added to it), block_size, act_order, static_groups. AWQ: awq_grid (alpha
     values 0, 1/n, ..., (n-1)/n are tried; AutoAWQ tries 20, 10 halves the search), awq_tokens (calibration tokens
-    the alpha search runs the block on; None: all). propagate: what the next block sees ("quantized" or "float")."""
+    the alpha search runs the block on; None: all). smoothquant_alpha: SmoothQuant's migration strength.
+    rotation_seed: the signs of the residual rotation (any4lib.rotation). omniquant_epochs: passes of LWC + LET's
+    training over the block's inputs (any4lib.omniquant; OmniQuant's 20). propagate: what the next block sees
+    ("quantized" or "float"). activations: the activation format the quantized layers round their inputs to
+    (quantize_model's `activations`), so each block is calibrated on what the blocks before it really give."""
 
     damp: float = DEFAULT_DAMP
     block_size: int = DEFAULT_BLOCK
@@ -56,7 +70,11 @@ class MethodOptions:
     static_groups: bool = False
     awq_grid: int = 10
     awq_tokens: int | None = 2048
+    smoothquant_alpha: float = 0.5
+    rotation_seed: int = 0
+    omniquant_epochs: int = 20
     propagate: str = "quantized"
+    activations: str | None = None
 
     def __post_init__(self):
         if self.propagate not in PROPAGATE:
@@ -197,13 +215,22 @@ def quantize_block(
     **quant_options,
 ) -> None:
     """Quantize the linears `names` (relative to `block`) in place by `method`, calibrated on `inputs`."""
-    if "awq" in method:
+    steps = method_steps(method)
+    if "smoothquant" in steps:
+        from .smoothquant import smooth_block
+
+        smooth_block(block, names, inputs, options.smoothquant_alpha)
+    if "awq" in steps:
         from .awq import awq_block
 
         awq_block(block, names, inputs, fmt, group_size, options.awq_grid, statistic, options.awq_tokens,
                   **quant_options)
+    if "omniquant" in steps:
+        from .omniquant import omniquant_block
+
+        omniquant_block(block, names, inputs, fmt, group_size, options.activations, options.omniquant_epochs)
     for shared in _shared_input_sets(block, names, inputs[0]):
-        stats, acc = record_block(block, shared, inputs, hessian="gptq" in method)
+        stats, acc = record_block(block, shared, inputs, hessian="gptq" in steps)
         for name in shared:
             linear = block.get_submodule(name)
             reached = name in stats or is_expert_layer(name)  # an expert no token reached: unweighted, logged
@@ -218,6 +245,8 @@ def quantize_block(
                 raise ValueError(f"layer {name!r} ({tuple(linear.weight.shape)}): {err}") from err
             layer = QuantLinear(q, linear.bias).to(linear.weight.device)
             layer.method = method  # saved in the checkpoint, named by `any4 eval`
+            layer.activations = options.activations
+            layer.input_rotation = getattr(linear, "input_rotation", None)  # set by any4lib.rotation
             block.set_submodule(name, layer)
 
 

@@ -206,6 +206,8 @@ def quantize_checkpoint(
 
     weights = as_weights(source)
     method = parse_method(method)
+    if "rotate" in method.split("+"):
+        raise ValueError("method 'rotate' rotates the whole model at once: quantize in memory (quantize_model)")
     settings = MethodOptions.from_dict(method_options)
     if windows is None:
         if tokenizer is None:

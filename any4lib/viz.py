@@ -178,7 +178,7 @@ def stored_accuracy(model: str, formats, group_sizes, datasets, calibration="pro
     rows = {}
     for record in ResultStore(root).find(task="perplexity", model=model, max_tokens=max_tokens, device=device):
         c = record["config"]
-        if c.get("seed", 0) or "path" in c or "method" in c:
+        if c.get("seed", 0) or "path" in c or "method" in c or "activations" in c:
             continue
         unquantized = c["format"] == UNQUANTIZED
         if (c["format"] in formats and c["dataset"] in datasets

@@ -46,3 +46,22 @@ def tiny_folder(tiny, tmp_path):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def outlier():
+    """The tiny model whose norms feed their linears a few channels 40x larger than the rest (activation outliers,
+    as LLMs have), its function unchanged in float: those norm weights up, the fed linears' columns down by as
+    much."""
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model(seed=0)
+    channels = torch.tensor([3, 77])
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm, fed in ((layer.input_layernorm, ("q_proj", "k_proj", "v_proj")),
+                              (layer.post_attention_layernorm, ("gate_proj", "up_proj"))):
+                norm.weight[channels] *= 40
+                for name in fed:
+                    linear = getattr(layer.self_attn if name[0] in "qkv" else layer.mlp, name)
+                    linear.weight[:, channels] /= 40
+    return model, tokenizer

@@ -100,11 +100,29 @@ def test_quantize_on_load_equals_quantize_model_on_the_prompt(tiny_folder, tmp_p
     assert torch.equal(logits(load_quantized(tmp_path / "q"), ids), logits(reference, ids))
 
 
+def test_weight_activation_models_keep_their_activation_format_through_both_loaders(tiny_folder, tmp_path):
+    """W4A8: quantized on load with Any4Config(activations=...), saved, and read back by from_pretrained and
+    load_quantized, every layer still rounds its input to int8 (logits equal the quantize_model reference's)."""
+    config = Any4Config("int4", group_size=64, activations="int8")
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_folder, quantization_config=config)
+    reference, tokenizer = load_model(tiny_folder, dtype=loaded.dtype)
+    quantize_model(reference, "int4", 64, calibrate(reference, tokenizer, progress=False), activations="int8",
+                   progress=False)
+    ids = torch.randint(0, 258, (2, 15))
+    assert {m.activations for m in quantized_layers(loaded).values()} == {"int8"}
+    assert torch.equal(logits(loaded, ids), logits(reference, ids))
+    save_quantized(reference, tmp_path / "w4a8")
+    assert json.loads((tmp_path / "w4a8" / "config.json").read_text())["quantization_config"]["activations"] == "int8"
+    for again in (AutoModelForCausalLM.from_pretrained(tmp_path / "w4a8"), load_quantized(tmp_path / "w4a8")):
+        assert {m.activations for m in quantized_layers(again).values()} == {"int8"}
+        assert torch.equal(logits(again, ids), logits(reference, ids))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(format="int9"), "unknown format 'int9'"),
     (dict(method="magic"), "method"),
     (dict(calibration="wikitext2:x"), "calibration 'wikitext2:x'"),
-    (dict(activations="int8"), "reserved"),
+    (dict(activations="int7x"), "unknown activation format"),
 ])
 def test_any4_config_refuses_bad_requests_before_loading(kwargs, message):
     with pytest.raises(ValueError, match=message):

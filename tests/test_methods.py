@@ -256,8 +256,8 @@ def test_propagating_float_outputs_differs_from_quantized(tiny):
 def test_method_names_and_errors(tiny):
     assert parse_method("awq+gptq") == parse_method(["gptq", "awq"]) == "awq+gptq"
     assert parse_method("RTN") == "rtn"
-    with pytest.raises(ValueError, match="unknown method 'smoothquant'"):
-        parse_method("smoothquant")
+    with pytest.raises(ValueError, match="unknown method 'sparsegpt'"):
+        parse_method("sparsegpt")
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="needs the calibration token windows"):
         quantize_model(model, "int4", 64, calibrate(model, tokenizer, progress=False), method="gptq", progress=False)

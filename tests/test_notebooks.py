@@ -24,8 +24,10 @@ EXPECTED = {
         ["05_kernel_speedups", "05_kernel_bandwidth", "05_e2e_decode"],
         ["05_kernel_us", "05_reference_h100", "05_e2e_decode", "05_generation"]),
     "06_lut_explorer": (["06_lut_explorer"], ["06_lut_explorer"]),
+    "07_weight_activation": (["07_weight_activation"], ["07_weight_activation", "07_weight_activation_seeds"]),
 }
-NEEDS_TEXT = {"03_accuracy", "04_ablations"}  # evaluate perplexity on the held-out text under data_root()
+# They evaluate perplexity on the held-out text under data_root().
+NEEDS_TEXT = {"03_accuracy", "04_ablations", "07_weight_activation"}
 
 
 def test_write_table_round_trips_and_renders_markdown(tmp_path):

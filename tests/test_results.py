@@ -60,7 +60,9 @@ def test_recompute_replaces_the_stored_record(tmp_path):
 def test_accuracy_records_rerun_computes_nothing(tmp_path, data_root, monkeypatch):
     kwargs = dict(formats=["bf16", "int4"], datasets=["heldout"], seq_len=64, store=tmp_path, progress=False)
     first = experiments.accuracy_records("tiny", **kwargs)
-    assert list(first.columns) == ["format", "method", "group_size", "calibration", "seed", "dataset", "ppl", "bits_per_weight", "seconds"]
+    assert list(first.columns) == ["format", "method", "activations", "group_size", "calibration", "seed", "dataset",
+                                   "ppl", "bits_per_weight", "seconds"]
+    assert set(first.activations) == {"none"}  # weight-only runs
     assert first.bits_per_weight.tolist() == [16.0, 4.25] and len(list(tmp_path.glob("*.json"))) == 2
 
     def fail(*args, **kwargs):

@@ -122,6 +122,10 @@ def stack_linears(linears: list[nn.Module], swiglu: bool = False) -> nn.Module |
         from ..kernels import PackedWeight
         from ..qtensor import cat_rows
 
+        activations = {lin.activations for lin in linears}
+        if len(activations) > 1 or any(lin.input_rotation for lin in linears):
+            return None  # parts that round or rotate their (shared) input differently stay apart
+
         parts, dtype = [lin.quantized for lin in linears], linears[0].packed.dtype
         try:
             packed = (PackedWeight.from_gate_up(*parts, dtype) if swiglu
@@ -129,6 +133,7 @@ def stack_linears(linears: list[nn.Module], swiglu: bool = False) -> nn.Module |
         except ValueError:  # formats or group sizes that do not stack, or gate rows not a multiple of 8
             return None
         fused = QuantLinear.from_packed(packed)
+        fused.activations = activations.pop()  # one shared input, rounded once: as each part did
         for lin in linears:
             _release(lin)
     else:
