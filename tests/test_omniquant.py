@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from any4lib.calibration import calibrate
-from any4lib.checkpoint import load_quantized, save_quantized
 from any4lib.model import quantize_model
 from any4lib.omniquant import clip_groups, lwc_fake_quantize, omniquant_block, round_ste
 from any4lib.pipeline import capture_block_inputs
 from any4lib.quant import quantize
+from quant_checks import assert_reloads_exactly, logit_error
 
 
 def test_lwc_fake_quantize_is_omniquants_closed_form():
@@ -61,17 +61,8 @@ def test_training_runs_its_epochs_and_beats_rtn_at_w4a4(outlier):
     assert len(losses) == 3 and all(0 < loss < 1e-3 for loss in losses)  # the block's output MSE, W4A4
 
     ids = tokenizer("the quick brown fox jumps over the lazy dog, again and again", return_tensors="pt").input_ids
-    with torch.no_grad():
-        reference = model(ids).logits
-
-    def error(method):
-        q = quantize_model(copy.deepcopy(model), "int4", 64, stats, method=method, activations="int4",
-                           method_options={"omniquant_epochs": 6} if method != "rtn" else None, progress=False)
-        with torch.no_grad():
-            return float((q(ids).logits - reference).pow(2).mean()), q
-
-    plain, _ = error("rtn")
-    learned, q = error("omniquant")
+    plain, _ = logit_error(model, stats, ids, "int4", 64, "rtn", "int4")
+    learned, q = logit_error(model, stats, ids, "int4", 64, "omniquant", "int4", method_options={"omniquant_epochs": 6})
     assert learned < 0.5 * plain, (learned, plain)
     assert {m.method for m in q.modules() if hasattr(m, "codes")} == {"omniquant"}
 
@@ -81,10 +72,7 @@ def test_omniquant_with_anyn_saves_and_reloads(tiny, tmp_path):
     stats = calibrate(model, tokenizer, mode="online", progress=False)
     q = quantize_model(model, "any4", 64, stats, method="omniquant", activations="int8",
                        method_options={"omniquant_epochs": 1}, progress=False)
-    save_quantized(q, tmp_path / "q")
-    ids = torch.randint(0, 200, (1, 32))
-    with torch.no_grad():
-        assert torch.equal(load_quantized(tmp_path / "q")(ids).logits, q(ids).logits)
+    assert_reloads_exactly(q, tmp_path / "q", torch.randint(0, 200, (1, 32)))
 
 
 def test_lwc_needs_a_min_max_format(tiny):

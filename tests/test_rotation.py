@@ -12,13 +12,13 @@ import torch
 
 from any4lib.calibration import calibrate
 from any4lib.experiments import tiny_model
-from any4lib.checkpoint import load_quantized, save_quantized
 from any4lib.model import quantize_model
 from any4lib.nn import QuantLinear
 from any4lib.rotation import (
     fast_walsh_hadamard, hadamard_factors, hadamard_matrix, paley_hadamard, residual_rotation, rotate_model,
     rotate_online, sylvester_hadamard,
 )
+from quant_checks import assert_reloads_exactly, logit_error
 
 EYE = torch.eye
 
@@ -79,23 +79,12 @@ def test_rotation_helps_w4a4_on_outlier_channels_and_the_rotated_model_reloads(o
     model, tokenizer = outlier
     stats = calibrate(model, tokenizer, mode="online", progress=False)
     ids = tokenizer("the quick brown fox jumps over the lazy dog, again and again", return_tensors="pt").input_ids
-    with torch.no_grad():
-        reference = model(ids).logits
-
-    def error(method):
-        q = quantize_model(copy.deepcopy(model), "int4", 64, stats, method=method, activations="int4",
-                           progress=False)
-        with torch.no_grad():
-            return float((q(ids).logits - reference).pow(2).mean()), q
-
-    plain, _ = error("rtn")
-    rotated, q = error("rotate")
+    plain, _ = logit_error(model, stats, ids, "int4", 64, "rtn", "int4")
+    rotated, q = logit_error(model, stats, ids, "int4", 64, "rotate", "int4")
     assert rotated < 0.5 * plain, (rotated, plain)
     downs = [m for n, m in q.named_modules() if n.endswith("down_proj")]
     assert all(isinstance(m, QuantLinear) and m.input_rotation == "hadamard" for m in downs)
-    save_quantized(q, tmp_path / "q")
-    with torch.no_grad():
-        assert torch.equal(load_quantized(tmp_path / "q")(ids).logits, q(ids).logits)
+    assert_reloads_exactly(q, tmp_path / "q", ids)
 
 
 def test_rotation_errors(tiny):

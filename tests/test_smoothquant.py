@@ -4,15 +4,13 @@ outlier channels W8A8 with SmoothQuant is closer to the float model than W8A8 wi
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from any4lib.calibration import calibrate
-from any4lib.model import quantize_model
 from any4lib.pipeline import capture_block_inputs, parse_method, run_block
 from any4lib.smoothquant import input_abs_max, smooth_block, smoothquant_scale
+from quant_checks import logit_error
 
 
 def test_scale_is_the_closed_form():
@@ -47,16 +45,9 @@ def test_smoothquant_helps_w8a8_on_outlier_channels(outlier):
     model, tokenizer = outlier
     stats = calibrate(model, tokenizer, mode="online", progress=False)
     ids = tokenizer("a journey of a thousand miles begins with a single step", return_tensors="pt").input_ids
-    with torch.no_grad():
-        reference = model(ids).logits
-
-    def error(method):
-        q = quantize_model(copy.deepcopy(model), "int8", 64, stats, method=method, activations="int4_sym",
-                           progress=False)
-        with torch.no_grad():
-            return float((q(ids).logits - reference).pow(2).mean())
-
-    assert error("smoothquant") < 0.7 * error("rtn")
+    smoothed, _ = logit_error(model, stats, ids, "int8", 64, "smoothquant", "int4_sym")
+    plain, _ = logit_error(model, stats, ids, "int8", 64, "rtn", "int4_sym")
+    assert smoothed < 0.7 * plain
 
 
 def test_method_names_compose_in_step_order():
