@@ -8,7 +8,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/any4_wa}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+source scripts/device_env.sh
 status=0
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_wa_matmul_gpu.py 2>&1 | tee "$OUT/wa_tests.log" \
