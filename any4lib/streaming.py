@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -43,7 +44,9 @@ from .checkpoint import (
 from .model import DEFAULT_EXCLUDE, check_group_size, quantized_layers, select_linear_layers, set_submodule
 from .moe import unstack_experts
 from .paths import resolve_model
-from .pipeline import MethodOptions, advance, capture_block_inputs, decoder_blocks, parse_method, quantize_and_advance
+from .pipeline import (
+    MethodOptions, advance, capture_block_inputs, decoder_blocks, method_steps, parse_method, quantize_and_advance,
+)  # fmt: skip
 from .standins import CheckpointWeights, StandinWeights
 
 
@@ -119,9 +122,9 @@ class ShardWriter:
         head = prefix + "."
         files = sorted({file for name, file in self.weight_map.items() if name.startswith(head)})
         tensors = {}
-        for file in files:
-            loaded = load_file(os.fspath(self.folder / file), device=str(device))
-            tensors |= {n.removeprefix(head): t for n, t in loaded.items() if n.startswith(head)}
+        for file in files:  # this block's tensors only: a shard holds layers_per_shard blocks
+            with safe_open(os.fspath(self.folder / file), "pt", device=str(device)) as f:
+                tensors |= {n.removeprefix(head): f.get_tensor(n) for n in f.keys() if n.startswith(head)}
         unstack_experts(block)
         for name, spec in self.specs.items():
             if name.startswith(head):
@@ -206,7 +209,7 @@ def quantize_checkpoint(
 
     weights = as_weights(source)
     method = parse_method(method)
-    if "rotate" in method.split("+"):
+    if "rotate" in method_steps(method):
         raise ValueError("method 'rotate' rotates the whole model at once: quantize in memory (quantize_model)")
     settings = MethodOptions.from_dict(method_options)
     if windows is None:
